@@ -1,0 +1,172 @@
+"""The frozen configuration object and its loaders (DESIGN.md section 7).
+
+Precedence, highest first: command-line flags (keyword overrides), ``IM_*`` environment variables,
+a TOML file, the defaults below. Nothing reads the environment at import time: only
+:func:`load_config` does, once, in the process that deploys; every actor gets the resulting frozen
+:class:`Config` at creation.
+
+Every field's unit is in its description; ``0`` means "none" or "off" where it says so.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from im_actors.errors import ConfigError
+
+__all__ = ["Config", "load_config"]
+
+_TOML_PATH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("im_toml_path", default=None)
+
+
+class Config(BaseSettings):
+    """Every knob of an im-actors deployment. Frozen: build a new one with ``model_copy(update=...)``."""
+
+    model_config = SettingsConfigDict(env_prefix="IM_", frozen=True, extra="forbid", validate_default=True)
+
+    # --- topology ---
+    deployment: str = Field("", description="prefix of actor names, Redis keys and RabbitMQ names; separates deployments on one cluster")
+    hubs: int = Field(2, ge=1, description="hub actors")
+    session_shards: int = Field(2, ge=1, description="Ray actors hosting per-user sessions")
+    conv_shards: int = Field(2, ge=1, description="Ray actors hosting per-conversation sequencers")
+    group_shards: int = Field(1, ge=1, description="Ray actors hosting groups")
+    store_writers: int = Field(2, ge=1, description="store writer actors")
+    push_workers: int = Field(1, ge=0, description="push worker actors (0: no offline push)")
+    placement: Literal["spread", "pack"] = Field("spread", description="Ray scheduling of hubs and shards over nodes")
+
+    # --- network ---
+    host: str = Field("127.0.0.1", description="address hubs and the router listen on")
+    advertise_host: str = Field("", description="host put in hub URLs; empty = the Ray node's IP, or host when that is loopback")
+    router_port: int = Field(8080, ge=0, le=65535, description="router HTTP port (0 = any free port)")
+    hub_port: int = Field(0, ge=0, le=65535, description="first hub WebSocket port; hub i uses hub_port+i (0 = any free port)")
+
+    # --- backing services ---
+    redis_url: str = Field("", description="Redis URL; empty = redis://127.0.0.1:6379/0 when it answers")
+    rabbitmq_url: str = Field("", description="AMQP URL; empty = amqp://guest:guest@127.0.0.1:5672/ when it answers")
+    mongo_url: str = Field("", description="MongoDB URL; empty = start a local SecantusDB process for the run")
+    mongo_db: str = Field("im", description="MongoDB database name")
+    mongo_write_concern: Literal["majority", "1"] = Field("majority", description="write concern of history commits (w=0 is not offered: a commit must be acknowledged)")
+    mongo_timeout_ms: int = Field(5000, ge=100, description="MongoDB server selection and socket timeout (ms)")
+    redis_prefix: str = Field("im:", description="prefix of every Redis key (the deployment prefix is added in front)")
+    recent_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="how long Redis keeps a recent entry (s)")
+
+    # --- batching (DESIGN.md sections 2 and 9) ---
+    hub_batch_max: int = Field(64, ge=1, description="frames per hub-to-conversation-shard call")
+    hub_batch_ms: float = Field(1.0, ge=0, description="window of a hub-to-conversation-shard batch (ms)")
+    store_batch_max: int = Field(512, ge=1, description="entries per store commit")
+    store_inflight: int = Field(4, ge=1, description="store commits in flight per conversation shard")
+    fanout_batch_max: int = Field(256, ge=1, description="entries per fan-out call (to a session shard, to a hub)")
+    fanout_batch_ms: float = Field(1.0, ge=0, description="window of a fan-out batch (ms)")
+
+    # --- connections and auth ---
+    jwt_secret: str = Field("", description="HS256 secret of client tokens; empty is refused unless dev_login is on (then one is generated per run)")
+    jwt_ttl_s: int = Field(24 * 3600, ge=1, description="lifetime of tokens issued by development login (s)")
+    dev_login: bool = Field(False, description="enable POST /v1/login (development only)")
+    auth_timeout_s: float = Field(5.0, gt=0, description="time a connection has to send auth (s)")
+    max_frame_bytes: int = Field(1 << 20, ge=1024, description="largest WebSocket frame accepted (bytes), closed 1009 above")
+    max_body_bytes: int = Field(65536, ge=1, description="largest message body (bytes), answered too_large above")
+    max_group_members: int = Field(10000, ge=2, description="largest group (members)")
+    send_queue_frames: int = Field(10000, ge=1, description="per-connection send queue bound (frames); 4508 above")
+    send_queue_bytes: int = Field(16 << 20, ge=1024, description="per-connection send queue bound (bytes); 4508 above")
+    ping_interval_s: float = Field(20.0, gt=0, description="WebSocket ping interval (s)")
+    ping_timeout_s: float = Field(20.0, gt=0, description="WebSocket pong timeout (s); the peer is closed and counted offline after it")
+
+    # --- router ---
+    heartbeat_s: float = Field(1.0, gt=0, description="router heartbeat of every hub (s); a hub missing one is dropped")
+    hub_ttl_s: int = Field(30, ge=1, description="ttl_s answered with a hub (s)")
+
+    # --- offline push (DESIGN.md section 6) ---
+    push_collapse_ms: int = Field(0, ge=0, description="pushes for one device and conversation within this window coalesce (ms, 0 = off)")
+    push_max_attempts: int = Field(5, ge=1, description="provider attempts before a job goes to the dead queue")
+    push_retry_base_ms: int = Field(1000, ge=1, description="first retry delay; doubles per attempt (ms)")
+    push_prefetch: int = Field(64, ge=1, description="unacked jobs per push worker")
+    push_outbox_max: int = Field(100000, ge=1, description="jobs kept while RabbitMQ is unreachable; the oldest are dropped above")
+    push_timeout_s: float = Field(10.0, gt=0, description="provider call timeout (s)")
+    webhook_secret: str = Field("", description="HMAC-SHA256 key of the webhook signature header (empty: unsigned)")
+
+    # --- Ray (DESIGN.md section 9) ---
+    ray_health_check_period_ms: int = Field(500, ge=100, description="RAY_health_check_period_ms for local clusters (Ray's default 3000)")
+    ray_health_check_failure_threshold: int = Field(3, ge=1, description="RAY_health_check_failure_threshold (Ray's default 5)")
+    ray_health_check_timeout_ms: int = Field(500, ge=100, description="RAY_health_check_timeout_ms (Ray's default 10000)")
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment_chars(cls, value: str) -> str:
+        if value and not all(c.isalnum() or c in "-_" for c in value):
+            raise ValueError("only letters, digits, - and _")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _TOML_PATH.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # --- derived names ---
+    @property
+    def actor_prefix(self) -> str:
+        """Prefix of actor names (``<deployment>-`` or empty)."""
+        return f"{self.deployment}-" if self.deployment else ""
+
+    @property
+    def key_prefix(self) -> str:
+        """Prefix of every Redis key."""
+        return f"{self.deployment}:{self.redis_prefix}" if self.deployment else self.redis_prefix
+
+    @property
+    def amqp_prefix(self) -> str:
+        """Prefix of RabbitMQ exchange and queue names (``im.push`` becomes ``<deployment>.im.push``)."""
+        return f"{self.deployment}." if self.deployment else ""
+
+    def knobs(self) -> dict[str, Any]:
+        """Every knob as plain data, secrets masked (for reports)."""
+        out = self.model_dump()
+        for key in ("jwt_secret", "webhook_secret"):
+            if out.get(key):
+                out[key] = "***"
+        for key in ("redis_url", "rabbitmq_url", "mongo_url"):
+            out[key] = _mask_url(out[key])
+        return out
+
+
+def _mask_url(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    cred, host = rest.rsplit("@", 1)
+    user = cred.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in cred else url
+
+
+def load_config(toml_file: str | Path | None = None, **overrides: Any) -> Config:
+    """Build the configuration: ``overrides`` (flags) > ``IM_*`` environment > ``toml_file`` > defaults.
+
+    ``None`` overrides are ignored (an unset flag). Raises :class:`ConfigError` naming each bad key.
+    """
+    path = Path(toml_file) if toml_file is not None else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    token = _TOML_PATH.set(path)
+    try:
+        return Config(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"bad configuration: {problems}") from None
+    finally:
+        _TOML_PATH.reset(token)

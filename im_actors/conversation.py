@@ -1,0 +1,487 @@
+"""Conversation shards: per-conversation sequencers hosted many to a Ray actor (DESIGN.md 1-3).
+
+A :class:`Sequencer` is the logical actor of one conversation: its last seq, its members, the
+cmids it committed recently, and the sends waiting for a seq. :class:`ConversationShard` hosts
+many and runs their commits; :class:`ConversationShardActor` is the Ray shell.
+
+Order is a value (STYLE.md rule 6): seqs are assigned in :meth:`ConversationShard._take_batch`,
+plain synchronous code with no ``await`` between reading and writing ``last``. A conversation has
+at most one commit in flight, so a failed commit never leaves a hole: its sends are answered
+``unavailable`` and ``last`` stays where it was; a commit that ended as a committed prefix plus a
+conflict (see :class:`im_actors.store.CommitResult`) answers the prefix, settles the conflicting
+send, and puts the rest back at the head of the queue to be numbered again.
+
+Every conversation operation checks membership here, and answers a non-member ``forbidden``
+whether or not the conversation exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import ray
+
+from im_actors import ids
+from im_actors.batching import Batcher
+from im_actors.config import Config
+from im_actors.errors import Conflict, Forbidden, RequestError, Unavailable
+from im_actors.refs import Peers
+from im_actors.store import CommitResult, Store
+
+__all__ = ["Sequencer", "PendingSend", "ConversationShard", "ConversationShardActor", "SendItem", "body_digest"]
+
+log = logging.getLogger(__name__)
+
+#: Recently committed cmids kept per conversation (older resends are caught by the unique index).
+RECENT_CMIDS = 4096
+
+
+def body_digest(kind: str, body: str | bytes, meta: dict[str, Any] | None) -> bytes:
+    """Digest telling a resend (same digest) from a conflicting reuse of a cmid."""
+    return hashlib.blake2b(msgpack.packb([kind, body, meta or {}], use_bin_type=True), digest_size=16).digest()
+
+
+@dataclass
+class SendItem:
+    """One send as the hub hands it over: who, where, what."""
+
+    sender: str
+    conv: str
+    cmid: str
+    body: str | bytes
+    kind: str = "text"
+    meta: dict[str, Any] | None = None
+
+
+@dataclass
+class PendingSend:
+    """A send waiting for its seq; ``members`` set for a membership change (a system entry)."""
+
+    item: SendItem
+    digest: bytes
+    future: asyncio.Future[dict[str, Any]]
+    members: frozenset[str] | None = None
+
+
+@dataclass
+class Sequencer:
+    """State of one conversation. Touched only by its shard, one step at a time."""
+
+    conv: str
+    last: int = 0
+    members: frozenset[str] = frozenset()
+    exists: bool = False
+    cmids: OrderedDict[tuple[str, str], tuple[int, int, bytes]] = field(default_factory=OrderedDict)
+    pending: list[PendingSend] = field(default_factory=list)
+    inflight: bool = False
+
+    def remember(self, sender: str, cmid: str, seq: int, ts: int, digest: bytes) -> None:
+        """Record a committed cmid, forgetting the oldest beyond :data:`RECENT_CMIDS`."""
+        self.cmids[(sender, cmid)] = (seq, ts, digest)
+        if len(self.cmids) > RECENT_CMIDS:
+            self.cmids.popitem(last=False)
+
+    def find_pending(self, sender: str, cmid: str) -> PendingSend | None:
+        """The queued send with this cmid, if any (a resend while the first is in flight)."""
+        for p in self.pending:
+            if p.item.sender == sender and p.item.cmid == cmid:
+                return p
+        return None
+
+
+def _ack(conv: str, seq: int, ts: int, dup: bool) -> dict[str, Any]:
+    return {"conv": conv, "seq": seq, "ts": ts, "dup": dup}
+
+
+class ConversationShard:
+    """Hosts the sequencers of the conversations that hash to this shard.
+
+    ``peers`` reaches store writers, group shards and session shards; ``store`` serves reads.
+    """
+
+    def __init__(self, config: Config, peers: Peers, store: Store) -> None:
+        self.config = config
+        self.peers = peers
+        self.store = store
+        self.sequencers: dict[str, Sequencer] = {}
+        self._activating: dict[str, asyncio.Future[Sequencer]] = {}
+        self._inflight_convs: dict[str, list[PendingSend]] = {}
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.store_inflight)
+        self._loop_task: asyncio.Task[None] | None = None
+        self._commits: set[asyncio.Task[None]] = set()
+        self._fanout: Batcher[int] = Batcher(self._send_fanout, config.fanout_batch_max, config.fanout_batch_ms)
+        self.stats = {"committed": 0, "dups": 0, "commits": 0, "unavailable": 0}
+
+    def start(self) -> None:
+        """Start the commit loop (call from inside the event loop)."""
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._commit_loop())
+
+    # --- activation --------------------------------------------------------------------------
+
+    async def _load_members(self, conv: str) -> tuple[frozenset[str], bool]:
+        if ids.conv_kind(conv) == "direct":
+            return frozenset(ids.direct_members(conv)), True
+        gid = ids.group_id_of(conv)
+        members = await self.peers.group(gid).call("members", gid)
+        if members is None:
+            return frozenset(), False
+        return frozenset(members), True
+
+    async def sequencer(self, conv: str) -> Sequencer:
+        """The sequencer of ``conv``, activated from storage on first use.
+
+        Activation reads the last seq from Redis *and* MongoDB and takes the larger (DESIGN.md
+        section 3); raises :class:`Unavailable` when MongoDB or the group shard does not answer.
+        """
+        seqr = self.sequencers.get(conv)
+        if seqr is not None:
+            return seqr
+        waiting = self._activating.get(conv)
+        if waiting is not None:
+            return await asyncio.shield(waiting)
+        fut: asyncio.Future[Sequencer] = asyncio.get_running_loop().create_future()
+        self._activating[conv] = fut
+        try:
+            last = await self.store.last_seq(conv)
+            members, exists = await self._load_members(conv)
+            seqr = Sequencer(conv=conv, last=last, members=members, exists=exists)
+            self.sequencers[conv] = seqr
+            fut.set_result(seqr)
+            return seqr
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: waiters get it through shield
+            raise
+        finally:
+            del self._activating[conv]
+
+    async def _member_sequencer(self, user: str, conv: str) -> Sequencer:
+        seqr = await self.sequencer(conv)
+        if user not in seqr.members:
+            raise Forbidden("not a member of this conversation")
+        return seqr
+
+    # --- sends -------------------------------------------------------------------------------
+
+    async def send_batch(self, items: list[SendItem]) -> list[dict[str, Any]]:
+        """Sequence and commit a batch of sends; one answer per item, in order.
+
+        An answer is an ack ``{"conv", "seq", "ts", "dup"}`` or an error ``{"err": code, "msg",
+        "retry"}``: a batch mixes conversations, so one item's failure does not fail the others.
+        """
+        waits = [self._enqueue(item) for item in items]
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        out: list[dict[str, Any]] = []
+        for res in results:
+            if isinstance(res, RequestError):
+                out.append({"err": res.code, "msg": res.msg, "retry": res.retry})
+            elif isinstance(res, BaseException):
+                log.error("send failed: %r", res)
+                out.append({"err": "unavailable", "msg": f"{type(res).__name__}", "retry": True})
+            else:
+                out.append(res)
+        return out
+
+    async def _enqueue(self, item: SendItem, members: frozenset[str] | None = None) -> dict[str, Any]:
+        seqr = await self.sequencer(item.conv)
+        if members is None and item.sender not in seqr.members:
+            raise Forbidden("not a member of this conversation")
+        digest = body_digest(item.kind, item.body, item.meta)
+        known = seqr.cmids.get((item.sender, item.cmid))
+        if known is not None:
+            seq, ts, old = known
+            if old != digest:
+                raise Conflict("cmid already committed with a different body")
+            self.stats["dups"] += 1
+            return _ack(item.conv, seq, ts, True)
+        queued = seqr.find_pending(item.sender, item.cmid) or self._find_inflight(item)
+        if queued is not None:
+            if queued.digest != digest:
+                raise Conflict("cmid already sent with a different body")
+            res = await asyncio.shield(queued.future)
+            return {**res, "dup": True}
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        seqr.pending.append(PendingSend(item, digest, fut, members))
+        self._wake.set()
+        return await fut
+
+    def _find_inflight(self, item: SendItem) -> PendingSend | None:
+        for p in self._inflight_convs.get(item.conv, ()):
+            if p.item.sender == item.sender and p.item.cmid == item.cmid:
+                return p
+        return None
+
+    async def append_system(
+        self, conv: str, actor: str, text: str, meta: dict[str, Any], members: list[str], cmid: str
+    ) -> dict[str, Any]:
+        """Commit a ``system`` entry that also sets the conversation's members (a membership change).
+
+        The new members take effect for fan-out and membership checks when the entry commits:
+        the entry itself reaches the new member set. Returns the ack; raises :class:`Unavailable`.
+        """
+        item = SendItem(sender=actor, conv=conv, cmid=cmid, body=text, kind="system", meta=meta)
+        return await self._enqueue(item, frozenset(members))
+
+    # --- the commit loop ---------------------------------------------------------------------
+
+    def _take_batch(self) -> tuple[list[dict[str, Any]], list[PendingSend]]:
+        """Assign seqs to waiting sends (synchronous: no await between reading and writing last).
+
+        Returns the entries to commit and their sends, in (conv, seq) order; marks their
+        conversations in flight. ``last`` itself only moves when the commit succeeds.
+        """
+        entries: list[dict[str, Any]] = []
+        sends: list[PendingSend] = []
+        now = int(time.time() * 1000)
+        for seqr in self.sequencers.values():
+            if not seqr.pending or seqr.inflight:
+                continue
+            room = self.config.store_batch_max - len(entries)
+            if room <= 0:
+                break
+            take, seqr.pending = seqr.pending[:room], seqr.pending[room:]
+            seqr.inflight = True
+            self._inflight_convs[seqr.conv] = take
+            for i, p in enumerate(take):
+                it = p.item
+                entries.append(
+                    {
+                        "conv": it.conv,
+                        "seq": seqr.last + 1 + i,
+                        "sender": it.sender,
+                        "cmid": it.cmid,
+                        "ts": now,
+                        "kind": it.kind,
+                        "body": it.body,
+                        "meta": it.meta,
+                    }
+                )
+                sends.append(p)
+        return entries, sends
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                await self._slots.acquire()
+                entries, sends = self._take_batch()
+                if not entries:
+                    self._slots.release()
+                    break
+                task = asyncio.get_running_loop().create_task(self._commit(entries, sends))
+                self._commits.add(task)
+                task.add_done_callback(self._commits.discard)
+
+    async def _commit(self, entries: list[dict[str, Any]], sends: list[PendingSend]) -> None:
+        convs = list(dict.fromkeys(e["conv"] for e in entries))
+        try:
+            result = await self._commit_with_retry(entries)
+        except Unavailable as exc:
+            result = None
+            self.stats["unavailable"] += len(entries)
+            for p in sends:
+                if not p.future.done():
+                    p.future.set_exception(Unavailable(exc.msg))
+            for conv in convs:
+                # The outcome is unknown: re-seed from storage before numbering again.
+                seqr = self.sequencers.pop(conv, None)
+                if seqr is not None and seqr.pending:
+                    for p in seqr.pending:
+                        if not p.future.done():
+                            p.future.set_exception(Unavailable("conversation re-activating"))
+        finally:
+            for conv in convs:
+                self._inflight_convs.pop(conv, None)
+                seqr = self.sequencers.get(conv)
+                if seqr is not None:
+                    seqr.inflight = False
+            self._slots.release()
+            self._wake.set()
+        if result is not None:
+            await self._settle(entries, sends, result)
+
+    async def _commit_with_retry(self, entries: list[dict[str, Any]]) -> CommitResult:
+        """Commit on one writer; if that writer is gone, once more on the next (DESIGN.md section 4)."""
+        try:
+            return await self.peers.next_store().call("commit", entries)
+        except Unavailable as exc:
+            if "unreachable" in exc.msg or "MongoDB" in exc.msg:
+                raise
+            return await self.peers.next_store().call("commit", entries)
+
+    async def _settle(self, entries: list[dict[str, Any]], sends: list[PendingSend], result: CommitResult) -> None:
+        committed = entries[: result.committed]
+        self.stats["commits"] += 1
+        self.stats["committed"] += len(committed)
+        new_convs: list[tuple[str, frozenset[str]]] = []
+        fanout: list[tuple[dict[str, Any], frozenset[str]]] = []
+        for entry, p in zip(committed, sends):
+            seqr = self.sequencers[entry["conv"]]
+            if seqr.last == 0 and ids.conv_kind(seqr.conv) == "direct":
+                new_convs.append((seqr.conv, seqr.members))
+            seqr.last = entry["seq"]
+            if p.members is not None:
+                seqr.members = p.members
+                seqr.exists = True
+            seqr.remember(entry["sender"], entry["cmid"], entry["seq"], entry["ts"], p.digest)
+            p.future.set_result(_ack(entry["conv"], entry["seq"], entry["ts"], False))
+            fanout.append((entry, seqr.members))
+        rest = list(zip(entries[result.committed :], sends[result.committed :]))
+        if result.conflict is not None and rest:
+            (entry, p), rest = rest[0], rest[1:]
+            seqr = self.sequencers[entry["conv"]]
+            if result.conflict == "cmid" and result.existing is not None:
+                ex = result.existing
+                same = body_digest(ex.get("kind", "text"), ex["body"], ex.get("meta")) == p.digest
+                if same:
+                    seqr.remember(ex["sender"], ex["cmid"], ex["seq"], ex["ts"], p.digest)
+                    self.stats["dups"] += 1
+                    p.future.set_result(_ack(entry["conv"], ex["seq"], ex["ts"], True))
+                else:
+                    p.future.set_exception(Conflict("cmid already committed with a different body"))
+            else:
+                log.warning("%s: seq %d taken in storage; moving last to %d", entry["conv"], entry["seq"], result.last_seq)
+                seqr.last = max(seqr.last, result.last_seq)
+                rest.insert(0, (entry, p))
+        # Sends after the conflict were not written: back to the head of their queue, same order.
+        requeue: dict[str, list[PendingSend]] = {}
+        for entry, p in rest:
+            requeue.setdefault(entry["conv"], []).append(p)
+        for conv, ps in requeue.items():
+            seqr = self.sequencers[conv]
+            seqr.pending[:0] = ps
+        if requeue:
+            self._wake.set()
+        for entry, members in fanout:
+            self._fan_out(entry, members)
+        for conv, members in new_convs:
+            try:
+                await self.store.add_user_convs(conv, sorted(members))
+            except Unavailable as exc:
+                log.warning("%s: user_convs not written: %s", conv, exc)
+
+    # --- fan-out -----------------------------------------------------------------------------
+
+    def _fan_out(self, entry: dict[str, Any], members: frozenset[str]) -> None:
+        by_shard: dict[int, list[str]] = {}
+        for user in members:
+            by_shard.setdefault(self.peers.session_index(user), []).append(user)
+        for shard, users in by_shard.items():
+            self._fanout.add(shard, (entry, users))
+
+    async def _send_fanout(self, shard: int, items: list[tuple[dict[str, Any], list[str]]]) -> None:
+        try:
+            await self.peers.sessions[shard].call("fanout", items)
+        except Unavailable as exc:
+            # Committed entries are not lost: recipients catch up with sync (DESIGN.md section 4).
+            log.warning("fan-out of %d entries to session shard %d failed: %s", len(items), shard, exc)
+
+    # --- reads -------------------------------------------------------------------------------
+
+    async def sync(self, user: str, conv: str, after: int, limit: int) -> dict[str, Any]:
+        """Entries with seq > ``after``, ascending, at most ``limit``: ``{"msgs", "last", "more"}``.
+
+        ``last`` is the newest committed seq when the read started: every entry up to it is in
+        storage, so a page never skips one that commits meanwhile.
+        """
+        seqr = await self._member_sequencer(user, conv)
+        last = seqr.last
+        upto = min(after + limit, last)
+        msgs = await self.store.read_range(conv, after, upto)
+        return {"msgs": msgs, "last": last, "more": upto < last}
+
+    async def history(self, user: str, conv: str, before: int, limit: int) -> dict[str, Any]:
+        """The newest ``limit`` entries with seq < ``before`` (0 = the newest), ascending."""
+        seqr = await self._member_sequencer(user, conv)
+        last = seqr.last
+        top = last if before == 0 else min(before - 1, last)
+        lo = max(0, top - limit)
+        msgs = await self.store.read_range(conv, lo, top)
+        return {"msgs": msgs, "last": last, "more": lo > 0}
+
+    async def last_seqs(self, user: str, convs: list[str]) -> dict[str, int]:
+        """The last seq of each of ``convs`` where ``user`` is a member (others are left out)."""
+        out: dict[str, int] = {}
+        for conv in convs:
+            try:
+                seqr = await self.sequencer(conv)
+            except Unavailable:
+                continue
+            if user in seqr.members:
+                out[conv] = seqr.last
+        return out
+
+    async def read(self, user: str, conv: str, seq: int) -> None:
+        """Move ``user``'s read cursor in ``conv`` to ``seq`` (never backwards, never past last)."""
+        seqr = await self._member_sequencer(user, conv)
+        await self.store.set_read(user, conv, min(seq, seqr.last))
+
+    def is_member(self, user: str, conv: str) -> bool:
+        """Membership as the active sequencer knows it (False when not active)."""
+        seqr = self.sequencers.get(conv)
+        return seqr is not None and user in seqr.members
+
+    async def members(self, user: str, conv: str) -> list[str]:
+        """The members of ``conv``, for a member ``user``; raises :class:`Forbidden` otherwise."""
+        return sorted((await self._member_sequencer(user, conv)).members)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class ConversationShardActor:
+    """Ray shell of :class:`ConversationShard`."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._store = Store(config)
+        self._shard = ConversationShard(config, Peers(config), self._store)
+
+    async def ready(self) -> bool:
+        """Start the commit loop; True when running."""
+        self._shard.start()
+        return True
+
+    async def send_batch(self, items: list[SendItem]) -> list[dict[str, Any]]:
+        """See :meth:`ConversationShard.send_batch`."""
+        self._shard.start()
+        return await self._shard.send_batch(items)
+
+    async def append_system(
+        self, conv: str, actor: str, text: str, meta: dict[str, Any], members: list[str], cmid: str
+    ) -> dict[str, Any]:
+        """See :meth:`ConversationShard.append_system`."""
+        self._shard.start()
+        return await self._shard.append_system(conv, actor, text, meta, members, cmid)
+
+    async def sync(self, user: str, conv: str, after: int, limit: int) -> dict[str, Any]:
+        """See :meth:`ConversationShard.sync`."""
+        return await self._shard.sync(user, conv, after, limit)
+
+    async def history(self, user: str, conv: str, before: int, limit: int) -> dict[str, Any]:
+        """See :meth:`ConversationShard.history`."""
+        return await self._shard.history(user, conv, before, limit)
+
+    async def last_seqs(self, user: str, convs: list[str]) -> dict[str, int]:
+        """See :meth:`ConversationShard.last_seqs`."""
+        return await self._shard.last_seqs(user, convs)
+
+    async def read(self, user: str, conv: str, seq: int) -> None:
+        """See :meth:`ConversationShard.read`."""
+        await self._shard.read(user, conv, seq)
+
+    async def members(self, user: str, conv: str) -> list[str]:
+        """See :meth:`ConversationShard.members`."""
+        return await self._shard.members(user, conv)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: committed, dups, commits, unavailable."""
+        return {**self._shard.stats, "active": len(self._shard.sequencers)}

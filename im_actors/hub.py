@@ -1,0 +1,391 @@
+"""Hubs: they hold clients' WebSocket connections (PROTOCOL.md sections 2-7).
+
+A :class:`Hub` authenticates each connection, validates its frames with :mod:`im_actors.protocol`,
+batches sends per conversation shard (``hub_batch_max`` frames or ``hub_batch_ms``) and answers
+other requests by calling the shard that owns them. Deliveries from session shards arrive in
+batches; each entry is encoded once per subprotocol and the same bytes are queued on every
+target connection.
+
+Backpressure is visible (STYLE.md rule 9): each connection has a send queue bounded in frames
+(``send_queue_frames``) and bytes (``send_queue_bytes``); a connection that overflows it is
+closed with 4508 and catches up with ``sync`` when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request as HttpRequest
+from websockets.http11 import Response as HttpResponse
+
+from im_actors import ids, protocol
+from im_actors.auth import verify_token
+from im_actors.config import Config
+from im_actors.conversation import SendItem
+from im_actors.errors import (
+    CLOSE_AUTH_TIMEOUT,
+    CLOSE_GOING_AWAY,
+    CLOSE_PROTOCOL,
+    CLOSE_SLOW,
+    BadRequest,
+    CloseConnection,
+    Internal,
+    RequestError,
+    Unavailable,
+)
+from im_actors.batching import Batcher
+from im_actors.refs import Peers
+
+__all__ = ["Connection", "Hub", "HubActor", "WS_PATH"]
+
+log = logging.getLogger(__name__)
+
+WS_PATH = "/v1/ws"
+
+
+@dataclass(eq=False)
+class Connection:
+    """One authenticated client connection and its bounded send queue."""
+
+    id: int
+    user: str
+    device: str
+    ws: ServerConnection
+    subprotocol: str
+    max_frames: int
+    max_bytes: int
+    queue: deque[bytes | str] = field(default_factory=deque)
+    queued_bytes: int = 0
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    closing: bool = False
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def enqueue(self, data: bytes | str) -> bool:
+        """Queue one encoded frame; False when the queue is full (the caller closes with 4508)."""
+        if self.closing:
+            return True
+        size = len(data)
+        if len(self.queue) >= self.max_frames or self.queued_bytes + size > self.max_bytes:
+            return False
+        self.queue.append(data)
+        self.queued_bytes += size
+        self.wake.set()
+        return True
+
+
+class Hub:
+    """Plain core of a hub: its connections, their requests and deliveries."""
+
+    def __init__(self, config: Config, name: str, peers: Peers) -> None:
+        self.config = config
+        self.name = name
+        self.peers = peers
+        self.url = ""
+        self.conns: dict[int, Connection] = {}
+        self._ids = itertools.count(1)
+        self._server: Server | None = None
+        self._sends: Batcher[int] = Batcher(self._send_batch, config.hub_batch_max, config.hub_batch_ms)
+        self._limits = protocol.Limits(max_body_bytes=config.max_body_bytes, max_members=config.max_group_members)
+        self.stats = {"frames_in": 0, "frames_out": 0, "sends": 0, "slow_closed": 0, "connections_total": 0}
+
+    # --- server ------------------------------------------------------------------------------
+
+    async def start(self, port: int) -> str:
+        """Listen on ``config.host:port`` (0 = any free port); returns the hub's WebSocket URL."""
+        self._server = await serve(
+            self._handler,
+            self.config.host,
+            port,
+            subprotocols=[protocol.SUBPROTOCOL_MSGPACK, protocol.SUBPROTOCOL_JSON],  # type: ignore[list-item]
+            max_size=self.config.max_frame_bytes,
+            ping_interval=self.config.ping_interval_s,
+            ping_timeout=self.config.ping_timeout_s,
+            process_request=self._check_path,
+        )
+        sock_port = self._server.sockets[0].getsockname()[1]
+        host = self.config.advertise_host or self.config.host
+        self.url = f"ws://{host}:{sock_port}{WS_PATH}"
+        return self.url
+
+    @staticmethod
+    def _check_path(conn: ServerConnection, request: HttpRequest) -> HttpResponse | None:
+        if request.path.split("?", 1)[0] != WS_PATH:
+            return conn.respond(404, f"WebSocket endpoint is {WS_PATH}\n")
+        return None
+
+    async def stop(self) -> None:
+        """Close every connection with 1001 (going away) and stop listening."""
+        for conn in list(self.conns.values()):
+            await self._close(conn, CLOSE_GOING_AWAY, "hub shutting down")
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    def load(self) -> dict[str, Any]:
+        """``{"hub", "url", "connections"}`` for the router's heartbeat."""
+        return {"hub": self.name, "url": self.url, "connections": len(self.conns)}
+
+    # --- one connection ----------------------------------------------------------------------
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        sub = ws.subprotocol
+        if sub not in protocol.SUBPROTOCOLS:
+            await ws.close(CLOSE_PROTOCOL, "subprotocol must be im.v1.msgpack or im.v1.json")
+            return
+        try:
+            user, device = await self._authenticate(ws, sub)
+        except CloseConnection as exc:
+            await ws.close(exc.close_code, exc.reason)
+            return
+        except ConnectionClosed:
+            return
+        conn = Connection(
+            id=next(self._ids),
+            user=user,
+            device=device,
+            ws=ws,
+            subprotocol=sub,
+            max_frames=self.config.send_queue_frames,
+            max_bytes=self.config.send_queue_bytes,
+        )
+        self.conns[conn.id] = conn
+        self.stats["connections_total"] += 1
+        writer = asyncio.get_running_loop().create_task(self._writer(conn))
+        try:
+            try:
+                await self.peers.session(user).call("connect", user, device, self.name, conn.id)
+            except Unavailable:
+                await ws.close(CLOSE_GOING_AWAY, "session unavailable, reconnect")
+                return
+            ready = {"t": "ready", "user": user, "device": device, "hub": self.name, "server_ms": _now_ms()}
+            self._push(conn, ready)
+            await self._read_loop(conn)
+        finally:
+            conn.closing = True
+            self.conns.pop(conn.id, None)
+            writer.cancel()
+            for task in list(conn.tasks):
+                task.cancel()
+            self.peers.session(user).notify("disconnect", user, device, self.name, conn.id)
+
+    async def _authenticate(self, ws: ServerConnection, sub: str) -> tuple[str, str]:
+        try:
+            data = await asyncio.wait_for(ws.recv(), self.config.auth_timeout_s)
+        except asyncio.TimeoutError:
+            raise CloseConnection(CLOSE_AUTH_TIMEOUT, "no auth frame in time") from None
+        token, device = protocol.parse_auth(protocol.decode(data, sub))
+        return verify_token(self.config, token), device
+
+    async def _read_loop(self, conn: Connection) -> None:
+        try:
+            async for data in conn.ws:
+                self.stats["frames_in"] += 1
+                try:
+                    frame = protocol.decode(data, conn.subprotocol)
+                    request = protocol.parse_request(frame, self._limits)
+                except CloseConnection as exc:
+                    await self._close(conn, exc.close_code, exc.reason)
+                    return
+                except RequestError as exc:
+                    self._push(conn, exc.frame(getattr(exc, "request_id", None)))
+                    continue
+                self._dispatch(conn, request)
+        except ConnectionClosed:
+            pass
+
+    async def _writer(self, conn: Connection) -> None:
+        try:
+            while True:
+                await conn.wake.wait()
+                conn.wake.clear()
+                while conn.queue:
+                    data = conn.queue.popleft()
+                    conn.queued_bytes -= len(data)
+                    await conn.ws.send(data)
+                    self.stats["frames_out"] += 1
+        except ConnectionClosed:
+            pass
+
+    def _push(self, conn: Connection, frame: dict[str, Any]) -> None:
+        self._enqueue(conn, protocol.encode(frame, conn.subprotocol))
+
+    def _enqueue(self, conn: Connection, data: bytes | str) -> None:
+        if not conn.enqueue(data):
+            self.stats["slow_closed"] += 1
+            conn.closing = True
+            task = asyncio.get_running_loop().create_task(self._close(conn, CLOSE_SLOW, "send queue overflow"))
+            conn.tasks.add(task)
+            task.add_done_callback(conn.tasks.discard)
+
+    async def _close(self, conn: Connection, code: int, reason: str) -> None:
+        conn.closing = True
+        try:
+            await conn.ws.close(code, reason)
+        except ConnectionClosed:
+            pass
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def _dispatch(self, conn: Connection, req: protocol.Request) -> None:
+        if req.t == "send":
+            f = req.fields
+            self.stats["sends"] += 1
+            item = SendItem(conn.user, f["conv"], f["cmid"], f["body"], f["kind"], f["meta"])
+            self._sends.add(self.peers.conv_index(f["conv"]), (conn, req.id, item))
+            return
+        task = asyncio.get_running_loop().create_task(self._answer(conn, req))
+        conn.tasks.add(task)
+        task.add_done_callback(conn.tasks.discard)
+
+    async def _send_batch(self, shard: int, batch: list[tuple[Connection, int, SendItem]]) -> None:
+        try:
+            answers = await self.peers.convs[shard].call("send_batch", [item for _, _, item in batch])
+        except RequestError as exc:
+            answers = [{"err": exc.code, "msg": exc.msg, "retry": exc.retry}] * len(batch)
+        for (conn, rid, item), ans in zip(batch, answers):
+            if "err" in ans:
+                frame = {"t": "err", "id": rid, "code": ans["err"], "msg": ans["msg"], "retry": ans["retry"]}
+            else:
+                frame = {"t": "ack", "id": rid, "conv": ans["conv"], "seq": ans["seq"], "ts": ans["ts"], "dup": ans["dup"]}
+            self._push(conn, frame)
+
+    async def _answer(self, conn: Connection, req: protocol.Request) -> None:
+        try:
+            frame = await self._handle(conn, req)
+        except RequestError as exc:
+            frame = exc.frame(req.id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - answered as internal, logged with the request id
+            log.exception("request %s id=%s of %s failed", req.t, req.id, conn.user)
+            frame = Internal("internal error").frame(req.id)
+        if frame is not None:
+            self._push(conn, frame)
+
+    async def _handle(self, conn: Connection, req: protocol.Request) -> dict[str, Any] | None:
+        f, rid, user = req.fields, req.id, conn.user
+        if req.t == "sync":
+            res = await self.peers.conv(f["conv"]).call("sync", user, f["conv"], f["after"], f["limit"])
+            return self._msgs(rid, f["conv"], res)
+        if req.t == "history":
+            res = await self.peers.conv(f["conv"]).call("history", user, f["conv"], f["before"], f["limit"])
+            return self._msgs(rid, f["conv"], res)
+        if req.t == "convs":
+            convs = await self.peers.session(user).call("convs", user)
+            return {"t": "convs", "id": rid, "convs": convs}
+        if req.t == "read":
+            await self.peers.conv(f["conv"]).call("read", user, f["conv"], f["seq"])
+            return {"t": "ok", "id": rid}
+        if req.t == "group.create":
+            shard = self.peers.groups[ids.shard_of(f"{user}:{rid}:{_now_ms()}", len(self.peers.groups))]
+            res = await shard.call("create", user, f["name"], f["members"])
+            return {"t": "ok", "id": rid, "group": res["group"], "conv": res["conv"]}
+        if req.t == "group.add":
+            await self.peers.group(f["group"]).call("add", user, f["group"], f["users"])
+            return {"t": "ok", "id": rid}
+        if req.t == "group.info":
+            res = await self.peers.group(f["group"]).call("info", user, f["group"])
+            return {"t": "group", "id": rid, **res}
+        if req.t == "push.register":
+            await self.peers.session(user).call("register_push", user, conn.device, f["provider"], f["token"])
+            return {"t": "ok", "id": rid}
+        if req.t == "push.unregister":
+            await self.peers.session(user).call("unregister_push", user, conn.device)
+            return {"t": "ok", "id": rid}
+        if req.t == "typing":
+            return None  # BUG: typing is validated but not forwarded yet (issue 3).
+        raise BadRequest(f"{req.t} is not implemented by this server version yet")
+
+    @staticmethod
+    def _msgs(rid: int | None, conv: str, res: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "t": "msgs",
+            "id": rid,
+            "conv": conv,
+            "msgs": [protocol.msg_frame(e) for e in res["msgs"]],
+            "last": res["last"],
+            "more": res["more"],
+        }
+
+    # --- deliveries --------------------------------------------------------------------------
+
+    def deliver(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:
+        """Queue committed entries on their target connections: ``[(entry, [conn id, ...])]``.
+
+        Each entry is encoded once per subprotocol. Returns the number of frames queued; ids of
+        connections that are gone are skipped (their clients catch up with sync).
+        """
+        queued = 0
+        for entry, conn_ids in items:
+            encoded: dict[str, bytes | str] = {}
+            for cid in conn_ids:
+                conn = self.conns.get(cid)
+                if conn is None or conn.closing:
+                    continue
+                data = encoded.get(conn.subprotocol)
+                if data is None:
+                    data = encoded[conn.subprotocol] = protocol.encode(protocol.msg_frame(entry), conn.subprotocol)
+                self._enqueue(conn, data)
+                queued += 1
+        return queued
+
+    async def close_conn(self, conn_id: int, code: int, reason: str) -> None:
+        """Close connection ``conn_id`` with ``code`` (4409 when a newer one replaced it)."""
+        conn = self.conns.get(conn_id)
+        if conn is not None:
+            await self._close(conn, code, reason)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class HubActor:
+    """Ray shell of :class:`Hub`: starts the WebSocket server and registers with the router."""
+
+    def __init__(self, config: Config, index: int) -> None:
+        self._config = config
+        self._index = index
+        name = ids.actor_name("hub", index, config.actor_prefix)
+        self._hub = Hub(config, name, Peers(config))
+
+    async def ready(self) -> str:
+        """Start listening (once) and register with the router; returns the hub's URL."""
+        if not self._hub.url:
+            port = self._config.hub_port + self._index if self._config.hub_port else 0
+            if not self._config.advertise_host and self._config.host in ("0.0.0.0", "::"):
+                self._config = self._config.model_copy(update={"advertise_host": ray.util.get_node_ip_address()})
+                self._hub.config = self._config
+            await self._hub.start(port)
+            self._hub.peers.router.notify("register", self._hub.name, self._hub.url)
+        return self._hub.url
+
+    def load(self) -> dict[str, Any]:
+        """See :meth:`Hub.load`."""
+        return self._hub.load()
+
+    def deliver(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:
+        """See :meth:`Hub.deliver`."""
+        return self._hub.deliver(items)
+
+    async def close_conn(self, conn_id: int, code: int, reason: str) -> None:
+        """See :meth:`Hub.close_conn`."""
+        await self._hub.close_conn(conn_id, code, reason)
+
+    async def drain(self) -> None:
+        """Close every connection with 1001 and stop listening."""
+        await self._hub.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: frames in and out, sends, slow consumers closed, connections."""
+        return {**self._hub.stats, "connections": len(self._hub.conns)}

@@ -1,0 +1,188 @@
+"""The router: "which hub should I connect to?" over HTTP (PROTOCOL.md section 1).
+
+:class:`HubTable` is the plain core: the live hubs and their load, least connections first, ties at
+random. :class:`RouterActor` serves it with aiohttp and heartbeats every hub each
+``heartbeat_s``: a hub that does not answer within the interval is dropped at once, and comes back
+when it answers again.
+
+Endpoints: ``GET /v1/hub[?exclude=<hub>...]``, ``POST /v1/login`` (development login only, when
+``dev_login`` is on), ``GET /v1/health``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from aiohttp import web
+
+from im_actors import ids
+from im_actors.auth import issue_token
+from im_actors.config import Config
+from im_actors.errors import Unavailable
+from im_actors.refs import Peers
+
+__all__ = ["HubInfo", "HubTable", "make_app", "RouterActor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HubInfo:
+    """A hub as the router sees it."""
+
+    name: str
+    url: str
+    connections: int = 0
+    alive: bool = True
+
+
+class HubTable:
+    """Live hubs and their load."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.hubs: dict[str, HubInfo] = {}
+        self._rng = rng or random.Random()
+
+    def register(self, name: str, url: str) -> None:
+        """Add or refresh a hub (it answered, or announced itself)."""
+        info = self.hubs.get(name)
+        if info is None:
+            self.hubs[name] = HubInfo(name, url)
+        else:
+            info.url, info.alive = url, True
+
+    def update(self, name: str, url: str, connections: int) -> None:
+        """A heartbeat answer: the hub is alive with ``connections`` clients."""
+        self.register(name, url)
+        self.hubs[name].connections = connections
+
+    def mark_dead(self, name: str) -> None:
+        """A heartbeat went unanswered: stop handing the hub out."""
+        if name in self.hubs:
+            self.hubs[name].alive = False
+
+    def live(self) -> list[HubInfo]:
+        """Hubs that answered their last heartbeat."""
+        return [h for h in self.hubs.values() if h.alive and h.url]
+
+    def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> HubInfo | None:
+        """The live hub with the fewest connections (ties at random), not in ``exclude``.
+
+        When every live hub is excluded, any live hub is better than none.
+        """
+        live = self.live()
+        candidates = [h for h in live if h.name not in exclude] or live
+        if not candidates:
+            return None
+        fewest = min(h.connections for h in candidates)
+        chosen = self._rng.choice([h for h in candidates if h.connections == fewest])
+        chosen.connections += 1  # until the next heartbeat says otherwise
+        return chosen
+
+
+def make_app(config: Config, table: HubTable, health: Any = None) -> web.Application:
+    """The router's aiohttp application over ``table``; ``health()`` gives the health summary."""
+    app = web.Application()
+
+    async def get_hub(request: web.Request) -> web.Response:
+        exclude = set(request.query.getall("exclude", []))
+        hub = table.pick(exclude)
+        if hub is None:
+            return web.json_response({"error": "no_hub"}, status=503)
+        return web.json_response({"hub": hub.name, "url": hub.url, "ttl_s": config.hub_ttl_s})
+
+    async def login(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "bad_request", "msg": "body must be JSON"}, status=400)
+        user = body.get("user") if isinstance(body, dict) else None
+        if not ids.valid_id(user):
+            return web.json_response(
+                {"error": "bad_request", "msg": "user must be 1..64 characters of [A-Za-z0-9_.-]"}, status=400
+            )
+        return web.json_response({"token": issue_token(config, str(user))})
+
+    async def get_health(request: web.Request) -> web.Response:
+        summary = health() if health is not None else {}
+        live = table.live()
+        summary.update(
+            {
+                "hubs_live": len(live),
+                "hubs": [{"hub": h.name, "url": h.url, "connections": h.connections, "alive": h.alive} for h in table.hubs.values()],
+            }
+        )
+        return web.json_response(summary, status=200 if live else 503)
+
+    app.router.add_get("/v1/hub", get_hub)
+    app.router.add_get("/v1/health", get_health)
+    if config.dev_login:
+        app.router.add_post("/v1/login", login)
+    return app
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class RouterActor:
+    """Ray shell of the router: serves HTTP and heartbeats the hubs."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._peers = Peers(config)
+        self._table = HubTable()
+        self._runner: web.AppRunner | None = None
+        self._beat: asyncio.Task[None] | None = None
+        self.url = ""
+
+    async def ready(self) -> str:
+        """Start serving (once); returns the router's base URL, e.g. ``http://127.0.0.1:8080``."""
+        if self._runner is None:
+            self._runner = web.AppRunner(make_app(self._config, self._table, self._health), access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self._config.host, self._config.router_port)
+            await site.start()
+            port = self._runner.addresses[0][1]
+            host = self._config.advertise_host or self._config.host
+            self.url = f"http://{host}:{port}"
+            self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
+        return self.url
+
+    def _health(self) -> dict[str, Any]:
+        return {"deployment": self._config.deployment, "router": self.url}
+
+    def register(self, name: str, url: str) -> None:
+        """A hub announces itself when it starts."""
+        self._table.register(name, url)
+
+    def hubs(self) -> list[dict[str, Any]]:
+        """Every hub known, with its liveness and load."""
+        return [vars(h).copy() for h in self._table.hubs.values()]
+
+    async def _heartbeat(self) -> None:
+        interval = self._config.heartbeat_s
+        while True:
+            started = asyncio.get_running_loop().time()
+            names = set(self._peers.hubs) | set(self._table.hubs)
+            await asyncio.gather(*(self._probe(name, interval) for name in sorted(names)))
+            await asyncio.sleep(max(0.0, interval - (asyncio.get_running_loop().time() - started)))
+
+    async def _probe(self, name: str, timeout: float) -> None:
+        try:
+            load = await self._peers.hub(name).call("load", timeout=timeout)
+        except Unavailable:
+            if name in self._table.hubs and self._table.hubs[name].alive:
+                log.warning("hub %s missed its heartbeat; no longer handed out", name)
+            self._table.mark_dead(name)
+            return
+        if not load.get("url"):
+            # A restarted hub comes back empty: start it again.
+            try:
+                await self._peers.hub(name).call("ready", timeout=10 * timeout)
+            except Unavailable as exc:
+                log.warning("hub %s did not restart: %s", name, exc)
+            return
+        self._table.update(name, load["url"], int(load.get("connections", 0)))

@@ -1,0 +1,210 @@
+"""Local backing services for the demo and the tests (DESIGN.md section 8).
+
+:func:`ensure_services` fills in the URLs a configuration leaves empty: Redis and RabbitMQ on their
+default local ports when they answer, and a MongoDB-wire server (SecantusDB, run as a separate
+process on a free port in a temporary folder; GPL, so never imported) when no ``mongo_url`` is
+given. A service that is missing and cannot be started fails at once with a
+:class:`~im_actors.errors.ServiceError` naming it and how to provide it. :class:`LocalServices`
+stops what it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiormq
+import pymongo
+import redis
+
+from im_actors.config import Config
+from im_actors.errors import ServiceError
+
+__all__ = [
+    "LocalServices",
+    "ensure_services",
+    "describe_services",
+    "free_port",
+    "start_secantus",
+    "DEFAULT_REDIS_URL",
+    "DEFAULT_RABBITMQ_URL",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+SECANTUS_COMMAND = "secantusd-py"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalServices:
+    """Processes and folders started for one run; :meth:`stop` removes them."""
+
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Stop every process started (SIGTERM, then SIGKILL after 10 s) and remove the folders."""
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        self.processes.clear()
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.folders.clear()
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _rabbitmq_answers(url: str) -> bool:
+    async def probe() -> bool:
+        conn = await asyncio.wait_for(aiormq.connect(url), 5)
+        await conn.close()
+        return True
+
+    try:
+        return asyncio.run(probe())
+    except Exception:  # noqa: BLE001 - any failure means "not usable"
+        return False
+
+
+def start_secantus(services: LocalServices, timeout_s: float = 30.0) -> str:
+    """Start a SecantusDB server on a free loopback port; returns its ``mongodb://`` URL.
+
+    Raises :class:`ServiceError` when the command is missing or the server does not answer.
+    """
+    beside = Path(sys.executable).parent / SECANTUS_COMMAND  # the same virtualenv, activated or not
+    exe = str(beside) if beside.exists() else shutil.which(SECANTUS_COMMAND)
+    if exe is None:
+        raise ServiceError(
+            "MongoDB: no mongo_url configured and SecantusDB is not installed. "
+            "Install it (pip install --pre SecantusDB) or set mongo_url / IM_MONGO_URL to a MongoDB server."
+        )
+    folder = Path(tempfile.mkdtemp(prefix="im-secantus-"))
+    services.folders.append(folder)
+    port = free_port()
+    log_file = open(folder / "secantusd.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [exe, "--host", "127.0.0.1", "--port", str(port), "--storage-path", str(folder / "data"), "--log-level", "WARNING"],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    services.processes.append(proc)
+    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"MongoDB: SecantusDB exited with {proc.returncode}; see {folder / 'secantusd.log'}")
+        try:
+            client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(url, serverSelectionTimeoutMS=500)
+            client.admin.command("ping")
+            client.close()
+            return url
+        except pymongo.errors.PyMongoError:
+            time.sleep(0.2)
+    raise ServiceError(f"MongoDB: SecantusDB did not answer on port {port} within {timeout_s:.0f} s")
+
+
+def ensure_services(config: Config) -> tuple[Config, LocalServices]:
+    """Fill in empty service URLs (see the module docstring); returns the new config and what was started.
+
+    Raises :class:`ServiceError` naming the missing service and how to provide it.
+    """
+    services = LocalServices()
+    updates: dict[str, str] = {}
+    try:
+        if not config.redis_url:
+            if not _redis_answers(DEFAULT_REDIS_URL):
+                raise ServiceError(
+                    "Redis: nothing answers on 127.0.0.1:6379. Start one (redis-server --port 6379) "
+                    "or set redis_url / IM_REDIS_URL."
+                )
+            updates["redis_url"] = DEFAULT_REDIS_URL
+        elif not _redis_answers(config.redis_url):
+            raise ServiceError(f"Redis: {config.redis_url} does not answer (key redis_url)")
+        if not config.rabbitmq_url:
+            if not _rabbitmq_answers(DEFAULT_RABBITMQ_URL):
+                raise ServiceError(
+                    "RabbitMQ: nothing answers on 127.0.0.1:5672 as guest. Start one (rabbitmq-server -detached) "
+                    "or set rabbitmq_url / IM_RABBITMQ_URL."
+                )
+            updates["rabbitmq_url"] = DEFAULT_RABBITMQ_URL
+        elif not _rabbitmq_answers(config.rabbitmq_url):
+            raise ServiceError(f"RabbitMQ: {config.rabbitmq_url} does not answer (key rabbitmq_url)")
+        if not config.mongo_url:
+            updates["mongo_url"] = start_secantus(services)
+    except BaseException:
+        services.stop()
+        raise
+    return config.model_copy(update=updates), services
+
+
+def describe_services(config: Config) -> dict[str, dict[str, Any]]:
+    """The server and version behind each URL, for reports: ``{"redis": {...}, ...}``."""
+    out: dict[str, dict[str, Any]] = {}
+    masked = config.knobs()
+    try:
+        info = redis.Redis.from_url(config.redis_url, socket_timeout=2).info("server")
+        out["redis"] = {"url": masked["redis_url"], "server": "redis", "version": info.get("redis_version")}
+        if "valkey_version" in info:
+            out["redis"].update(server="valkey", version=info["valkey_version"])
+    except (redis.RedisError, OSError) as exc:
+        out["redis"] = {"url": masked["redis_url"], "error": str(exc)}
+    try:
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(config.mongo_url, serverSelectionTimeoutMS=2000)
+        info = client.server_info()
+        client.close()
+        server = "SecantusDB" if "secantusVersion" in info else "mongod"
+        version = info.get("secantusVersion") or info.get("version")
+        out["mongodb"] = {
+            "url": masked["mongo_url"],
+            "server": server,
+            "version": version,
+            "wire_version": info.get("version"),
+        }
+    except pymongo.errors.PyMongoError as exc:
+        out["mongodb"] = {"url": masked["mongo_url"], "error": str(exc)}
+
+    async def amqp() -> dict[str, Any]:
+        conn = await asyncio.wait_for(aiormq.connect(config.rabbitmq_url), 5)
+        props = conn.server_properties
+        await conn.close()
+        return {"server": str(props.get("product", "RabbitMQ")), "version": str(props.get("version", "?"))}
+
+    try:
+        out["rabbitmq"] = {"url": masked["rabbitmq_url"], **asyncio.run(amqp())}
+    except Exception as exc:  # noqa: BLE001
+        out["rabbitmq"] = {"url": masked["rabbitmq_url"], "error": str(exc)}
+    return out

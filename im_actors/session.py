@@ -1,0 +1,288 @@
+"""Session shards: per-user sessions hosted many to a Ray actor (DESIGN.md section 1).
+
+A :class:`UserSession` knows which hub holds each connected device of one user (the Ray handle
+of that hub is the route: no lookup table elsewhere) and the user's push tokens.
+:class:`SessionShard` hosts many: it forwards fanned-out entries to hubs, batched per hub, and
+turns entries for devices that have a push token but no live connection into push jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import ray
+from pymongo.errors import PyMongoError
+
+from im_actors.batching import Batcher
+from im_actors.config import Config
+from im_actors.errors import CLOSE_REPLACED, Unavailable
+from im_actors.refs import Peers
+from im_actors.store import Store
+
+__all__ = ["UserSession", "SessionShard", "SessionShardActor", "JobSink"]
+
+log = logging.getLogger(__name__)
+
+
+class JobSink(Protocol):
+    """Where push jobs go (the RabbitMQ publisher, or a list in tests)."""
+
+    def publish(self, job: dict[str, Any]) -> None:
+        """Queue one job; must not block."""
+
+
+@dataclass
+class UserSession:
+    """One user: connected devices ``{device: (hub name, connection id)}`` and push tokens."""
+
+    user: str
+    devices: dict[str, tuple[str, int]] = field(default_factory=dict)
+    tokens: dict[str, tuple[str, str]] | None = None  # device -> (provider, token); None = not loaded
+    last_seen_ms: int = 0
+
+
+class SessionShard:
+    """Plain core of a session shard."""
+
+    def __init__(self, config: Config, peers: Peers, store: Store, push: JobSink | None) -> None:
+        self.config = config
+        self.peers = peers
+        self.store = store
+        self.push = push
+        self.users: dict[str, UserSession] = {}
+        self._to_hubs: Batcher[str] = Batcher(self._send_to_hub, config.fanout_batch_max, config.fanout_batch_ms)
+        self.stats = {"fanout_entries": 0, "deliveries": 0, "push_jobs": 0}
+
+    def _session(self, user: str) -> UserSession:
+        s = self.users.get(user)
+        if s is None:
+            s = self.users[user] = UserSession(user)
+        return s
+
+    # --- connections -------------------------------------------------------------------------
+
+    def connect(self, user: str, device: str, hub: str, conn_id: int) -> tuple[str, int] | None:
+        """Record that ``device`` of ``user`` is connected on ``hub`` as ``conn_id``.
+
+        Returns the connection it replaces, if any; the caller closes that one with 4409.
+        """
+        s = self._session(user)
+        old = s.devices.get(device)
+        s.devices[device] = (hub, conn_id)
+        s.last_seen_ms = int(time.time() * 1000)
+        return old if old != (hub, conn_id) else None
+
+    def disconnect(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """Forget the connection unless a newer one of the same device replaced it."""
+        s = self.users.get(user)
+        if s is not None and s.devices.get(device) == (hub, conn_id):
+            del s.devices[device]
+            s.last_seen_ms = int(time.time() * 1000)
+
+    def hub_gone(self, hub: str) -> int:
+        """Forget every connection on ``hub`` (it died); returns how many."""
+        n = 0
+        for s in self.users.values():
+            for device in [d for d, (h, _) in s.devices.items() if h == hub]:
+                del s.devices[device]
+                n += 1
+        return n
+
+    def online(self, user: str) -> dict[str, tuple[str, int]]:
+        """The connected devices of ``user``."""
+        s = self.users.get(user)
+        return dict(s.devices) if s else {}
+
+    # --- push tokens -------------------------------------------------------------------------
+
+    async def _load_tokens(self, users: list[str]) -> None:
+        todo = [u for u in users if self._session(u).tokens is None]
+        if not todo:
+            return
+        found: dict[str, dict[str, tuple[str, str]]] = {u: {} for u in todo}
+        async for doc in self.store.db["devices"].find({"user": {"$in": todo}}):
+            found[doc["user"]][doc["device"]] = (doc["provider"], doc["_id"])
+        for u, tokens in found.items():
+            self._session(u).tokens = tokens
+
+    async def register_push(self, user: str, device: str, provider: str, token: str) -> None:
+        """Give ``token`` to (``user``, ``device``): it leaves any other holder; one token per device.
+
+        Raises :class:`Unavailable` when MongoDB does not answer.
+        """
+        devices = self.store.db["devices"]
+        try:
+            await devices.delete_many({"user": user, "device": device, "_id": {"$ne": token}})
+            await devices.update_one(
+                {"_id": token}, {"$set": {"user": user, "device": device, "provider": provider}}, upsert=True
+            )
+            await self._load_tokens([user])
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        s = self._session(user)
+        assert s.tokens is not None
+        s.tokens[device] = (provider, token)
+        for other in self.users.values():  # a token moved away from a user hosted here
+            if other is not s and other.tokens:
+                for d, (_, t) in list(other.tokens.items()):
+                    if t == token:
+                        del other.tokens[d]
+
+    async def unregister_push(self, user: str, device: str) -> None:
+        """Remove the push token of (``user``, ``device``)."""
+        try:
+            await self.store.db["devices"].delete_many({"user": user, "device": device})
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        s = self._session(user)
+        if s.tokens is not None:
+            s.tokens.pop(device, None)
+
+    # --- fan-out -----------------------------------------------------------------------------
+
+    async def fanout(self, items: list[tuple[dict[str, Any], list[str]]]) -> None:
+        """Forward committed entries to the hubs of their recipients, batched per hub.
+
+        ``items``: ``[(entry, [user, ...]), ...]`` in commit order. Devices with a push token and
+        no live connection get a push job instead (when push is configured).
+        """
+        if self.push is not None:
+            unknown = {u for _, users in items for u in users if self._session(u).tokens is None}
+            try:
+                await self._load_tokens(sorted(unknown))
+            except PyMongoError as exc:
+                log.warning("push tokens not loaded (%s): offline pushes of this batch skipped", exc)
+        self._route(items)
+
+    def _route(self, items: list[tuple[dict[str, Any], list[str]]]) -> None:
+        """Decide where each entry goes (synchronous), then hand it to the per-hub batcher."""
+        for entry, users in items:
+            self.stats["fanout_entries"] += 1
+            per_hub: dict[str, list[int]] = {}
+            for user in users:
+                s = self._session(user)
+                for hub, conn_id in s.devices.values():
+                    per_hub.setdefault(hub, []).append(conn_id)
+                if self.push is not None and s.tokens:
+                    for device, (provider, token) in s.tokens.items():
+                        if device not in s.devices:
+                            self._push_job(user, device, provider, token, entry)
+            for hub, conns in per_hub.items():
+                self.stats["deliveries"] += len(conns)
+                self._to_hubs.add(hub, (entry, conns))
+
+    def _push_job(self, user: str, device: str, provider: str, token: str, entry: dict[str, Any]) -> None:
+        from im_actors.push.jobs import make_job
+
+        assert self.push is not None
+        body = entry["body"]
+        preview = body[:100] if isinstance(body, str) else "[binary]"
+        job = make_job(
+            user=user,
+            device=device,
+            provider=provider,
+            token=token,
+            conv=entry["conv"],
+            seq=entry["seq"],
+            sender=entry["sender"],
+            preview=preview,
+            badge=1,
+            collapse_key=entry["conv"],
+        )
+        self.push.publish(job)
+        self.stats["push_jobs"] += 1
+
+    async def _send_to_hub(self, hub: str, items: list[tuple[dict[str, Any], list[int]]]) -> None:
+        try:
+            await self.peers.hub(hub).call("deliver", items)
+        except Unavailable as exc:
+            # The hub's clients reconnect elsewhere and catch up with sync.
+            log.warning("delivery of %d entries to %s failed: %s", len(items), hub, exc)
+
+    # --- conversations -----------------------------------------------------------------------
+
+    async def convs(self, user: str) -> list[dict[str, Any]]:
+        """Every conversation of ``user``: ``[{"conv", "last", "read"}]``, sorted by conv."""
+        conv_ids, reads = await self.store.user_convs(user)
+        by_shard: dict[int, list[str]] = {}
+        for conv in conv_ids:
+            by_shard.setdefault(self.peers.conv_index(conv), []).append(conv)
+        answers = await asyncio.gather(
+            *(self.peers.convs[i].call("last_seqs", user, convs) for i, convs in by_shard.items())
+        )
+        lasts: dict[str, int] = {}
+        for answer in answers:
+            lasts.update(answer)
+        return [{"conv": c, "last": lasts[c], "read": reads.get(c, 0)} for c in sorted(lasts)]
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class SessionShardActor:
+    """Ray shell of :class:`SessionShard`; owns the push publisher when push is configured."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._store = Store(config)
+        self._publisher: Any = None
+        self._publisher_started = False
+        if config.push_workers > 0 and config.rabbitmq_url:
+            from im_actors.push.publisher import PushPublisher
+
+            self._publisher = PushPublisher(config)
+        self._core = SessionShard(config, Peers(config), self._store, self._publisher)
+
+    async def ready(self) -> bool:
+        """Start the push publisher (it connects in the background); True when started."""
+        if self._publisher is not None and not self._publisher_started:
+            self._publisher_started = True
+            await self._publisher.start()
+        return True
+
+    def connect(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """See :meth:`SessionShard.connect`; closes a replaced connection with 4409."""
+        old = self._core.connect(user, device, hub, conn_id)
+        if old is not None:
+            self._core.peers.hub(old[0]).notify("close_conn", old[1], CLOSE_REPLACED, "replaced by a newer connection")
+
+    def disconnect(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """See :meth:`SessionShard.disconnect`."""
+        self._core.disconnect(user, device, hub, conn_id)
+
+    def hub_gone(self, hub: str) -> int:
+        """See :meth:`SessionShard.hub_gone`."""
+        return self._core.hub_gone(hub)
+
+    async def fanout(self, items: list[tuple[dict[str, Any], list[str]]]) -> None:
+        """See :meth:`SessionShard.fanout`."""
+        if not self._publisher_started:
+            await self.ready()  # after a restart nobody else calls ready
+        await self._core.fanout(items)
+
+    async def register_push(self, user: str, device: str, provider: str, token: str) -> None:
+        """See :meth:`SessionShard.register_push`."""
+        await self._core.register_push(user, device, provider, token)
+
+    async def unregister_push(self, user: str, device: str) -> None:
+        """See :meth:`SessionShard.unregister_push`."""
+        await self._core.unregister_push(user, device)
+
+    async def convs(self, user: str) -> list[dict[str, Any]]:
+        """See :meth:`SessionShard.convs`."""
+        return await self._core.convs(user)
+
+    async def flush_push(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every push job is confirmed by RabbitMQ; True when the outbox is empty."""
+        if self._publisher is None:
+            return True
+        return bool(await self._publisher.flush(timeout_s))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: entries fanned out, deliveries handed to hubs, push jobs, publisher stats."""
+        out: dict[str, Any] = {**self._core.stats, "users": len(self._core.users)}
+        if self._publisher is not None:
+            out["push"] = self._publisher.stats()
+        return out

@@ -1,0 +1,299 @@
+"""Storage: MongoDB history (the source of truth) and Redis recent entries (DESIGN.md sections 2.4, 5).
+
+:class:`Store` is the plain object: commits, reads and the last seq of a conversation. The store
+writer actor (:class:`StoreWriter`) wraps it for commits; conversation shards hold their own
+:class:`Store` for reads.
+
+An entry is a dict ``{conv, seq, sender, cmid, ts, kind, body, meta}`` (``ts`` in ms since the
+epoch, ``body`` str or bytes). MongoDB keeps it in ``messages`` with unique indexes on
+``(conv, seq)`` and ``(conv, sender, cmid)``; Redis keeps ``<prefix>m:<conv>:<seq>`` (MessagePack,
+expiring after ``recent_ttl_s``) and ``<prefix>last:<conv>`` (the largest committed seq, never
+lowered).
+
+How a commit ends (:class:`CommitResult`): entries are inserted *in order*, so a commit always
+settles as a committed prefix, optionally followed by one conflicting entry (its cmid is already
+stored, or its seq is taken), the rest not written. A timeout is ambiguous: it is settled by
+reading back, never by guessing; only when even that fails is :class:`Unavailable` raised, and then
+the caller must re-seed the conversation from storage before assigning seqs again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import pymongo
+import ray
+import redis.asyncio as aioredis
+from pymongo import AsyncMongoClient
+from pymongo.errors import BulkWriteError, PyMongoError
+from redis.exceptions import RedisError
+
+from im_actors.config import Config
+from im_actors.errors import Unavailable
+
+__all__ = ["Store", "CommitResult", "StoreWriter", "SEQ_INDEX", "CMID_INDEX", "mongo_client", "redis_client"]
+
+log = logging.getLogger(__name__)
+
+SEQ_INDEX = "conv_seq"
+CMID_INDEX = "conv_sender_cmid"
+_ENTRY_FIELDS = ("conv", "seq", "sender", "cmid", "ts", "kind", "body", "meta")
+
+# Sets KEYS[1] to ARGV[1] unless it already holds a larger number: the last seq never goes back.
+_SET_MAX = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+
+@dataclass
+class CommitResult:
+    """How a commit of ``n`` entries ended.
+
+    ``committed``: entries ``[0, committed)`` are stored. When ``conflict`` is set, entry
+    ``committed`` was refused: ``"cmid"`` (``existing`` is the stored entry with that cmid) or
+    ``"seq"`` (``existing`` is None; ``last_seq`` is the conversation's stored last seq). Entries
+    after it were not written.
+    """
+
+    committed: int
+    conflict: str | None = None
+    existing: dict[str, Any] | None = None
+    last_seq: int = 0
+
+
+def mongo_client(config: Config) -> AsyncMongoClient[dict[str, Any]]:
+    """An async MongoDB client with the configured timeouts and write concern."""
+    w: int | str = "majority" if config.mongo_write_concern == "majority" else 1
+    return AsyncMongoClient(
+        config.mongo_url,
+        serverSelectionTimeoutMS=config.mongo_timeout_ms,
+        socketTimeoutMS=config.mongo_timeout_ms,
+        connectTimeoutMS=config.mongo_timeout_ms,
+        w=w,
+        tz_aware=False,
+    )
+
+
+def redis_client(config: Config) -> aioredis.Redis:
+    """An async Redis client with short timeouts (Redis is a cache: a slow one must not stall commits)."""
+    return aioredis.from_url(config.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+
+def _clean(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: doc[k] for k in _ENTRY_FIELDS if k in doc}
+
+
+class Store:
+    """MongoDB history plus Redis recent entries for one deployment."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._mongo = mongo_client(config)
+        self.db = self._mongo[config.mongo_db]
+        self.messages = self.db["messages"]
+        self.redis = redis_client(config)
+        self._prefix = config.key_prefix
+
+    async def setup(self) -> None:
+        """Create the indexes (idempotent). Raises :class:`Unavailable` when MongoDB does not answer."""
+        try:
+            await self.messages.create_index([("conv", 1), ("seq", 1)], unique=True, name=SEQ_INDEX)
+            await self.messages.create_index(
+                [("conv", 1), ("sender", 1), ("cmid", 1)], unique=True, name=CMID_INDEX
+            )
+            await self.db["groups"].create_index([("members", 1)])
+            await self.db["user_convs"].create_index([("user", 1)])
+            await self.db["devices"].create_index([("user", 1), ("device", 1)])
+            await self.db["cursors"].create_index([("user", 1)])
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB: {exc}") from exc
+
+    async def close(self) -> None:
+        """Close both clients."""
+        await self._mongo.close()
+        await self.redis.aclose()
+
+    def _entry_key(self, conv: str, seq: int) -> str:
+        return f"{self._prefix}m:{conv}:{seq}"
+
+    def _last_key(self, conv: str) -> str:
+        return f"{self._prefix}last:{conv}"
+
+    # --- commits -----------------------------------------------------------------------------
+
+    async def commit(self, entries: list[dict[str, Any]]) -> CommitResult:
+        """Commit ``entries`` (ordered by conv, then seq) to MongoDB, then Redis.
+
+        Returns a :class:`CommitResult`; raises :class:`Unavailable` when MongoDB could neither
+        take the write nor be read back (the outcome is then unknown).
+        """
+        if not entries:
+            return CommitResult(0)
+        try:
+            await self.messages.insert_many([dict(e) for e in entries], ordered=True)
+            result = CommitResult(len(entries))
+        except BulkWriteError as exc:
+            result = await self._settle_conflict(entries, exc)
+        except PyMongoError as exc:
+            log.warning("commit of %d entries ambiguous (%s); reading back", len(entries), type(exc).__name__)
+            result = await self._read_back(entries)
+        await self._cache(entries[: result.committed])
+        return result
+
+    async def _settle_conflict(self, entries: list[dict[str, Any]], exc: BulkWriteError) -> CommitResult:
+        details = exc.details or {}
+        errors = details.get("writeErrors") or []
+        n_ok = int(details.get("nInserted", 0))
+        if not errors or errors[0].get("code") != 11000:
+            raise Unavailable(f"MongoDB refused the commit: {errors[:1] or exc}") from exc
+        index = int(errors[0].get("index", n_ok))
+        bad = entries[index]
+        message = str(errors[0].get("errmsg", ""))
+        key_pattern = errors[0].get("keyPattern") or {}
+        try:
+            if CMID_INDEX in message or "cmid" in key_pattern:
+                existing = await self.messages.find_one(
+                    {"conv": bad["conv"], "sender": bad["sender"], "cmid": bad["cmid"]}
+                )
+                if existing is not None:
+                    return CommitResult(index, "cmid", _clean(existing))
+            return CommitResult(index, "seq", None, await self._mongo_last(bad["conv"]))
+        except PyMongoError as exc2:
+            raise Unavailable(f"MongoDB: {exc2}") from exc2
+
+    async def _read_back(self, entries: list[dict[str, Any]]) -> CommitResult:
+        try:
+            committed = 0
+            for entry in entries:
+                doc = await self.messages.find_one({"conv": entry["conv"], "seq": entry["seq"]})
+                if doc is None:
+                    break
+                if doc.get("sender") != entry["sender"] or doc.get("cmid") != entry["cmid"]:
+                    return CommitResult(committed, "seq", None, await self._mongo_last(entry["conv"]))
+                committed += 1
+            return CommitResult(committed)
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
+
+    async def _cache(self, entries: list[dict[str, Any]]) -> None:
+        if not entries:
+            return
+        last: dict[str, int] = {}
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for entry in entries:
+                    pipe.set(
+                        self._entry_key(entry["conv"], entry["seq"]),
+                        msgpack.packb(entry, use_bin_type=True),
+                        ex=self.config.recent_ttl_s,
+                    )
+                    last[entry["conv"]] = max(last.get(entry["conv"], 0), entry["seq"])
+                for conv, seq in last.items():
+                    pipe.eval(_SET_MAX, 1, self._last_key(conv), seq)
+                await pipe.execute()
+        except RedisError as exc:
+            # MongoDB holds the entries; readers fall back to it (DESIGN.md section 4).
+            log.warning("Redis cache write failed: %s", exc)
+
+    async def add_user_convs(self, conv: str, users: list[str]) -> None:
+        """Record that each of ``users`` belongs to ``conv`` (for ``convs``); idempotent."""
+        if not users:
+            return
+        ops = [
+            pymongo.UpdateOne({"_id": f"{u}|{conv}"}, {"$set": {"user": u, "conv": conv}}, upsert=True) for u in users
+        ]
+        try:
+            await self.db["user_convs"].bulk_write(ops, ordered=False)
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+
+    async def user_convs(self, user: str) -> tuple[list[str], dict[str, int]]:
+        """The conversations of ``user`` and the user's read cursor in each: ``(convs, {conv: seq})``."""
+        try:
+            convs = [d["conv"] async for d in self.db["user_convs"].find({"user": user}, {"conv": 1})]
+            reads = {d["conv"]: int(d["seq"]) async for d in self.db["cursors"].find({"user": user})}
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        return convs, reads
+
+    async def set_read(self, user: str, conv: str, seq: int) -> None:
+        """Move ``user``'s read cursor in ``conv`` to ``seq``; it never moves backwards."""
+        try:
+            await self.db["cursors"].update_one(
+                {"_id": f"{user}|{conv}"}, {"$max": {"seq": seq}, "$set": {"user": user, "conv": conv}}, upsert=True
+            )
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+
+    # --- reads -------------------------------------------------------------------------------
+
+    async def _mongo_last(self, conv: str) -> int:
+        doc = await self.messages.find_one({"conv": conv}, sort=[("seq", pymongo.DESCENDING)], projection={"seq": 1})
+        return int(doc["seq"]) if doc else 0
+
+    async def last_seq(self, conv: str) -> int:
+        """The conversation's last committed seq: the larger of Redis's and MongoDB's.
+
+        Raises :class:`Unavailable` when MongoDB does not answer (Redis alone is never trusted).
+        """
+        try:
+            mongo_last = await self._mongo_last(conv)
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
+        try:
+            raw = await self.redis.get(self._last_key(conv))
+            redis_last = int(raw) if raw else 0
+        except RedisError:
+            redis_last = 0
+        return max(mongo_last, redis_last)
+
+    async def read_range(self, conv: str, after: int, upto: int) -> list[dict[str, Any]]:
+        """Entries with ``after < seq <= upto``, ascending: Redis first, MongoDB for what it lacks.
+
+        Raises :class:`Unavailable` when an entry is in neither reachable store.
+        """
+        if upto <= after:
+            return []
+        seqs = list(range(after + 1, upto + 1))
+        found: dict[int, dict[str, Any]] = {}
+        try:
+            raws = await self.redis.mget([self._entry_key(conv, s) for s in seqs])
+            for seq, raw in zip(seqs, raws):
+                if raw is not None:
+                    found[seq] = msgpack.unpackb(raw, raw=False)
+        except RedisError as exc:
+            log.info("Redis read failed, reading MongoDB: %s", exc)
+        missing = [s for s in seqs if s not in found]
+        if missing:
+            try:
+                cursor = self.messages.find({"conv": conv, "seq": {"$gte": missing[0], "$lte": missing[-1]}})
+                async for doc in cursor:
+                    found.setdefault(int(doc["seq"]), _clean(doc))
+            except PyMongoError as exc:
+                raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
+        out = [found[s] for s in seqs if s in found]
+        if len(out) != len(seqs):
+            raise Unavailable(f"{conv}: {len(seqs) - len(out)} committed entries could not be read")
+        return out
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1000)
+class StoreWriter:
+    """Store writer actor: commits batches of entries (a thin shell over :class:`Store`)."""
+
+    def __init__(self, config: Config) -> None:
+        self._store = Store(config)
+
+    async def ready(self) -> bool:
+        """Create the indexes; True once MongoDB answered."""
+        await self._store.setup()
+        return True
+
+    async def commit(self, entries: list[dict[str, Any]]) -> CommitResult:
+        """See :meth:`Store.commit`."""
+        return await self._store.commit(entries)
