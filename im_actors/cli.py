@@ -1,0 +1,241 @@
+"""The ``im-actors`` command: ``demo``, ``up``, ``down``, ``status``.
+
+``demo`` is the main job: it starts a local Ray cluster and the backing services it must, deploys
+every actor, replays real chat traffic (or a synthetic workload) through real WebSocket clients,
+prints a summary, writes the JSON report, tears everything down, and exits non-zero when the
+oracle found a lost, duplicated or reordered delivery (DESIGN.md section 10).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from im_actors.config import Config, load_config
+from im_actors.errors import ConfigError, ServiceError
+
+__all__ = ["app", "main", "verdict", "DEFAULT_CORPUS"]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="im-actors: an IM backend on Ray actors.")
+log = logging.getLogger("im_actors")
+
+#: The corpus shipped beside the repository (read in place, never copied).
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fluid_irc_replay.jsonl.gz"
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML configuration file")]
+HubsOpt = Annotated[Optional[int], typer.Option(help="hub actors")]
+ShardsOpt = Annotated[Optional[int], typer.Option(help="session and conversation shards (each)")]
+WritersOpt = Annotated[Optional[int], typer.Option(help="store writer actors")]
+MongoOpt = Annotated[Optional[str], typer.Option(help="MongoDB URL (default: start SecantusDB for the run)")]
+RedisOpt = Annotated[Optional[str], typer.Option(help="Redis URL (default: redis://127.0.0.1:6379/0)")]
+AmqpOpt = Annotated[Optional[str], typer.Option(help="RabbitMQ URL (default: amqp://guest:guest@127.0.0.1:5672/)")]
+
+
+def _config(path: Path | None, **flags: Any) -> Config:
+    try:
+        return load_config(path, **flags)
+    except ConfigError as exc:
+        typer.echo(f"im-actors: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def verdict(report: dict[str, Any]) -> list[str]:
+    """Why a run failed the oracle (empty when it passed): the exit rule of ``demo``."""
+    problems = [f"{key} = {report[key]}" for key in ("lost", "duplicates", "order_violations") if report.get(key)]
+    if report.get("delivered") != report.get("expected_deliveries"):
+        problems.append(f"delivered {report.get('delivered')} != expected {report.get('expected_deliveries')}")
+    if not report.get("acked"):
+        problems.append("no message was acknowledged")
+    return problems
+
+
+def _summary(report: dict[str, Any]) -> str:
+    ack, dl = report["ack_latency_ms"], report["delivery_latency_ms"]
+    svc = report.get("services", {})
+    lines = [
+        "",
+        "im-actors demo report",
+        f"  clients {report['clients']}  hubs {report['hubs']}  duration {report['duration_s']:.1f} s",
+        f"  sent {report['sent']}  acked {report['acked']}  unacked {report.get('unacked', 0)}",
+        f"  deliveries {report['delivered']} of {report['expected_deliveries']} expected",
+        f"  lost {report['lost']}  duplicates {report['duplicates']}  order violations {report['order_violations']}",
+        f"  throughput {report['throughput_msgs_per_s']:.1f} msgs/s  {report['deliveries_per_s']:.1f} deliveries/s",
+        f"  ack latency ms       p50 {ack['p50']}  p95 {ack['p95']}  p99 {ack['p99']}  max {ack['max']}",
+        f"  delivery latency ms  p50 {dl['p50']}  p95 {dl['p95']}  p99 {dl['p99']}  max {dl['max']}",
+        "  services  " + "  ".join(f"{k}: {v.get('server', '?')} {v.get('version', '')}" for k, v in svc.items()),
+    ]
+    return "\n".join(lines)
+
+
+@app.command()
+def demo(
+    corpus: Annotated[Optional[Path], typer.Option(help="chat corpus (JSONL.gz) to replay")] = None,
+    messages: Annotated[int, typer.Option(help="corpus messages to replay")] = 2000,
+    duration: Annotated[float, typer.Option(help="wall time of the replay (s)")] = 30.0,
+    report: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("im-actors-report.json"),
+    synthetic: Annotated[bool, typer.Option(help="synthetic workload instead of the corpus")] = False,
+    users: Annotated[int, typer.Option(help="synthetic: users")] = 100,
+    rate: Annotated[float, typer.Option(help="synthetic: messages/s")] = 200.0,
+    group_size: Annotated[int, typer.Option(help="synthetic: group size (0: direct messages only)")] = 10,
+    processes: Annotated[int, typer.Option(help="driver processes (clients are split over them)")] = 1,
+    config: ConfigOpt = None,
+    hubs: HubsOpt = None,
+    shards: ShardsOpt = None,
+    store_writers: WritersOpt = None,
+    mongo_url: MongoOpt = None,
+    redis_url: RedisOpt = None,
+    rabbitmq_url: AmqpOpt = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Run a local cluster, carry real chat traffic through it, verify every delivery, write a report."""
+    import ray
+
+    from drivers.replay import ReplayWorkload
+    from drivers.run import run_workload
+    from drivers.synthetic import SyntheticWorkload
+    from im_actors.cluster import deploy, init_local_ray, teardown
+    from im_actors.services import describe_services, ensure_services
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _config(
+        config,
+        deployment=f"demo{secrets.token_hex(3)}",
+        hubs=hubs,
+        session_shards=shards,
+        conv_shards=shards,
+        store_writers=store_writers,
+        mongo_url=mongo_url,
+        redis_url=redis_url,
+        rabbitmq_url=rabbitmq_url,
+        dev_login=True,
+        router_port=0,
+    )
+    if not cfg.jwt_secret:
+        cfg = cfg.model_copy(update={"jwt_secret": secrets.token_hex(32)})
+    if synthetic:
+        workload: Any = SyntheticWorkload(users=users, rate=rate, duration_s=duration, group_size=group_size)
+    else:
+        path = corpus or DEFAULT_CORPUS
+        if not path.is_file():
+            typer.echo(f"im-actors: corpus {path} not found (pass --corpus PATH or --synthetic)", err=True)
+            raise typer.Exit(2)
+        workload = ReplayWorkload(path=str(path), messages=messages, duration_s=duration)
+    try:
+        cfg, services = ensure_services(cfg)
+    except ServiceError as exc:
+        typer.echo(f"im-actors: {exc}", err=True)
+        raise typer.Exit(3) from None
+    started = time.monotonic()
+    result: dict[str, Any] = {}
+    try:
+        typer.echo(f"starting a local Ray cluster and deploying {cfg.hubs} hubs ...")
+        init_local_ray(cfg)
+        dep = deploy(cfg)
+        typer.echo(f"router {dep.router_url}; hubs {', '.join(dep.hub_urls.values())}")
+        result = run_workload(dep.router_url, workload, processes=processes, progress=progress)
+        result["hubs"] = cfg.hubs
+        result["config"] = cfg.knobs()
+        result["services"] = describe_services(cfg)
+        result["deploy_and_run_s"] = round(time.monotonic() - started, 1)
+    finally:
+        try:
+            if ray.is_initialized():
+                teardown(cfg)
+                ray.shutdown()
+        finally:
+            services.stop()
+    report.write_text(json.dumps(result, indent=2, default=str))
+    typer.echo(_summary(result))
+    problems = verdict(result)
+    if problems:
+        typer.echo(f"FAILED: {'; '.join(problems)}  (report: {report})", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"OK: every acked message reached every member device once, in order  (report: {report})")
+
+
+@app.command()
+def up(
+    address: Annotated[str, typer.Option(help="Ray cluster address (auto: the local node's cluster)")] = "auto",
+    config: ConfigOpt = None,
+    hubs: HubsOpt = None,
+    shards: ShardsOpt = None,
+    store_writers: WritersOpt = None,
+    mongo_url: MongoOpt = None,
+    redis_url: RedisOpt = None,
+    rabbitmq_url: AmqpOpt = None,
+) -> None:
+    """Deploy im-actors onto a running Ray cluster as detached actors (stays up after this command)."""
+    import ray
+
+    from im_actors.cluster import deploy
+    from im_actors.ids import NAMESPACE
+
+    cfg = _config(
+        config,
+        hubs=hubs,
+        session_shards=shards,
+        conv_shards=shards,
+        store_writers=store_writers,
+        mongo_url=mongo_url,
+        redis_url=redis_url,
+        rabbitmq_url=rabbitmq_url,
+    )
+    missing = [k for k in ("mongo_url", "redis_url", "rabbitmq_url", "jwt_secret") if not getattr(cfg, k)]
+    if missing and not cfg.dev_login:
+        typer.echo(f"im-actors: a cluster deployment needs {', '.join(missing)} (TOML, IM_* or flags)", err=True)
+        raise typer.Exit(2)
+    ray.init(address=address, namespace=NAMESPACE)
+    dep = deploy(cfg, detached=True)
+    typer.echo(json.dumps({"router": dep.router_url, "hubs": dep.hub_urls}, indent=2))
+
+
+@app.command()
+def down(
+    address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
+    config: ConfigOpt = None,
+) -> None:
+    """Remove a deployment's actors from the Ray cluster (hubs close clients with 1001 first)."""
+    import ray
+
+    from im_actors.cluster import teardown
+    from im_actors.ids import NAMESPACE
+
+    cfg = _config(config)
+    ray.init(address=address, namespace=NAMESPACE)
+    killed = teardown(cfg)
+    typer.echo(f"removed {len(killed)} actors")
+
+
+@app.command()
+def status(
+    address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
+    config: ConfigOpt = None,
+) -> None:
+    """Print every actor of the deployment, whether it is up, and its counters (JSON)."""
+    import ray
+
+    from im_actors.cluster import status as cluster_status
+    from im_actors.ids import NAMESPACE
+
+    cfg = _config(config)
+    ray.init(address=address, namespace=NAMESPACE)
+    out = cluster_status(cfg)
+    typer.echo(json.dumps(out, indent=2, default=str))
+    if not all(a["up"] for a in out["actors"].values()):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

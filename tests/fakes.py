@@ -1,0 +1,100 @@
+"""Fakes of the peers and the store, so plain core objects run without Ray or servers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from im_actors.errors import Unavailable
+from im_actors.store import CommitResult
+
+
+class FakeStore:
+    """In-memory stand-in for :class:`im_actors.store.Store` with the same commit semantics."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, int], dict[str, Any]] = {}
+        self.cmids: dict[tuple[str, str, str], int] = {}
+        self.redis_last: dict[str, int] = {}
+        self.down = False
+        self.commits: list[list[dict[str, Any]]] = []
+        self.user_convs_rows: set[tuple[str, str]] = set()
+        self.cursors: dict[tuple[str, str], int] = {}
+        self.gate: asyncio.Event | None = None
+
+    async def commit(self, entries: list[dict[str, Any]]) -> CommitResult:
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down:
+            raise Unavailable("MongoDB unreachable: fake")
+        self.commits.append(entries)
+        for i, e in enumerate(entries):
+            key = (e["conv"], e["sender"], e["cmid"])
+            if key in self.cmids:
+                return CommitResult(i, "cmid", dict(self.entries[(e["conv"], self.cmids[key])]))
+            if (e["conv"], e["seq"]) in self.entries:
+                return CommitResult(i, "seq", None, self._last(e["conv"]))
+            self.entries[(e["conv"], e["seq"])] = dict(e)
+            self.cmids[key] = e["seq"]
+            self.redis_last[e["conv"]] = max(self.redis_last.get(e["conv"], 0), e["seq"])
+        return CommitResult(len(entries))
+
+    def _last(self, conv: str) -> int:
+        return max((s for c, s in self.entries if c == conv), default=0)
+
+    async def last_seq(self, conv: str) -> int:
+        if self.down:
+            raise Unavailable("MongoDB unreachable: fake")
+        return max(self._last(conv), self.redis_last.get(conv, 0))
+
+    async def read_range(self, conv: str, after: int, upto: int) -> list[dict[str, Any]]:
+        return [self.entries[(conv, s)] for s in range(after + 1, upto + 1)]
+
+    async def add_user_convs(self, conv: str, users: list[str]) -> None:
+        self.user_convs_rows |= {(u, conv) for u in users}
+
+    async def set_read(self, user: str, conv: str, seq: int) -> None:
+        self.cursors[(user, conv)] = max(self.cursors.get((user, conv), 0), seq)
+
+
+class FakePeer:
+    """A peer whose ``call`` runs a coroutine function of the test's choosing."""
+
+    def __init__(self, handlers: dict[str, Any]) -> None:
+        self.handlers = handlers
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    async def call(self, method: str, *args: Any, timeout: float = 30.0) -> Any:
+        self.calls.append((method, args))
+        result = self.handlers[method](*args)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+
+    def notify(self, method: str, *args: Any) -> None:
+        self.calls.append((method, args))
+
+
+class FakePeers:
+    """Peers of a conversation shard: one store writer, one group shard, N session shards."""
+
+    def __init__(self, store: FakeStore, groups: dict[str, list[str]], session_shards: int = 2) -> None:
+        self.store_peer = FakePeer({"commit": store.commit})
+        self.group_peer = FakePeer({"members": lambda gid: groups.get(gid)})
+        self.fanned: list[tuple[int, list[tuple[dict[str, Any], list[str]]]]] = []
+        self.sessions = [FakePeer({"fanout": self._fanout(i)}) for i in range(session_shards)]
+
+    def _fanout(self, index: int) -> Any:
+        def handler(items: list[tuple[dict[str, Any], list[str]]]) -> None:
+            self.fanned.append((index, items))
+
+        return handler
+
+    def next_store(self) -> FakePeer:
+        return self.store_peer
+
+    def group(self, gid: str) -> FakePeer:
+        return self.group_peer
+
+    def session_index(self, user: str) -> int:
+        return sum(user.encode()) % len(self.sessions)

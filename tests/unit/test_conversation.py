@@ -1,0 +1,163 @@
+"""The sequencer (ConversationShard) driven without Ray: order, dedup, conflicts, failures."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from im_actors.config import load_config
+from im_actors.conversation import ConversationShard, SendItem
+from tests.fakes import FakePeers, FakeStore
+
+CONV = "d:alice:bob"
+
+
+def make_shard(store: FakeStore, groups: dict[str, list[str]] | None = None, **cfg: Any) -> tuple[ConversationShard, FakePeers]:
+    peers = FakePeers(store, groups or {})
+    config = load_config(fanout_batch_ms=0, **cfg)
+    shard = ConversationShard(config, peers, store)  # type: ignore[arg-type]
+    shard.start()
+    return shard, peers
+
+
+def item(cmid: str, body: str = "hi", sender: str = "alice", conv: str = CONV) -> SendItem:
+    return SendItem(sender=sender, conv=conv, cmid=cmid, body=body)
+
+
+async def test_seqs_are_contiguous_in_send_order() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store)
+    acks = await shard.send_batch([item(f"c{i}") for i in range(10)])
+    assert [a["seq"] for a in acks] == list(range(1, 11))
+    assert not any(a["dup"] for a in acks)
+    assert sorted(s for _, s in store.entries) == list(range(1, 11))
+
+
+async def test_concurrent_batches_never_reuse_or_skip_a_seq() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store, store_batch_max=3)
+    batches = [[item(f"b{b}-{i}", sender="alice" if i % 2 else "bob") for i in range(7)] for b in range(5)]
+    results = await asyncio.gather(*(shard.send_batch(b) for b in batches))
+    seqs = sorted(a["seq"] for acks in results for a in acks)
+    assert seqs == list(range(1, 36))
+
+
+async def test_resend_same_cmid_answers_original_seq_dup() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store)
+    first = (await shard.send_batch([item("c1"), item("c2")]))
+    again = await shard.send_batch([item("c1")])
+    assert again == [{"conv": CONV, "seq": first[0]["seq"], "ts": first[0]["ts"], "dup": True}]
+    assert len(store.entries) == 2
+
+
+async def test_same_cmid_different_body_is_conflict() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store)
+    await shard.send_batch([item("c1", "one")])
+    answer = await shard.send_batch([item("c1", "two")])
+    assert answer == [{"err": "conflict", "msg": "cmid already committed with a different body", "retry": False}]
+
+
+async def test_resend_after_restart_is_settled_by_storage() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store)
+    first = await shard.send_batch([item("c1"), item("c2")])
+    fresh, _ = make_shard(store)  # a restarted shard: no cmid cache
+    answers = await fresh.send_batch([item("c2"), item("c3")])
+    assert answers[0] == {"conv": CONV, "seq": first[1]["seq"], "ts": first[1]["ts"], "dup": True}
+    assert answers[1]["seq"] == 3 and not answers[1]["dup"]
+    assert sorted(s for _, s in store.entries) == [1, 2, 3]
+
+
+async def test_failed_commit_answers_unavailable_and_leaves_no_hole() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store)
+    await shard.send_batch([item("c1")])
+    store.down = True
+    answer = await shard.send_batch([item("c2")])
+    assert answer == [{"err": "unavailable", "msg": "MongoDB unreachable: fake", "retry": True}]
+    store.down = False
+    answer = await shard.send_batch([item("c2")])
+    assert answer[0]["seq"] == 2
+
+
+async def test_flushed_redis_does_not_roll_seq_back() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store)
+    await shard.send_batch([item("c1"), item("c2")])
+    store.redis_last.clear()  # FLUSHALL
+    fresh, _ = make_shard(store)
+    assert (await fresh.send_batch([item("c3")]))[0]["seq"] == 3
+
+
+async def test_stale_last_moves_forward_from_storage() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store)
+    await shard.send_batch([item("c1")])
+    other, _ = make_shard(store)  # a second activation that wrote seq 2 meanwhile
+    await other.send_batch([item("c2")])
+    answers = await shard.send_batch([item("c3"), item("c4")])
+    assert [a["seq"] for a in answers] == [3, 4]
+
+
+async def test_non_member_is_forbidden_for_existing_and_missing_groups() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store, {"g1": ["alice", "bob"]})
+    ok = await shard.send_batch([item("c1", conv="g:g1")])
+    assert ok[0]["seq"] == 1
+    existing = await shard.send_batch([item("c2", sender="mallory", conv="g:g1")])
+    missing = await shard.send_batch([item("c2", sender="mallory", conv="g:nope")])
+    assert existing == missing == [{"err": "forbidden", "msg": "not a member of this conversation", "retry": False}]
+    with pytest.raises(Exception) as a:
+        await shard.sync("mallory", "g:g1", 0, 10)
+    with pytest.raises(Exception) as b:
+        await shard.sync("mallory", "g:nope", 0, 10)
+    assert type(a.value) is type(b.value) and a.value.msg == b.value.msg  # type: ignore[attr-defined]
+
+
+async def test_sync_pages_exactly_at_edges() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store)
+    await shard.send_batch([item(f"c{i}") for i in range(10)])
+    page = await shard.sync("bob", CONV, 0, 5)
+    assert [m["seq"] for m in page["msgs"]] == [1, 2, 3, 4, 5] and page["more"] and page["last"] == 10
+    page = await shard.sync("bob", CONV, 5, 5)
+    assert [m["seq"] for m in page["msgs"]] == [6, 7, 8, 9, 10] and not page["more"]
+    page = await shard.sync("bob", CONV, 10, 5)
+    assert page["msgs"] == [] and not page["more"]
+    hist = await shard.history("bob", CONV, 6, 3)
+    assert [m["seq"] for m in hist["msgs"]] == [3, 4, 5] and hist["more"]
+    hist = await shard.history("bob", CONV, 0, 20)
+    assert [m["seq"] for m in hist["msgs"]] == list(range(1, 11)) and not hist["more"]
+
+
+async def test_fan_out_goes_to_every_member_once_per_session_shard() -> None:
+    store = FakeStore()
+    shard, peers = make_shard(store, {"g1": ["alice", "bob", "carol"]})
+    await shard.send_batch([item("c1", conv="g:g1")])
+    for _ in range(50):
+        if peers.fanned:
+            break
+        await asyncio.sleep(0.01)
+    users = sorted(u for _, items in peers.fanned for _, us in items for u in us)
+    assert users == ["alice", "bob", "carol"]
+
+
+async def test_system_entry_sets_members_when_it_commits() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store, {"g1": ["alice"]})
+    ack = await shard.append_system("g:g1", "alice", "alice added bob", {"event": "added"}, ["alice", "bob"], "sys-1")
+    assert ack["seq"] == 1
+    answer = await shard.send_batch([item("c1", sender="bob", conv="g:g1")])
+    assert answer[0]["seq"] == 2
+
+
+async def test_read_cursor_never_passes_last() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store)
+    await shard.send_batch([item("c1"), item("c2")])
+    await shard.read("bob", CONV, 99)
+    assert store.cursors[("bob", CONV)] == 2
