@@ -20,6 +20,7 @@ from pymongo.errors import PyMongoError
 from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.errors import CLOSE_REPLACED, Unavailable
+from im_actors.push.jobs import make_job
 from im_actors.refs import Peers
 from im_actors.store import Store
 
@@ -176,11 +177,7 @@ class SessionShard:
                 self._to_hubs.add(hub, (entry, conns))
 
     def _push_job(self, user: str, device: str, provider: str, token: str, entry: dict[str, Any]) -> None:
-        from im_actors.push.jobs import make_job
-
         assert self.push is not None
-        body = entry["body"]
-        preview = body[:100] if isinstance(body, str) else "[binary]"
         job = make_job(
             user=user,
             device=device,
@@ -189,7 +186,7 @@ class SessionShard:
             conv=entry["conv"],
             seq=entry["seq"],
             sender=entry["sender"],
-            preview=preview,
+            body=entry["body"],
             badge=1,
             collapse_key=entry["conv"],
         )

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")
-def deployment() -> Iterator[Deployment]:
-    """A running deployment: 2 hubs, 2 session and 2 conversation shards, 2 writers, 1 push worker."""
+def base_config() -> Iterator[Config]:
+    """The test run's configuration with its service URLs filled in; services stopped afterwards."""
     name = f"t{secrets.token_hex(4)}"
     mongo = os.environ.get("IM_TEST_MONGO_URL", "")
     cfg = load_config(
@@ -48,17 +48,32 @@ def deployment() -> Iterator[Deployment]:
     )
     cfg, services = ensure_services(cfg)
     try:
-        init_local_ray(cfg)
-        dep = deploy(cfg)
-        yield dep
+        yield cfg
     finally:
         try:
-            if ray.is_initialized():
-                teardown(cfg)
-                ray.shutdown()
             _cleanup(cfg)
         finally:
             services.stop()
+
+
+@pytest.fixture(scope="session")
+def local_ray(base_config: Config) -> Iterator[None]:
+    """One local Ray cluster for the whole test run."""
+    init_local_ray(base_config)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def deployment(base_config: Config, local_ray: None) -> Iterator[Deployment]:
+    """A running deployment: 2 hubs, 2 session and 2 conversation shards, 2 writers, 1 push worker."""
+    dep = deploy(base_config)
+    try:
+        yield dep
+    finally:
+        teardown(base_config)
 
 
 def _cleanup(cfg: Config) -> None:
