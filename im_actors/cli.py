@@ -14,7 +14,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -29,13 +29,13 @@ log = logging.getLogger("im_actors")
 #: The corpus shipped beside the repository (read in place, never copied).
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fluid_irc_replay.jsonl.gz"
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML configuration file")]
-HubsOpt = Annotated[Optional[int], typer.Option(help="hub actors")]
-ShardsOpt = Annotated[Optional[int], typer.Option(help="session and conversation shards (each)")]
-WritersOpt = Annotated[Optional[int], typer.Option(help="store writer actors")]
-MongoOpt = Annotated[Optional[str], typer.Option(help="MongoDB URL (default: start SecantusDB for the run)")]
-RedisOpt = Annotated[Optional[str], typer.Option(help="Redis URL (default: redis://127.0.0.1:6379/0)")]
-AmqpOpt = Annotated[Optional[str], typer.Option(help="RabbitMQ URL (default: amqp://guest:guest@127.0.0.1:5672/)")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML configuration file")]
+HubsOpt = Annotated[int | None, typer.Option(help="hub actors")]
+ShardsOpt = Annotated[int | None, typer.Option(help="session and conversation shards (each)")]
+WritersOpt = Annotated[int | None, typer.Option(help="store writer actors")]
+MongoOpt = Annotated[str | None, typer.Option(help="MongoDB URL (default: start SecantusDB for the run)")]
+RedisOpt = Annotated[str | None, typer.Option(help="Redis URL (default: redis://127.0.0.1:6379/0)")]
+AmqpOpt = Annotated[str | None, typer.Option(help="RabbitMQ URL (default: amqp://guest:guest@127.0.0.1:5672/)")]
 
 
 def _config(path: Path | None, **flags: Any) -> Config:
@@ -76,7 +76,7 @@ def _summary(report: dict[str, Any]) -> str:
 
 @app.command()
 def demo(
-    corpus: Annotated[Optional[Path], typer.Option(help="chat corpus (JSONL.gz) to replay")] = None,
+    corpus: Annotated[Path | None, typer.Option(help="chat corpus (JSONL.gz) to replay")] = None,
     messages: Annotated[int, typer.Option(help="corpus messages to replay")] = 2000,
     duration: Annotated[float, typer.Option(help="wall time of the replay (s)")] = 30.0,
     report: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("im-actors-report.json"),
@@ -188,11 +188,15 @@ def up(
         rabbitmq_url=rabbitmq_url,
     )
     missing = [k for k in ("mongo_url", "redis_url", "rabbitmq_url", "jwt_secret") if not getattr(cfg, k)]
-    if missing and not cfg.dev_login:
+    if missing:
         typer.echo(f"im-actors: a cluster deployment needs {', '.join(missing)} (TOML, IM_* or flags)", err=True)
         raise typer.Exit(2)
     ray.init(address=address, namespace=NAMESPACE)
-    dep = deploy(cfg, detached=True)
+    try:
+        dep = deploy(cfg, detached=True)
+    except ConfigError as exc:
+        typer.echo(f"im-actors: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(json.dumps({"router": dep.router_url, "hubs": dep.hub_urls}, indent=2))
 
 

@@ -17,6 +17,7 @@ import ray
 from im_actors import ids
 from im_actors.config import Config
 from im_actors.conversation import ConversationShardActor
+from im_actors.errors import ConfigError
 from im_actors.groups import GroupShardActor
 from im_actors.hub import HubActor
 from im_actors.router import RouterActor
@@ -36,6 +37,7 @@ def ray_env(config: Config) -> dict[str, str]:
         "RAY_health_check_period_ms": str(config.ray_health_check_period_ms),
         "RAY_health_check_failure_threshold": str(config.ray_health_check_failure_threshold),
         "RAY_health_check_timeout_ms": str(config.ray_health_check_timeout_ms),
+        "RAY_worker_niceness": str(config.ray_worker_niceness),
     }
 
 
@@ -76,8 +78,14 @@ def deploy(config: Config, detached: bool = False) -> Deployment:
     """Create every actor of ``config`` (or find it running) and wait until all are ready.
 
     ``detached`` actors outlive the driver (``im-actors up``); otherwise they go with it.
-    Raises ``ray.exceptions.GetTimeoutError`` when an actor is not ready within 120 s.
+    Raises :class:`ConfigError` for a missing secret or service URL, and
+    ``ray.exceptions.GetTimeoutError`` when an actor is not ready within 120 s.
     """
+    if len(config.jwt_secret) < 16:
+        raise ConfigError("jwt_secret must be set (at least 16 characters): it signs every client token")
+    for key in ("mongo_url", "redis_url", "rabbitmq_url"):
+        if not getattr(config, key):
+            raise ConfigError(f"{key} must be set (im_actors.services.ensure_services fills it for local runs)")
     p = config.actor_prefix
     dep = Deployment(config)
 
@@ -88,7 +96,8 @@ def deploy(config: Config, detached: bool = False) -> Deployment:
         return handle
 
     stores = [make(StoreWriter, "store", i) for i in range(config.store_writers)]
-    ray.get([s.ready.remote() for s in stores], timeout=_READY_TIMEOUT_S)
+    if stores:
+        ray.get([s.ready.remote() for s in stores], timeout=_READY_TIMEOUT_S)
     shards = [make(GroupShardActor, "group", i, i) for i in range(config.group_shards)]
     shards += [make(ConversationShardActor, "conv", i, spread=True) for i in range(config.conv_shards)]
     shards += [make(SessionShardActor, "session", i, spread=True) for i in range(config.session_shards)]
@@ -169,4 +178,3 @@ def status(config: Config) -> dict[str, Any]:
             entry["error"] = str(exc)
         out["actors"][name] = entry
     return out
-

@@ -30,27 +30,40 @@ class Config(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IM_", frozen=True, extra="forbid", validate_default=True)
 
     # --- topology ---
-    deployment: str = Field("", description="prefix of actor names, Redis keys and RabbitMQ names; separates deployments on one cluster")
+    deployment: str = Field(
+        "", description="prefix of actor names, Redis keys and RabbitMQ names; separates deployments on one cluster"
+    )
     hubs: int = Field(2, ge=1, description="hub actors")
     session_shards: int = Field(2, ge=1, description="Ray actors hosting per-user sessions")
     conv_shards: int = Field(2, ge=1, description="Ray actors hosting per-conversation sequencers")
     group_shards: int = Field(1, ge=1, description="Ray actors hosting groups")
-    store_writers: int = Field(2, ge=1, description="store writer actors")
+    store_writers: int = Field(
+        2,
+        ge=0,
+        description="store writer actors (0: conversation shards commit to storage themselves, "
+        "one Ray hop less per send)",
+    )
     push_workers: int = Field(1, ge=0, description="push worker actors (0: no offline push)")
     placement: Literal["spread", "pack"] = Field("spread", description="Ray scheduling of hubs and shards over nodes")
 
     # --- network ---
     host: str = Field("127.0.0.1", description="address hubs and the router listen on")
-    advertise_host: str = Field("", description="host put in hub URLs; empty = the Ray node's IP, or host when that is loopback")
+    advertise_host: str = Field(
+        "", description="host put in hub URLs; empty = the Ray node's IP, or host when that is loopback"
+    )
     router_port: int = Field(8080, ge=0, le=65535, description="router HTTP port (0 = any free port)")
-    hub_port: int = Field(0, ge=0, le=65535, description="first hub WebSocket port; hub i uses hub_port+i (0 = any free port)")
+    hub_port: int = Field(
+        0, ge=0, le=65535, description="first hub WebSocket port; hub i uses hub_port+i (0 = any free port)"
+    )
 
     # --- backing services ---
     redis_url: str = Field("", description="Redis URL; empty = redis://127.0.0.1:6379/0 when it answers")
     rabbitmq_url: str = Field("", description="AMQP URL; empty = amqp://guest:guest@127.0.0.1:5672/ when it answers")
     mongo_url: str = Field("", description="MongoDB URL; empty = start a local SecantusDB process for the run")
     mongo_db: str = Field("im", description="MongoDB database name")
-    mongo_write_concern: Literal["majority", "1"] = Field("majority", description="write concern of history commits (w=0 is not offered: a commit must be acknowledged)")
+    mongo_write_concern: Literal["majority", "1"] = Field(
+        "majority", description="write concern of history commits (w=0 is not offered: a commit must be acknowledged)"
+    )
     mongo_timeout_ms: int = Field(5000, ge=100, description="MongoDB server selection and socket timeout (ms)")
     redis_prefix: str = Field("im:", description="prefix of every Redis key (the deployment prefix is added in front)")
     recent_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="how long Redis keeps a recent entry (s)")
@@ -64,35 +77,59 @@ class Config(BaseSettings):
     fanout_batch_ms: float = Field(1.0, ge=0, description="window of a fan-out batch (ms)")
 
     # --- connections and auth ---
-    jwt_secret: str = Field("", description="HS256 secret of client tokens; empty is refused unless dev_login is on (then one is generated per run)")
+    jwt_secret: str = Field(
+        "",
+        description="HS256 secret of client tokens; the demo generates one per run when empty",
+    )
     jwt_ttl_s: int = Field(24 * 3600, ge=1, description="lifetime of tokens issued by development login (s)")
     dev_login: bool = Field(False, description="enable POST /v1/login (development only)")
     auth_timeout_s: float = Field(5.0, gt=0, description="time a connection has to send auth (s)")
-    max_frame_bytes: int = Field(1 << 20, ge=1024, description="largest WebSocket frame accepted (bytes), closed 1009 above")
+    max_frame_bytes: int = Field(
+        1 << 20, ge=1024, description="largest WebSocket frame accepted (bytes), closed 1009 above"
+    )
     max_body_bytes: int = Field(65536, ge=1, description="largest message body (bytes), answered too_large above")
     max_group_members: int = Field(10000, ge=2, description="largest group (members)")
     send_queue_frames: int = Field(10000, ge=1, description="per-connection send queue bound (frames); 4508 above")
     send_queue_bytes: int = Field(16 << 20, ge=1024, description="per-connection send queue bound (bytes); 4508 above")
     ping_interval_s: float = Field(20.0, gt=0, description="WebSocket ping interval (s)")
-    ping_timeout_s: float = Field(20.0, gt=0, description="WebSocket pong timeout (s); the peer is closed and counted offline after it")
+    ping_timeout_s: float = Field(
+        20.0, gt=0, description="WebSocket pong timeout (s); the peer is closed and counted offline after it"
+    )
 
     # --- router ---
     heartbeat_s: float = Field(1.0, gt=0, description="router heartbeat of every hub (s); a hub missing one is dropped")
     hub_ttl_s: int = Field(30, ge=1, description="ttl_s answered with a hub (s)")
 
     # --- offline push (DESIGN.md section 6) ---
-    push_collapse_ms: int = Field(0, ge=0, description="pushes for one device and conversation within this window coalesce (ms, 0 = off)")
+    push_collapse_ms: int = Field(
+        0, ge=0, description="pushes for one device and conversation within this window coalesce (ms, 0 = off)"
+    )
     push_max_attempts: int = Field(5, ge=1, description="provider attempts before a job goes to the dead queue")
     push_retry_base_ms: int = Field(1000, ge=1, description="first retry delay; doubles per attempt (ms)")
     push_prefetch: int = Field(64, ge=1, description="unacked jobs per push worker")
-    push_outbox_max: int = Field(100000, ge=1, description="jobs kept while RabbitMQ is unreachable; the oldest are dropped above")
+    push_outbox_max: int = Field(
+        100000, ge=1, description="jobs kept while RabbitMQ is unreachable; the oldest are dropped above"
+    )
     push_timeout_s: float = Field(10.0, gt=0, description="provider call timeout (s)")
     webhook_secret: str = Field("", description="HMAC-SHA256 key of the webhook signature header (empty: unsigned)")
 
     # --- Ray (DESIGN.md section 9) ---
-    ray_health_check_period_ms: int = Field(500, ge=100, description="RAY_health_check_period_ms for local clusters (Ray's default 3000)")
-    ray_health_check_failure_threshold: int = Field(3, ge=1, description="RAY_health_check_failure_threshold (Ray's default 5)")
-    ray_health_check_timeout_ms: int = Field(500, ge=100, description="RAY_health_check_timeout_ms (Ray's default 10000)")
+    ray_health_check_period_ms: int = Field(
+        500, ge=100, description="RAY_health_check_period_ms for local clusters (Ray's default 3000)"
+    )
+    ray_health_check_failure_threshold: int = Field(
+        3, ge=1, description="RAY_health_check_failure_threshold (Ray's default 5)"
+    )
+    ray_worker_niceness: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="RAY_worker_niceness of local clusters: Ray's default 15 starves actors behind any busy "
+        "normal process (clients, the MongoDB server)",
+    )
+    ray_health_check_timeout_ms: int = Field(
+        500, ge=100, description="RAY_health_check_timeout_ms (Ray's default 10000)"
+    )
 
     @field_validator("deployment")
     @classmethod
@@ -164,9 +201,7 @@ def load_config(toml_file: str | Path | None = None, **overrides: Any) -> Config
     try:
         return Config(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"bad configuration: {problems}") from None
     finally:
         _TOML_PATH.reset(token)

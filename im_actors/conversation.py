@@ -113,12 +113,19 @@ class ConversationShard:
         self.sequencers: dict[str, Sequencer] = {}
         self._activating: dict[str, asyncio.Future[Sequencer]] = {}
         self._inflight_convs: dict[str, list[PendingSend]] = {}
+        self._ready: dict[str, None] = {}  # convs with sends waiting and no commit in flight, oldest first
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(config.store_inflight)
         self._loop_task: asyncio.Task[None] | None = None
         self._commits: set[asyncio.Task[None]] = set()
         self._fanout: Batcher[int] = Batcher(self._send_fanout, config.fanout_batch_max, config.fanout_batch_ms)
-        self.stats = {"committed": 0, "dups": 0, "commits": 0, "unavailable": 0}
+        self.stats: dict[str, float] = {
+            "committed": 0,
+            "dups": 0,
+            "commits": 0,
+            "unavailable": 0,
+            "commit_ms_total": 0.0,
+        }
 
     def start(self) -> None:
         """Start the commit loop (call from inside the event loop)."""
@@ -211,6 +218,8 @@ class ConversationShard:
             return {**res, "dup": True}
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         seqr.pending.append(PendingSend(item, digest, fut, members))
+        if not seqr.inflight:
+            self._ready[seqr.conv] = None
         self._wake.set()
         return await fut
 
@@ -242,12 +251,15 @@ class ConversationShard:
         entries: list[dict[str, Any]] = []
         sends: list[PendingSend] = []
         now = int(time.time() * 1000)
-        for seqr in self.sequencers.values():
-            if not seqr.pending or seqr.inflight:
-                continue
+        while self._ready:
             room = self.config.store_batch_max - len(entries)
             if room <= 0:
                 break
+            conv = next(iter(self._ready))
+            del self._ready[conv]
+            seqr = self.sequencers.get(conv)
+            if seqr is None or not seqr.pending or seqr.inflight:
+                continue
             take, seqr.pending = seqr.pending[:room], seqr.pending[room:]
             seqr.inflight = True
             self._inflight_convs[seqr.conv] = take
@@ -284,8 +296,10 @@ class ConversationShard:
 
     async def _commit(self, entries: list[dict[str, Any]], sends: list[PendingSend]) -> None:
         convs = list(dict.fromkeys(e["conv"] for e in entries))
+        started = time.perf_counter()
         try:
             result = await self._commit_with_retry(entries)
+            self.stats["commit_ms_total"] += (time.perf_counter() - started) * 1000
         except Unavailable as exc:
             result = None
             self.stats["unavailable"] += len(entries)
@@ -305,13 +319,20 @@ class ConversationShard:
                 seqr = self.sequencers.get(conv)
                 if seqr is not None:
                     seqr.inflight = False
+                    if seqr.pending:
+                        self._ready[conv] = None
             self._slots.release()
             self._wake.set()
         if result is not None:
             await self._settle(entries, sends, result)
 
     async def _commit_with_retry(self, entries: list[dict[str, Any]]) -> CommitResult:
-        """Commit on one writer; if that writer is gone, once more on the next (DESIGN.md section 4)."""
+        """Commit on one writer; if that writer is gone, once more on the next (DESIGN.md section 4).
+
+        With ``store_writers = 0`` the shard commits through its own :class:`Store`.
+        """
+        if not self.peers.stores:
+            return await self.store.commit(entries)
         try:
             return await self.peers.next_store().call("commit", entries)
         except Unavailable as exc:
@@ -325,7 +346,7 @@ class ConversationShard:
         self.stats["committed"] += len(committed)
         new_convs: list[tuple[str, frozenset[str]]] = []
         fanout: list[tuple[dict[str, Any], frozenset[str]]] = []
-        for entry, p in zip(committed, sends):
+        for entry, p in zip(committed, sends, strict=False):
             seqr = self.sequencers[entry["conv"]]
             if seqr.last == 0 and ids.conv_kind(seqr.conv) == "direct":
                 new_convs.append((seqr.conv, seqr.members))
@@ -336,7 +357,7 @@ class ConversationShard:
             seqr.remember(entry["sender"], entry["cmid"], entry["seq"], entry["ts"], p.digest)
             p.future.set_result(_ack(entry["conv"], entry["seq"], entry["ts"], False))
             fanout.append((entry, seqr.members))
-        rest = list(zip(entries[result.committed :], sends[result.committed :]))
+        rest = list(zip(entries[result.committed :], sends[result.committed :], strict=False))
         if result.conflict is not None and rest:
             (entry, p), rest = rest[0], rest[1:]
             seqr = self.sequencers[entry["conv"]]
@@ -350,7 +371,9 @@ class ConversationShard:
                 else:
                     p.future.set_exception(Conflict("cmid already committed with a different body"))
             else:
-                log.warning("%s: seq %d taken in storage; moving last to %d", entry["conv"], entry["seq"], result.last_seq)
+                log.warning(
+                    "%s: seq %d taken in storage; moving last to %d", entry["conv"], entry["seq"], result.last_seq
+                )
                 seqr.last = max(seqr.last, result.last_seq)
                 rest.insert(0, (entry, p))
         # Sends after the conflict were not written: back to the head of their queue, same order.
@@ -360,6 +383,8 @@ class ConversationShard:
         for conv, ps in requeue.items():
             seqr = self.sequencers[conv]
             seqr.pending[:0] = ps
+            if not seqr.inflight:
+                self._ready[conv] = None
         if requeue:
             self._wake.set()
         for entry, members in fanout:
@@ -446,7 +471,9 @@ class ConversationShardActor:
         self._shard = ConversationShard(config, Peers(config), self._store)
 
     async def ready(self) -> bool:
-        """Start the commit loop; True when running."""
+        """Start the commit loop (creating the indexes when there are no store writers)."""
+        if self._config.store_writers == 0:
+            await self._store.setup()
         self._shard.start()
         return True
 
@@ -482,6 +509,7 @@ class ConversationShardActor:
         """See :meth:`ConversationShard.members`."""
         return await self._shard.members(user, conv)
 
-    def stats(self) -> dict[str, int]:
-        """Counters: committed, dups, commits, unavailable."""
-        return {**self._shard.stats, "active": len(self._shard.sequencers)}
+    def stats(self) -> dict[str, float]:
+        """Counters: committed, dups, commits, unavailable, commit_ms_total (time in store calls)."""
+        store = {f"store_{k}": v for k, v in self._store.stats.items()}
+        return {**self._shard.stats, **store, "active": len(self._shard.sequencers)}

@@ -151,7 +151,8 @@ class Internal(RequestError):
 
 
 _BY_CODE: dict[str, type[RequestError]] = {
-    cls.code: cls for cls in (BadRequest, Unauthorized, Forbidden, TooLarge, Conflict, RateLimited, Unavailable, Internal)
+    cls.code: cls
+    for cls in (BadRequest, Unauthorized, Forbidden, TooLarge, Conflict, RateLimited, Unavailable, Internal)
 }
 
 

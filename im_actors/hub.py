@@ -29,6 +29,7 @@ from websockets.http11 import Response as HttpResponse
 
 from im_actors import ids, protocol
 from im_actors.auth import verify_token
+from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.conversation import SendItem
 from im_actors.errors import (
@@ -42,7 +43,6 @@ from im_actors.errors import (
     RequestError,
     Unavailable,
 )
-from im_actors.batching import Batcher
 from im_actors.refs import Peers
 
 __all__ = ["Connection", "Hub", "HubActor", "WS_PATH"]
@@ -95,7 +95,15 @@ class Hub:
         self._server: Server | None = None
         self._sends: Batcher[int] = Batcher(self._send_batch, config.hub_batch_max, config.hub_batch_ms)
         self._limits = protocol.Limits(max_body_bytes=config.max_body_bytes, max_members=config.max_group_members)
-        self.stats = {"frames_in": 0, "frames_out": 0, "sends": 0, "slow_closed": 0, "connections_total": 0}
+        self.stats: dict[str, float] = {
+            "frames_in": 0,
+            "frames_out": 0,
+            "sends": 0,
+            "slow_closed": 0,
+            "connections_total": 0,
+            "send_batches": 0,
+            "send_batch_ms_total": 0.0,
+        }
 
     # --- server ------------------------------------------------------------------------------
 
@@ -180,7 +188,7 @@ class Hub:
     async def _authenticate(self, ws: ServerConnection, sub: str) -> tuple[str, str]:
         try:
             data = await asyncio.wait_for(ws.recv(), self.config.auth_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise CloseConnection(CLOSE_AUTH_TIMEOUT, "no auth frame in time") from None
         token, device = protocol.parse_auth(protocol.decode(data, sub))
         return verify_token(self.config, token), device
@@ -247,15 +255,25 @@ class Hub:
         task.add_done_callback(conn.tasks.discard)
 
     async def _send_batch(self, shard: int, batch: list[tuple[Connection, int, SendItem]]) -> None:
+        started = time.perf_counter()
         try:
             answers = await self.peers.convs[shard].call("send_batch", [item for _, _, item in batch])
         except RequestError as exc:
             answers = [{"err": exc.code, "msg": exc.msg, "retry": exc.retry}] * len(batch)
-        for (conn, rid, item), ans in zip(batch, answers):
+        self.stats["send_batches"] += 1
+        self.stats["send_batch_ms_total"] += (time.perf_counter() - started) * 1000
+        for (conn, rid, _item), ans in zip(batch, answers, strict=False):
             if "err" in ans:
                 frame = {"t": "err", "id": rid, "code": ans["err"], "msg": ans["msg"], "retry": ans["retry"]}
             else:
-                frame = {"t": "ack", "id": rid, "conv": ans["conv"], "seq": ans["seq"], "ts": ans["ts"], "dup": ans["dup"]}
+                frame = {
+                    "t": "ack",
+                    "id": rid,
+                    "conv": ans["conv"],
+                    "seq": ans["seq"],
+                    "ts": ans["ts"],
+                    "dup": ans["dup"],
+                }
             self._push(conn, frame)
 
     async def _answer(self, conn: Connection, req: protocol.Request) -> None:

@@ -67,12 +67,7 @@ def conv_kind(conv: object) -> str:
     if isinstance(conv, str):
         if conv.startswith("d:"):
             parts = conv.split(":")
-            if (
-                len(parts) == 3
-                and valid_id(parts[1])
-                and valid_id(parts[2])
-                and parts[1].encode() < parts[2].encode()
-            ):
+            if len(parts) == 3 and valid_id(parts[1]) and valid_id(parts[2]) and parts[1].encode() < parts[2].encode():
                 return "direct"
         elif conv.startswith("g:") and _GROUP_RE.match(conv[2:]):
             return "group"

@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 
@@ -114,7 +115,7 @@ def decode(data: bytes | str, subprotocol: str) -> dict[str, Any]:
 
 def _from_b64(value: dict[str, Any]) -> bytes:
     if set(value) != {"b64"} or not isinstance(value["b64"], str):
-        raise BadRequest("a binary body is {\"b64\": \"<base64>\"}")
+        raise BadRequest('a binary body is {"b64": "<base64>"}')
     try:
         return base64.b64decode(value["b64"], validate=True)
     except (binascii.Error, ValueError) as exc:

@@ -58,7 +58,7 @@ class Peer:
             raise Unavailable(f"{self.name}.{method} failed: {type(cause or exc).__name__}") from exc
         except RequestError:
             raise
-        except (RayActorError, GetTimeoutError, asyncio.TimeoutError, RayError) as exc:
+        except (TimeoutError, RayActorError, GetTimeoutError, RayError) as exc:
             if isinstance(exc, RayActorError):
                 self._handle = None  # look it up again: it may have been replaced
             raise Unavailable(f"{self.name}.{method}: {type(exc).__name__}") from exc

@@ -114,7 +114,10 @@ def make_app(config: Config, table: HubTable, health: Any = None) -> web.Applica
         summary.update(
             {
                 "hubs_live": len(live),
-                "hubs": [{"hub": h.name, "url": h.url, "connections": h.connections, "alive": h.alive} for h in table.hubs.values()],
+                "hubs": [
+                    {"hub": h.name, "url": h.url, "connections": h.connections, "alive": h.alive}
+                    for h in table.hubs.values()
+                ],
             }
         )
         return web.json_response(summary, status=200 if live else 503)

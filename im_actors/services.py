@@ -116,7 +116,17 @@ def start_secantus(services: LocalServices, timeout_s: float = 30.0) -> str:
     port = free_port()
     log_file = open(folder / "secantusd.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(
-        [exe, "--host", "127.0.0.1", "--port", str(port), "--storage-path", str(folder / "data"), "--log-level", "WARNING"],
+        [
+            exe,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--storage-path",
+            str(folder / "data"),
+            "--log-level",
+            "WARNING",
+        ],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -183,7 +193,9 @@ def describe_services(config: Config) -> dict[str, dict[str, Any]]:
     except (redis.RedisError, OSError) as exc:
         out["redis"] = {"url": masked["redis_url"], "error": str(exc)}
     try:
-        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(config.mongo_url, serverSelectionTimeoutMS=2000)
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+            config.mongo_url, serverSelectionTimeoutMS=2000
+        )
         info = client.server_info()
         client.close()
         server = "SecantusDB" if "secantusVersion" in info else "mongod"

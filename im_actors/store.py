@@ -20,6 +20,7 @@ the caller must re-seed the conversation from storage before assigning seqs agai
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,14 +99,13 @@ class Store:
         self.messages = self.db["messages"]
         self.redis = redis_client(config)
         self._prefix = config.key_prefix
+        self.stats: dict[str, float] = {"commits": 0, "mongo_ms_total": 0.0, "redis_ms_total": 0.0}
 
     async def setup(self) -> None:
         """Create the indexes (idempotent). Raises :class:`Unavailable` when MongoDB does not answer."""
         try:
             await self.messages.create_index([("conv", 1), ("seq", 1)], unique=True, name=SEQ_INDEX)
-            await self.messages.create_index(
-                [("conv", 1), ("sender", 1), ("cmid", 1)], unique=True, name=CMID_INDEX
-            )
+            await self.messages.create_index([("conv", 1), ("sender", 1), ("cmid", 1)], unique=True, name=CMID_INDEX)
             await self.db["groups"].create_index([("members", 1)])
             await self.db["user_convs"].create_index([("user", 1)])
             await self.db["devices"].create_index([("user", 1), ("device", 1)])
@@ -134,6 +134,7 @@ class Store:
         """
         if not entries:
             return CommitResult(0)
+        started = time.perf_counter()
         try:
             await self.messages.insert_many([dict(e) for e in entries], ordered=True)
             result = CommitResult(len(entries))
@@ -142,7 +143,11 @@ class Store:
         except PyMongoError as exc:
             log.warning("commit of %d entries ambiguous (%s); reading back", len(entries), type(exc).__name__)
             result = await self._read_back(entries)
+        cached = time.perf_counter()
         await self._cache(entries[: result.committed])
+        self.stats["commits"] += 1
+        self.stats["mongo_ms_total"] += (cached - started) * 1000
+        self.stats["redis_ms_total"] += (time.perf_counter() - cached) * 1000
         return result
 
     async def _settle_conflict(self, entries: list[dict[str, Any]], exc: BulkWriteError) -> CommitResult:
@@ -232,8 +237,15 @@ class Store:
 
     # --- reads -------------------------------------------------------------------------------
 
-    async def _mongo_last(self, conv: str) -> int:
-        doc = await self.messages.find_one({"conv": conv}, sort=[("seq", pymongo.DESCENDING)], projection={"seq": 1})
+    async def _mongo_last(self, conv: str, at_least: int = 0) -> int:
+        """The largest seq MongoDB holds for ``conv``; ``at_least`` (a known committed seq, e.g.
+        Redis's last) narrows the scan, which matters on servers that sort before limiting."""
+        query: dict[str, Any] = {"conv": conv}
+        if at_least > 0:
+            query["seq"] = {"$gte": at_least}
+        doc = await self.messages.find_one(query, sort=[("seq", pymongo.DESCENDING)], projection={"seq": 1})
+        if doc is None and at_least > 0:
+            return await self._mongo_last(conv)  # Redis was ahead of MongoDB: do not trust it
         return int(doc["seq"]) if doc else 0
 
     async def last_seq(self, conv: str) -> int:
@@ -242,14 +254,14 @@ class Store:
         Raises :class:`Unavailable` when MongoDB does not answer (Redis alone is never trusted).
         """
         try:
-            mongo_last = await self._mongo_last(conv)
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
-        try:
             raw = await self.redis.get(self._last_key(conv))
             redis_last = int(raw) if raw else 0
         except RedisError:
             redis_last = 0
+        try:
+            mongo_last = await self._mongo_last(conv, redis_last)
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
         return max(mongo_last, redis_last)
 
     async def read_range(self, conv: str, after: int, upto: int) -> list[dict[str, Any]]:
@@ -263,7 +275,7 @@ class Store:
         found: dict[int, dict[str, Any]] = {}
         try:
             raws = await self.redis.mget([self._entry_key(conv, s) for s in seqs])
-            for seq, raw in zip(seqs, raws):
+            for seq, raw in zip(seqs, raws, strict=False):
                 if raw is not None:
                     found[seq] = msgpack.unpackb(raw, raw=False)
         except RedisError as exc:

@@ -80,6 +80,7 @@ class FakePeers:
 
     def __init__(self, store: FakeStore, groups: dict[str, list[str]], session_shards: int = 2) -> None:
         self.store_peer = FakePeer({"commit": store.commit})
+        self.stores = [self.store_peer]
         self.group_peer = FakePeer({"members": lambda gid: groups.get(gid)})
         self.fanned: list[tuple[int, list[tuple[dict[str, Any], list[str]]]]] = []
         self.sessions = [FakePeer({"fanout": self._fanout(i)}) for i in range(session_shards)]

@@ -14,7 +14,9 @@ from tests.fakes import FakePeers, FakeStore
 CONV = "d:alice:bob"
 
 
-def make_shard(store: FakeStore, groups: dict[str, list[str]] | None = None, **cfg: Any) -> tuple[ConversationShard, FakePeers]:
+def make_shard(
+    store: FakeStore, groups: dict[str, list[str]] | None = None, **cfg: Any
+) -> tuple[ConversationShard, FakePeers]:
     peers = FakePeers(store, groups or {})
     config = load_config(fanout_batch_ms=0, **cfg)
     shard = ConversationShard(config, peers, store)  # type: ignore[arg-type]
@@ -47,7 +49,7 @@ async def test_concurrent_batches_never_reuse_or_skip_a_seq() -> None:
 async def test_resend_same_cmid_answers_original_seq_dup() -> None:
     store = FakeStore()
     shard, _ = make_shard(store)
-    first = (await shard.send_batch([item("c1"), item("c2")]))
+    first = await shard.send_batch([item("c1"), item("c2")])
     again = await shard.send_batch([item("c1")])
     assert again == [{"conv": CONV, "seq": first[0]["seq"], "ts": first[0]["ts"], "dup": True}]
     assert len(store.entries) == 2

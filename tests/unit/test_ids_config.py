@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from im_actors import ids
 from im_actors.config import load_config
@@ -43,7 +44,7 @@ def test_config_precedence_flag_env_toml(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("IM_CONV_SHARDS", "6")
     cfg = load_config(toml, store_writers=9)
     assert (cfg.hubs, cfg.conv_shards, cfg.store_writers) == (5, 6, 9)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.hubs = 1  # type: ignore[misc]  # frozen
 
 

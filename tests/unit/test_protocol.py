@@ -64,7 +64,9 @@ def test_parse_auth_accepts_version_1_only() -> None:
 
 def test_send_is_validated_and_defaults_kind_text() -> None:
     req = protocol.parse_request({"t": "send", "id": 7, "conv": "d:a:b", "cmid": "c", "body": "hi"})
-    assert req == protocol.Request("send", 7, {"conv": "d:a:b", "cmid": "c", "body": "hi", "kind": "text", "meta": None})
+    assert req == protocol.Request(
+        "send", 7, {"conv": "d:a:b", "cmid": "c", "body": "hi", "kind": "text", "meta": None}
+    )
 
 
 @pytest.mark.parametrize(
@@ -115,5 +117,12 @@ def test_typing_needs_no_id() -> None:
 def test_msg_frame_of_entry() -> None:
     entry = {"conv": "d:a:b", "seq": 4, "sender": "a", "ts": 10, "cmid": "c", "kind": "text", "body": "x", "meta": None}
     assert protocol.msg_frame(entry) == {
-        "t": "msg", "conv": "d:a:b", "seq": 4, "from": "a", "ts": 10, "cmid": "c", "kind": "text", "body": "x",
+        "t": "msg",
+        "conv": "d:a:b",
+        "seq": 4,
+        "from": "a",
+        "ts": 10,
+        "cmid": "c",
+        "kind": "text",
+        "body": "x",
     }

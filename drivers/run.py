@@ -1,0 +1,526 @@
+"""The runner: play a workload against im-actors with many clients in one or more processes, then judge it.
+
+:func:`run_workload` (or :func:`run_workload_async` from inside an event loop) does, in every process,
+for its share of the users (one :class:`~im_actors.client.Client` each, device ``d1``):
+
+1. connect every client (router lookup, dev login, WebSocket, auth, ``convs`` baseline);
+2. create the plan's groups, each by its creator's client (then check the membership with
+   ``group.info`` and add anyone missing); the processes exchange the group conversation ids;
+3. start together at a common wall-clock time ``t0`` and issue each send at ``t0 + at_s``, keeping each
+   sender's sends in order (a sender waits for its previous ack; senders do not wait for each other),
+   with ``meta = {"t": send_ms}`` and a cmid unique in the run;
+4. once every process has finished sending: every client catches up (``convs`` + ``sync``), then the
+   process waits until deliveries stop changing (or ``drain_timeout_s``);
+5. each process hands its :class:`~drivers.oracle.Partial` to the parent, which merges them and builds
+   the report.
+
+With ``processes > 1`` the users are split over OS processes (multiprocessing, spawn context), each
+running its clients in one asyncio loop; the parent only coordinates the stages, shows the tqdm bar
+of sends and merges the results.
+
+CLI: ``python -m drivers.run --router URL replay --corpus FILE -n 2000 --duration 60`` or
+``python -m drivers.run --router URL synthetic --users 100 --rate 200 --duration 10``; ``--fake-hubs N``
+runs against the in-memory :mod:`drivers.fakeserver` instead of a router. The report is printed as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import multiprocessing as mp
+import queue
+import secrets
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+from tqdm import tqdm
+
+from drivers.oracle import Partial, Recorder, device_key, latency_summary, merge, new_histogram
+from drivers.workload import DEVICE, Plan, PlannedSend, Workload
+from im_actors.client import Client
+from im_actors.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK
+
+__all__ = ["RunOptions", "run_workload", "run_workload_async", "split_users", "build_report", "main"]
+
+log = logging.getLogger(__name__)
+
+_COUNTERS = ("reconnects", "gap_fills", "gap_fill_failures", "dups_dropped", "resends", "holes_skipped")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run talks to the service (all durations in seconds).
+
+    ``run_id`` prefixes user ids, group names and cmids (fresh per run); ``drain_timeout_s`` bounds the
+    final catch-up and wait for deliveries; ``quiet_s`` is how long deliveries must stay unchanged to
+    end the drain early; ``send_deadline_s`` is each send's retry deadline; ``connect_concurrency``
+    bounds simultaneous connects per process; ``setup_timeout_s`` bounds connecting and group creation.
+    """
+
+    router_url: str
+    run_id: str
+    drain_timeout_s: float = 30.0
+    quiet_s: float = 1.0
+    send_deadline_s: float = 30.0
+    request_timeout_s: float = 10.0
+    subprotocol: str = SUBPROTOCOL_MSGPACK
+    connect_concurrency: int = 100
+    setup_timeout_s: float = 120.0
+    start_lead_s: float = 0.3
+
+
+# --- coordination between processes -----------------------------------------------------------------
+
+
+class _Coordinator(Protocol):
+    async def exchange(self, stage: str, payload: Any) -> Any: ...
+
+    def progress(self, n: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+def _stage_reply(stage: str, payloads: Sequence[Any], opts: RunOptions, processes: int) -> Any:
+    """What every process gets back once all have reached ``stage`` (decided in one place)."""
+    if stage == "groups":
+        merged: dict[str, str] = {}
+        for p in payloads:
+            merged.update(p)
+        return merged
+    if stage == "start":
+        return time.time() + opts.start_lead_s + 0.05 * processes
+    return None
+
+
+class _LocalCoordinator:
+    """The single-process case: every stage is reached by the one process; progress goes to the bar."""
+
+    def __init__(self, opts: RunOptions, bar: tqdm | None) -> None:
+        self._opts = opts
+        self._bar = bar
+
+    async def exchange(self, stage: str, payload: Any) -> Any:
+        return _stage_reply(stage, [payload], self._opts, 1)
+
+    def progress(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def flush(self) -> None:
+        pass
+
+
+class _ChildCoordinator:
+    """A worker process: stages go up to the parent, which answers every worker once all are there."""
+
+    def __init__(self, index: int, up: Any, down: Any) -> None:
+        self._index = index
+        self._up = up
+        self._down = down
+        self._pending = 0
+        self._last_flush = time.monotonic()
+
+    async def exchange(self, stage: str, payload: Any) -> Any:
+        self.flush()
+        self._up.put(("stage", self._index, stage, payload))
+        got_stage, reply = await asyncio.to_thread(self._wait_reply)
+        if got_stage != stage:
+            raise RuntimeError(f"expected the reply to stage {stage!r}, got {got_stage!r}")
+        return reply
+
+    def _wait_reply(self) -> tuple[str, Any]:
+        parent = mp.parent_process()
+        while True:
+            try:
+                return self._down.get(timeout=1.0)
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():
+                    raise RuntimeError("the parent process is gone") from None
+
+    def progress(self, n: int) -> None:
+        self._pending += n
+        if time.monotonic() - self._last_flush >= 0.2:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._up.put(("progress", self._index, self._pending))
+            self._pending = 0
+        self._last_flush = time.monotonic()
+
+
+# --- one process's share -----------------------------------------------------------------------------
+
+
+def split_users(plan: Plan, processes: int) -> list[list[str]]:
+    """Split the plan's users over ``processes`` parts, balancing sends (largest first onto the lightest)."""
+    processes = max(1, min(processes, len(plan.users) or 1))
+    load = Counter(s.sender for s in plan.sends)
+    parts: list[list[str]] = [[] for _ in range(processes)]
+    weight = [0] * processes
+    for user in sorted(plan.users, key=lambda u: (-load[u], u)):
+        i = min(range(processes), key=lambda k: (weight[k], len(parts[k])))
+        parts[i].append(user)
+        weight[i] += load[user] + 1
+    return parts
+
+
+async def _create_group(client: Client, name: str, members: Sequence[str]) -> tuple[str, str]:
+    group, conv = await client.group_create(name, list(members))
+    info = await client.group_info(group)
+    missing = [u for u in members if u not in set(info.get("members") or [])]
+    if missing:
+        await client.group_add(group, missing)
+    return group, conv
+
+
+async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _Coordinator) -> dict[str, Any]:
+    """Run this process's users through every stage; returns the picklable result for the parent."""
+    recorder = Recorder()
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    clients: dict[str, Client] = {}
+    lag_hist = new_histogram()
+    errors: Counter[str] = Counter()
+    drained = False
+    try:
+        for user in users:
+            dev = device_key(user, DEVICE)
+
+            def on_msg(msg: dict[str, Any], dev: str = dev) -> None:
+                recorder.record_msg(dev, msg, time.time() * 1000.0)
+
+            clients[user] = Client(
+                opts.router_url,
+                user,
+                DEVICE,
+                subprotocol=opts.subprotocol,
+                on_msg=on_msg,
+                http=http,
+                send_deadline_s=opts.send_deadline_s,
+                request_timeout_s=opts.request_timeout_s,
+                connect_timeout_s=opts.setup_timeout_s,
+            )
+        sem = asyncio.Semaphore(opts.connect_concurrency)
+
+        async def connect(c: Client) -> None:
+            async with sem:
+                await c.connect()
+
+        await asyncio.wait_for(asyncio.gather(*(connect(c) for c in clients.values())), opts.setup_timeout_s)
+        await coord.exchange("connected", len(clients))
+
+        mine = [g for g in plan.groups if g.creator in clients]
+        created = await asyncio.wait_for(
+            asyncio.gather(*(_create_group(clients[g.creator], g.name, g.members) for g in mine)),
+            opts.setup_timeout_s,
+        )
+        group_convs: dict[str, str] = await coord.exchange(
+            "groups", {g.key: conv for g, (_, conv) in zip(mine, created, strict=True)}
+        )
+        recorder.set_recipients(plan.recipients(group_convs))
+        t0: float = await coord.exchange("start", None)
+
+        async def sender(client: Client, sends: list[PlannedSend]) -> None:
+            for s in sends:
+                due = t0 + s.at_s
+                delay = due - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                conv = s.conv(group_convs)
+                send_ms = time.time() * 1000.0
+                lag_hist.record_value(min(max(int((send_ms - due * 1000.0) * 1000.0), 0), 3_600_000_000))
+                recorder.add_sent(1, send_ms)
+                try:
+                    ack = await client.send(conv, s.body, cmid=f"{opts.run_id}.{s.index}", meta={"t": send_ms})
+                except Exception as exc:  # counted in the report; the run goes on
+                    errors[type(exc).__name__] += 1
+                    log.debug("send %d failed: %r", s.index, exc)
+                else:
+                    recorder.add_ack(conv, ack.seq, send_ms, time.time() * 1000.0)
+                coord.progress(1)
+
+        by_sender = plan.sends_by_sender()
+        await asyncio.gather(*(sender(clients[u], by_sender[u]) for u in users if u in by_sender))
+        coord.flush()
+        await coord.exchange("sent", None)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + opts.drain_timeout_s
+        caught_up = await asyncio.gather(*(c.catch_up(opts.drain_timeout_s) for c in clients.values()))
+        last, quiet_since = recorder.receipts, loop.time()
+        while loop.time() < deadline and loop.time() - quiet_since < opts.quiet_s:
+            await asyncio.sleep(min(0.1, opts.quiet_s))
+            if recorder.receipts != last:
+                last, quiet_since = recorder.receipts, loop.time()
+        drained = all(caught_up) and loop.time() - quiet_since >= opts.quiet_s
+    finally:
+        await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
+        await http.close()
+    stats = Counter({k: 0 for k in _COUNTERS})
+    for c in clients.values():
+        stats.update({k: getattr(c, k) for k in _COUNTERS})
+    return {
+        "partial": recorder.partial().to_dict(),
+        "clients": len(clients),
+        "stats": dict(stats),
+        "errors": dict(errors),
+        "lag_hist": lag_hist.encode().decode("ascii"),
+        "drained": drained,
+        "t0": t0,
+    }
+
+
+def _child_main(index: int, plan: Plan, users: list[str], opts: RunOptions, up: Any, down: Any) -> None:
+    """Entry point of a worker process (spawn context)."""
+    logging.basicConfig(level=logging.WARNING, format=f"[driver {index}] %(levelname)s %(name)s: %(message)s")
+    coord = _ChildCoordinator(index, up, down)
+    try:
+        result = asyncio.run(_run_part(plan, users, opts, coord))
+    except BaseException:
+        up.put(("error", index, traceback.format_exc()))
+    else:
+        up.put(("result", index, result))
+
+
+def _run_processes(plan: Plan, parts: list[list[str]], opts: RunOptions, progress: bool) -> list[dict[str, Any]]:
+    """Start one spawn process per part, relay the stages, return every process's result."""
+    ctx = mp.get_context("spawn")
+    up = ctx.Queue()
+    downs = [ctx.Queue() for _ in parts]
+    procs = [
+        ctx.Process(target=_child_main, args=(i, plan, part, opts, up, downs[i]), name=f"im-driver-{i}", daemon=True)
+        for i, part in enumerate(parts)
+    ]
+    for p in procs:
+        p.start()
+    bar = tqdm(total=len(plan.sends), unit="msg", desc=plan.name, disable=not progress)
+    stages: dict[str, dict[int, Any]] = {}
+    results: dict[int, dict[str, Any]] = {}
+    dead_since: dict[int, float] = {}
+    try:
+        while len(results) < len(procs):
+            try:
+                item = up.get(timeout=0.5)
+            except queue.Empty:
+                now = time.monotonic()
+                for i, p in enumerate(procs):
+                    if i not in results and not p.is_alive():
+                        if now - dead_since.setdefault(i, now) > 3.0:
+                            raise RuntimeError(f"driver process {i} exited ({p.exitcode}) without a result") from None
+                continue
+            kind, index = item[0], item[1]
+            if kind == "progress":
+                bar.update(item[2])
+            elif kind == "stage":
+                stage, payload = item[2], item[3]
+                stages.setdefault(stage, {})[index] = payload
+                if len(stages[stage]) == len(procs):
+                    reply = _stage_reply(stage, [stages[stage][i] for i in range(len(procs))], opts, len(procs))
+                    for d in downs:
+                        d.put((stage, reply))
+            elif kind == "result":
+                results[index] = item[2]
+            elif kind == "error":
+                raise RuntimeError(f"driver process {index} failed:\n{item[2]}")
+    finally:
+        bar.close()
+        for p in procs:
+            p.join(timeout=5 if len(results) == len(procs) else 0.1)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    return [results[i] for i in range(len(procs))]
+
+
+# --- the report --------------------------------------------------------------------------------------
+
+
+def build_report(plan: Plan, results: Sequence[dict[str, Any]], processes: int, total_s: float) -> dict[str, Any]:
+    """Merge the processes' results into the report (see :func:`run_workload`)."""
+    partial = merge(Partial.from_dict(r["partial"]) for r in results)
+    report = partial.report()
+    t0 = min(r["t0"] for r in results)
+    t0_ms = t0 * 1000.0
+    send_phase_s = max((partial.last_ack_ms - t0_ms) / 1000.0, 0.0) if partial.last_ack_ms is not None else 0.0
+    delivery_s = max((partial.last_recv_ms - t0_ms) / 1000.0, 0.0) if partial.last_recv_ms is not None else 0.0
+    lag = new_histogram()
+    stats: Counter[str] = Counter({k: 0 for k in _COUNTERS})
+    errors: Counter[str] = Counter()
+    for r in results:
+        lag.decode_and_add(r["lag_hist"])
+        stats.update(r["stats"])
+        errors.update(r["errors"])
+    report.update(
+        {
+            "clients": sum(r["clients"] for r in results),
+            "processes": processes,
+            "duration_s": round(send_phase_s, 3),
+            "total_s": round(total_s, 3),
+            "throughput_msgs_per_s": round(report["acked"] / send_phase_s, 3) if send_phase_s > 0 else 0.0,
+            "deliveries_per_s": round(report["delivered"] / delivery_s, 3) if delivery_s > 0 else 0.0,
+            "schedule_lag_ms": latency_summary(lag),
+            "reconnects": stats["reconnects"],
+            "client_counters": dict(stats),
+            "send_errors": dict(errors),
+            "drained": all(r["drained"] for r in results),
+            "workload": plan.summary(),
+        }
+    )
+    return report
+
+
+async def run_workload_async(
+    router_url: str,
+    workload: Workload | Plan,
+    processes: int = 1,
+    progress: bool = True,
+    drain_timeout_s: float = 30.0,
+    **options: Any,
+) -> dict[str, Any]:
+    """:func:`run_workload` for callers already inside an event loop (processes > 1 run in a thread)."""
+    started = time.monotonic()
+    run_id = options.pop("run_id", None) or secrets.token_hex(4)
+    opts = RunOptions(router_url=router_url, run_id=run_id, drain_timeout_s=drain_timeout_s, **options)
+    plan = workload if isinstance(workload, Plan) else workload.build(f"{run_id}.")
+    parts = split_users(plan, processes)
+    if len(parts) == 1:
+        bar = tqdm(total=len(plan.sends), unit="msg", desc=plan.name, disable=not progress)
+        try:
+            results = [await _run_part(plan, parts[0], opts, _LocalCoordinator(opts, bar))]
+        finally:
+            bar.close()
+    else:
+        results = await asyncio.to_thread(_run_processes, plan, parts, opts, progress)
+    report = build_report(plan, results, len(parts), time.monotonic() - started)
+    report["run_id"] = run_id
+    return report
+
+
+def run_workload(
+    router_url: str,
+    workload: Workload | Plan,
+    processes: int = 1,
+    progress: bool = True,
+    drain_timeout_s: float = 30.0,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run ``workload`` against the router at ``router_url`` and return the oracle's report.
+
+    ``workload``: a :class:`~drivers.replay.ReplayWorkload`, a :class:`~drivers.synthetic.SyntheticWorkload`
+    (anything with ``build(run_prefix) -> Plan``) or a ready :class:`~drivers.workload.Plan`.
+    ``processes``: OS processes to spread the clients over (spawn context); ``progress``: a tqdm bar of
+    sends; ``drain_timeout_s``: bound of the final catch-up and drain. Other keyword options are the
+    fields of :class:`RunOptions` (``send_deadline_s``, ``subprotocol``, ``quiet_s``, ``run_id``, ...).
+
+    The report (counts are entries or deliveries, latencies in ms, rates per second):
+    ``sent``, ``acked``, ``unacked``, ``expected_deliveries``, ``delivered``, ``lost``, ``duplicates``,
+    ``order_violations``, ``unexpected_deliveries``, ``delivered_unacked``, ``clients``, ``processes``,
+    ``duration_s`` (send phase: start to last ack), ``total_s`` (the whole run, setup and drain
+    included), ``throughput_msgs_per_s`` (acked / duration_s), ``deliveries_per_s`` (delivered / start
+    to last delivery), ``ack_latency_ms`` and ``delivery_latency_ms`` and ``schedule_lag_ms`` (each
+    ``{"p50", "p95", "p99", "max", "mean", "count"}``), ``reconnects``, ``client_counters``,
+    ``send_errors`` (exception name -> count), ``drained`` (every client caught up and deliveries
+    went quiet before the drain timeout), ``workload`` (the plan's summary), ``run_id``.
+
+    Must not be called from a running event loop: use :func:`run_workload_async` there.
+    """
+    return asyncio.run(run_workload_async(router_url, workload, processes, progress, drain_timeout_s, **options))
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m drivers.run", description="Load-test im-actors and judge the run.")
+    p.add_argument("--router", help="router base URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--fake-hubs", type=int, default=0, help="run against the in-memory fake server with N hubs")
+    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds")
+    p.add_argument("--send-deadline", type=float, default=30.0, help="seconds")
+    p.add_argument("--json-subprotocol", action="store_true", help="speak im.v1.json instead of msgpack")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", help="also write the report to this file")
+    sub = p.add_subparsers(dest="workload", required=True)
+    r = sub.add_parser("replay", help="replay the chat corpus")
+    r.add_argument("--corpus", required=True, help="gzip JSON Lines file (fluid_irc_replay.jsonl.gz)")
+    r.add_argument("-n", "--messages", type=int, default=2000)
+    r.add_argument("--duration", type=float, default=60.0, help="wall seconds the replay lasts")
+    r.add_argument("--speed", type=float, help="compression factor instead of --duration")
+    r.add_argument("--gap-cap", type=float, default=60.0, help="longest idle gap kept, corpus seconds")
+    s = sub.add_parser("synthetic", help="synthetic direct and group traffic")
+    s.add_argument("--users", type=int, default=100)
+    s.add_argument("--rate", type=float, default=100.0, help="messages per second, in total")
+    s.add_argument("--duration", type=float, default=10.0, help="seconds")
+    s.add_argument("--size", type=int, default=64, help="body bytes")
+    s.add_argument("--group-size", type=int, default=0)
+    s.add_argument("--groups", type=int)
+    s.add_argument("--direct-share", type=float)
+    s.add_argument("--poisson", action="store_true")
+    s.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _workload_from_args(args: argparse.Namespace) -> Workload:
+    if args.workload == "replay":
+        from drivers.replay import ReplayWorkload
+
+        return ReplayWorkload(args.corpus, args.messages, args.duration, args.gap_cap, args.speed)
+    from drivers.synthetic import SyntheticWorkload
+
+    return SyntheticWorkload(
+        users=args.users,
+        rate=args.rate,
+        duration_s=args.duration,
+        msg_bytes=args.size,
+        group_size=args.group_size,
+        groups=args.groups,
+        direct_share=args.direct_share,
+        poisson=args.poisson,
+        seed=args.seed,
+    )
+
+
+async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "send_deadline_s": args.send_deadline,
+        "subprotocol": SUBPROTOCOL_JSON if args.json_subprotocol else SUBPROTOCOL_MSGPACK,
+    }
+    workload = _workload_from_args(args)
+    if args.fake_hubs:
+        from drivers.fakeserver import FakeServer
+
+        async with FakeServer(hubs=args.fake_hubs) as fake:
+            return await run_workload_async(
+                fake.router_url, workload, args.processes, not args.no_progress, args.drain_timeout, **kwargs
+            )
+    return await run_workload_async(
+        args.router, workload, args.processes, not args.no_progress, args.drain_timeout, **kwargs
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m drivers.run``: print the report as JSON; exit 1 when anything was lost, duplicated or
+    reordered."""
+    args = _parser().parse_args(argv)
+    if not args.router and not args.fake_hubs:
+        _parser().error("give --router URL or --fake-hubs N")
+    logging.basicConfig(level=logging.WARNING)
+    report = asyncio.run(_main_async(args))
+    text = json.dumps(report, indent=2, sort_keys=True)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 1 if report["lost"] or report["duplicates"] or report["order_violations"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

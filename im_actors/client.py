@@ -1,0 +1,937 @@
+"""The asyncio client library: one device of one user speaking PROTOCOL.md to im-actors.
+
+Typical use::
+
+    client = Client("http://127.0.0.1:8080", "alice", on_msg=print)
+    await client.connect()                       # router lookup, dev login, WebSocket, auth, baseline
+    ack = await client.send(direct_conv("alice", "bob"), "hi")   # Ack(conv, seq, ts, dup)
+    ...
+    await client.close()
+
+What the library guarantees to the application (PROTOCOL.md section 5): every committed entry of every
+conversation the user belongs to is handed over once, in seq order, per conversation. It keeps, per
+conversation, ``held[conv]``: the highest seq delivered. A ``msg`` at or below it is a duplicate and is
+dropped; the next one is delivered; one further ahead is a gap, buffered and filled with ``sync``
+(one fill at a time per conversation). A conversation the user already had when the client first
+connected starts at the ``last`` that ``convs`` reported then (older entries are history, not news);
+one that appears later starts at 0, so it is delivered from its first entry.
+
+Failures: a retryable error answer (``unavailable``, ``internal``, ``rate_limited``), a request timeout
+or a lost connection make :meth:`Client.send` resend *the same cmid* (after reconnecting when needed)
+with jittered exponential backoff until its deadline; the server's cmid dedup makes this safe. A
+socket closed with a code other than :data:`NO_RECONNECT_CLOSE_CODES` is reopened on another hub
+(``exclude`` the failed one), re-authenticated and caught up (``convs``, then ``sync`` from ``held``
+for every conversation whose ``last`` is ahead). A code in :data:`NO_RECONNECT_CLOSE_CODES` is final:
+pending and later calls raise :class:`~im_actors.errors.CloseConnection`.
+
+Times are seconds (``*_s``) for timeouts and delays, integer milliseconds since the epoch for server
+times (``ts``), as in PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.typing import Subprotocol
+
+from im_actors.errors import (
+    CLOSE_AUTH,
+    CLOSE_INVALID_UTF8,
+    CLOSE_PROTOCOL,
+    CLOSE_RATE,
+    CLOSE_REPLACED,
+    CLOSE_TOO_BIG,
+    CloseConnection,
+    ImError,
+    RateLimited,
+    Unauthorized,
+    error_from_frame,
+)
+from im_actors.protocol import PROTO_VERSION, SUBPROTOCOL_MSGPACK, SUBPROTOCOLS, decode, encode
+
+__all__ = [
+    "Ack",
+    "Msgs",
+    "Client",
+    "ClientClosed",
+    "ConnectFailed",
+    "ConnectionLost",
+    "NO_RECONNECT_CLOSE_CODES",
+    "backoff_delay",
+]
+
+log = logging.getLogger(__name__)
+
+#: Close codes after which the client does not reconnect (PROTOCOL.md section 7): invalid UTF-8,
+#: frame too big, protocol violation, authentication failed, replaced by a newer connection of the
+#: same device. Every other code (1001, 1006, 1011, 4408, 4429, 4508, ...) and every transport error
+#: leads to a reconnect.
+NO_RECONNECT_CLOSE_CODES = frozenset({CLOSE_INVALID_UTF8, CLOSE_TOO_BIG, CLOSE_PROTOCOL, CLOSE_AUTH, CLOSE_REPLACED})
+
+_ABNORMAL = 1006
+_ANSWER_TYPES = frozenset({"ack", "msgs", "convs", "ok", "group", "err", "contacts", "presence"})
+_EVENT_TYPES = frozenset({"receipt", "typing", "presence"})
+
+MsgCallback = Callable[[dict[str, Any]], Any]
+
+
+class ClientClosed(ImError):
+    """The client was closed (or never connected): call :meth:`Client.connect` first."""
+
+
+class ConnectionLost(ImError):
+    """The WebSocket closed while a request was in flight; ``close_code`` says how (1006: abnormal)."""
+
+    def __init__(self, close_code: int = _ABNORMAL, reason: str = "") -> None:
+        super().__init__(f"connection lost ({close_code}{': ' + reason if reason else ''})")
+        self.close_code = close_code
+        self.reason = reason
+
+
+class ConnectFailed(ImError):
+    """No hub could be reached (router down, no live hub, handshake failed) within the connect timeout.
+
+    ``hub`` names the hub that failed, when one was reached.
+    """
+
+    def __init__(self, msg: str, hub: str | None = None) -> None:
+        super().__init__(msg)
+        self.hub = hub
+
+
+class _NoHub(ConnectFailed):
+    """The router answered 503 ``no_hub``."""
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A committed send: ``seq`` in ``conv``, server time ``ts`` (ms); ``dup`` when the cmid was already
+    committed (a resend), in which case seq and ts are the original ones."""
+
+    conv: str
+    seq: int
+    ts: int
+    dup: bool = False
+
+
+@dataclass(frozen=True)
+class Msgs:
+    """A ``sync`` or ``history`` answer: ``msgs`` ascending by seq, ``last`` the conversation's newest seq,
+    ``more`` true when another page follows (sync)."""
+
+    conv: str
+    msgs: list[dict[str, Any]]
+    last: int
+    more: bool
+
+
+def backoff_delay(attempt: int, base_s: float = 0.05, max_s: float = 5.0) -> float:
+    """Jittered exponential backoff (seconds) before retry number ``attempt`` (0 = first retry).
+
+    "Equal jitter": half of ``min(max_s, base_s * 2**attempt)`` plus a uniform random share of the
+    other half, so retries spread out without ever collapsing to zero.
+    """
+    cap = min(max_s, base_s * (2 ** min(attempt, 30)))
+    return cap / 2 + random.uniform(0, cap / 2)
+
+
+@dataclass
+class _ConvState:
+    """Delivery state of one conversation: ``held`` = highest seq handed to the application,
+    ``target`` = highest seq known to exist, ``buffer`` = msgs received ahead of a gap, by seq."""
+
+    held: int = 0
+    target: int = 0
+    buffer: dict[int, dict[str, Any]] = field(default_factory=dict)
+    fill: asyncio.Task[None] | None = None
+
+
+class _Connection:
+    """One open, authenticated WebSocket and the requests waiting for their answer on it."""
+
+    def __init__(self, ws: ClientConnection, hub: str, subprotocol: str, ready: dict[str, Any]) -> None:
+        self.ws = ws
+        self.hub = hub
+        self.subprotocol = subprotocol
+        self.ready = ready
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.reader: asyncio.Task[None] | None = None
+        self.lost: ConnectionLost | None = None
+
+
+def _close_info(exc: ConnectionClosed) -> tuple[int, str]:
+    if exc.rcvd is not None:
+        return exc.rcvd.code, exc.rcvd.reason
+    return _ABNORMAL, ""
+
+
+class Client:
+    """One device (``user``, ``device``) connected to im-actors through the router at ``router_url``.
+
+    Args:
+        router_url: base URL of the router, e.g. ``"http://127.0.0.1:8080"``.
+        user: user id (PROTOCOL.md section 3).
+        device: device id; a second client with the same (user, device) replaces this one (4409).
+        token: an auth token; when None the client uses the router's dev login (``POST /v1/login``).
+        subprotocol: ``im.v1.msgpack`` (default) or ``im.v1.json``.
+        on_msg: called with every delivered ``msg`` map, once, in seq order per conversation; a plain
+            function or a coroutine function (awaited one at a time, in delivery order). When None,
+            delivered msgs go to the queue returned by :meth:`messages`.
+        on_event: called the same way with unsolicited ``receipt``, ``typing`` and ``presence`` maps.
+        http: an aiohttp session to share between many clients (the drivers do); one is made if None.
+        request_timeout_s: how long one request waits for its answer before it counts as lost.
+        send_deadline_s: default overall deadline of :meth:`send`, resends included.
+        connect_timeout_s: how long :meth:`connect` keeps trying before :class:`ConnectFailed`.
+        backoff_base_s, backoff_max_s: the jittered exponential backoff (:func:`backoff_delay`).
+        sync_limit: page size of the gap-filling ``sync`` (1..500).
+        ping_interval_s: client-side WebSocket pings (None: only answer the server's pings).
+    """
+
+    def __init__(
+        self,
+        router_url: str,
+        user: str,
+        device: str = "d1",
+        token: str | None = None,
+        subprotocol: str = SUBPROTOCOL_MSGPACK,
+        on_msg: MsgCallback | None = None,
+        *,
+        on_event: MsgCallback | None = None,
+        http: aiohttp.ClientSession | None = None,
+        request_timeout_s: float = 10.0,
+        send_deadline_s: float = 30.0,
+        connect_timeout_s: float = 30.0,
+        backoff_base_s: float = 0.05,
+        backoff_max_s: float = 5.0,
+        sync_limit: int = 500,
+        ping_interval_s: float | None = 20.0,
+    ) -> None:
+        if subprotocol not in SUBPROTOCOLS:
+            raise ValueError(f"subprotocol must be one of {SUBPROTOCOLS}")
+        self.router_url = router_url.rstrip("/")
+        self.user = user
+        self.device = device
+        self.subprotocol = subprotocol
+        self._token = token
+        self._own_token = token is None
+        self._on_msg = on_msg
+        self._on_event = on_event
+        self._http = http
+        self._own_http = http is None
+        self._request_timeout_s = request_timeout_s
+        self._send_deadline_s = send_deadline_s
+        self._connect_timeout_s = connect_timeout_s
+        self._backoff_base_s = backoff_base_s
+        self._backoff_max_s = backoff_max_s
+        self._sync_limit = sync_limit
+        self._ping_interval_s = ping_interval_s
+
+        self._ids = itertools.count(1)
+        self._conn: _Connection | None = None
+        self._ready = asyncio.Event()
+        self._started = False
+        self._closing = False
+        self._fatal: BaseException | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._catch_up_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._convs: dict[str, _ConvState] = {}
+        self._baseline_done = False
+        self._early: list[dict[str, Any]] = []
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._dispatch_q: asyncio.Queue[tuple[MsgCallback, dict[str, Any]] | Awaitable[Any]] | None = None
+
+        #: Name of the hub currently connected (None while disconnected).
+        self.hub: str | None = None
+        #: Successful reconnects after the first connect.
+        self.reconnects = 0
+        #: Gap fills started (each one or more ``sync`` pages for one conversation).
+        self.gap_fills = 0
+        #: Gap fills that gave up (deadline, non-retryable error); a later catch-up tries again.
+        self.gap_fill_failures = 0
+        #: ``msg`` frames dropped because their (conv, seq) was already held or buffered.
+        self.dups_dropped = 0
+        #: Sends retried with the same cmid (each retry counts once).
+        self.resends = 0
+        #: Entries delivered to the application.
+        self.delivered = 0
+        #: Seqs that ``sync`` showed do not exist on the server (skipped so delivery goes on).
+        self.holes_skipped = 0
+        #: Frames from the server that could not be decoded (ignored).
+        self.bad_frames = 0
+        #: Exceptions raised by ``on_msg`` / ``on_event`` (logged, delivery goes on).
+        self.callback_errors = 0
+
+    # --- public API ---------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while an authenticated WebSocket is open."""
+        return self._conn is not None
+
+    @property
+    def held(self) -> dict[str, int]:
+        """A copy of ``{conv: highest seq delivered to the application}``."""
+        return {conv: st.held for conv, st in self._convs.items()}
+
+    def stats(self) -> dict[str, int]:
+        """The counters as a map: reconnects, gap_fills, gap_fill_failures, dups_dropped, resends,
+        delivered, holes_skipped, bad_frames, callback_errors."""
+        return {
+            "reconnects": self.reconnects,
+            "gap_fills": self.gap_fills,
+            "gap_fill_failures": self.gap_fill_failures,
+            "dups_dropped": self.dups_dropped,
+            "resends": self.resends,
+            "delivered": self.delivered,
+            "holes_skipped": self.holes_skipped,
+            "bad_frames": self.bad_frames,
+            "callback_errors": self.callback_errors,
+        }
+
+    def messages(self) -> asyncio.Queue[dict[str, Any]]:
+        """The queue of delivered ``msg`` maps, in order per conversation (fed only when ``on_msg`` is None)."""
+        return self._queue
+
+    async def connect(self) -> None:
+        """Find a hub, log in (dev login when no token), open the WebSocket, authenticate, then take the
+        baseline (``convs``).
+
+        Retries the router (503 ``no_hub``, connection errors) and the hub with jittered exponential
+        backoff for up to ``connect_timeout_s``. Raises :class:`ConnectFailed` when that runs out,
+        :class:`~im_actors.errors.CloseConnection` (4401) or :class:`~im_actors.errors.Unauthorized`
+        when the token or the dev login is refused. Call :meth:`close` afterwards in every case.
+        """
+        if self._started:
+            raise RuntimeError("connect() was already called")
+        self._started = True
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout_s
+        exclude: list[str] = []
+        attempt = 0
+        while True:
+            try:
+                conn = await self._open(exclude)
+                break
+            except _NoHub as exc:
+                exclude.clear()
+                last: ConnectFailed = exc
+            except ConnectFailed as exc:
+                if exc.hub and exc.hub not in exclude:
+                    exclude.append(exc.hub)
+                last = exc
+            delay = self._backoff(attempt)
+            attempt += 1
+            if loop.time() + delay > deadline:
+                raise ConnectFailed(f"no hub reachable within {self._connect_timeout_s} s: {last}") from last
+            await asyncio.sleep(delay)
+        self._install(conn)
+        await self._catch_up(first=True)
+
+    async def close(self) -> None:
+        """Close the WebSocket and stop every background task; pending calls raise :class:`ClientClosed`."""
+        if self._closing:
+            return
+        self._closing = True
+        self._ready.set()
+        conn, self._conn = self._conn, None
+        self.hub = None
+        tasks = [t for t in (self._reconnect_task, self._catch_up_task) if t is not None]
+        tasks += [st.fill for st in self._convs.values() if st.fill is not None]
+        tasks += list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if conn is not None:
+            self._fail_pending(conn, ClientClosed("client closed"))
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.ws.close(), 2.0)
+            if conn.reader is not None:
+                conn.reader.cancel()
+                tasks.append(conn.reader)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._own_http and self._http is not None:
+            await self._http.close()
+
+    async def send(
+        self,
+        conv: str,
+        body: str | bytes,
+        cmid: str | None = None,
+        kind: str | None = None,
+        meta: dict[str, Any] | None = None,
+        *,
+        deadline_s: float | None = None,
+    ) -> Ack:
+        """Send ``body`` to ``conv`` and return its :class:`Ack` once committed.
+
+        ``cmid`` (client message id, 1..64 chars) is generated when None; every retry uses the same one,
+        so the message is committed at most once (a resend answered ``dup`` carries the original seq).
+        Retries on ``unavailable``/``internal``/``rate_limited``, request timeouts and lost connections,
+        with backoff, until ``deadline_s`` (default ``send_deadline_s``) seconds have passed; then the
+        last failure is raised (:class:`~im_actors.errors.Unavailable`, ``TimeoutError``,
+        :class:`ConnectionLost`, ...). Non-retryable answers raise at once: ``Forbidden``,
+        ``BadRequest``, ``TooLarge``, ``Conflict``, ``Unauthorized``.
+        """
+        frame: dict[str, Any] = {"t": "send", "conv": conv, "cmid": cmid or uuid.uuid4().hex, "body": body}
+        if kind is not None:
+            frame["kind"] = kind
+        if meta is not None:
+            frame["meta"] = meta
+        answer = await self._call(
+            frame, retry_transport=True, deadline_s=self._send_deadline_s if deadline_s is None else deadline_s
+        )
+        return Ack(
+            conv=str(answer.get("conv", conv)),
+            seq=int(answer["seq"]),
+            ts=int(answer.get("ts", 0)),
+            dup=bool(answer.get("dup", False)),
+        )
+
+    async def sync(self, conv: str, after: int = 0, limit: int = 100) -> Msgs:
+        """Entries of ``conv`` with seq > ``after`` (at most ``limit``, 1..500), ascending.
+
+        A raw read: it does not deliver anything to ``on_msg`` (the client's own gap filling does).
+        Retried across reconnects (it is idempotent).
+        """
+        answer = await self._call({"t": "sync", "conv": conv, "after": after, "limit": limit}, retry_transport=True)
+        return self._msgs(conv, answer)
+
+    async def history(self, conv: str, before: int, limit: int = 100) -> Msgs:
+        """The newest ``limit`` entries of ``conv`` with seq < ``before``, ascending (``more`` is False)."""
+        answer = await self._call(
+            {"t": "history", "conv": conv, "before": before, "limit": limit}, retry_transport=True
+        )
+        return self._msgs(conv, answer)
+
+    async def convs(self) -> list[dict[str, Any]]:
+        """Every conversation of the user: ``[{"conv": str, "last": int, "read": int}, ...]``."""
+        answer = await self._call({"t": "convs"}, retry_transport=True)
+        return list(answer.get("convs") or [])
+
+    async def group_create(self, name: str, members: Iterable[str]) -> tuple[str, str]:
+        """Create a group and return ``(group id, conversation id)``.
+
+        Not retried after a lost connection or a timeout (it is not idempotent: that could make two
+        groups); only a ``retry: true`` error answer (nothing was done) is retried.
+        """
+        answer = await self._call({"t": "group.create", "name": name, "members": list(members)}, retry_transport=False)
+        return str(answer["group"]), str(answer["conv"])
+
+    async def group_add(self, group: str, users: Iterable[str]) -> None:
+        """Add ``users`` to ``group`` (a ``system`` entry is committed in the group conversation)."""
+        await self._call({"t": "group.add", "group": group, "users": list(users)}, retry_transport=True)
+
+    async def group_info(self, group: str) -> dict[str, Any]:
+        """``{"group", "name", "members": [...], "roles": {user: role}}`` of ``group``."""
+        answer = await self._call({"t": "group.info", "group": group}, retry_transport=True)
+        return {k: v for k, v in answer.items() if k not in ("t", "id")}
+
+    async def push_register(self, provider: str, token: str) -> None:
+        """Register this device's push ``token`` with ``provider`` (``apns``, ``fcm``, ``webhook``)."""
+        await self._call({"t": "push.register", "provider": provider, "token": token}, retry_transport=True)
+
+    async def read(self, conv: str, seq: int) -> None:
+        """Move the user's read cursor of ``conv`` to ``seq`` (the others receive a ``receipt``)."""
+        await self._call({"t": "read", "conv": conv, "seq": seq}, retry_transport=True)
+
+    async def typing(self, conv: str) -> None:
+        """Tell the online members of ``conv`` that the user is typing (no answer; not retried)."""
+        conn = await self._wait_ready(self._request_timeout_s)
+        with contextlib.suppress(ConnectionClosed):
+            await conn.ws.send(encode({"t": "typing", "conv": conv}, conn.subprotocol))
+
+    async def request(self, t: str, *, idempotent: bool = True, **fields: Any) -> dict[str, Any]:
+        """Any other request of PROTOCOL.md section 4 (``contact.list``, ``presence.get``, ...): the answer map.
+
+        Raises the exception of an ``err`` answer; retried across reconnects only when ``idempotent``.
+        """
+        return await self._call({"t": t, **fields}, retry_transport=idempotent)
+
+    async def catch_up(self, timeout_s: float = 30.0) -> bool:
+        """Ask ``convs`` and fill every conversation whose ``last`` is ahead of ``held``; wait for the fills.
+
+        Returns True when, within ``timeout_s``, every conversation is held up to the ``last`` seen.
+        The drivers call it after the last send, before they count deliveries.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            await asyncio.wait_for(self._catch_up(first=not self._baseline_done), timeout_s)
+        except (TimeoutError, ImError) as exc:
+            log.warning("%s/%s: catch-up failed: %r", self.user, self.device, exc)
+            return False
+        while True:
+            fills = [st.fill for st in self._convs.values() if st.fill is not None and not st.fill.done()]
+            lagging = [(conv, st) for conv, st in self._convs.items() if st.held < st.target]
+            if not lagging:
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            if fills:
+                await asyncio.wait(fills, timeout=remaining)
+            else:
+                for conv, st in lagging:
+                    self._ensure_fill(conv, st)
+                await asyncio.sleep(min(remaining, self._backoff(2)))
+
+    # --- requests ------------------------------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        return backoff_delay(attempt, self._backoff_base_s, self._backoff_max_s)
+
+    @staticmethod
+    def _msgs(conv: str, answer: dict[str, Any]) -> Msgs:
+        return Msgs(
+            conv=str(answer.get("conv", conv)),
+            msgs=list(answer.get("msgs") or []),
+            last=int(answer.get("last", 0)),
+            more=bool(answer.get("more", False)),
+        )
+
+    async def _wait_ready(self, timeout_s: float) -> _Connection:
+        """The live connection, waiting up to ``timeout_s`` for a reconnect; raises when closed or fatal."""
+        if not self._started:
+            raise ClientClosed("not connected: call connect() first")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            if self._closing:
+                raise ClientClosed("client closed")
+            if self._fatal is not None:
+                raise self._fatal
+            if self._conn is not None:
+                return self._conn
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError("not connected")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), remaining)
+
+    async def _request_on(self, conn: _Connection, frame: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Send one request on ``conn`` and wait for the answer with its id (an ``err`` map is returned)."""
+        if conn.lost is not None:
+            raise conn.lost
+        rid = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        conn.pending[rid] = fut
+        try:
+            try:
+                await conn.ws.send(encode({**frame, "id": rid}, conn.subprotocol))
+            except ConnectionClosed as exc:
+                raise ConnectionLost(*_close_info(exc)) from exc
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            conn.pending.pop(rid, None)
+
+    async def _call(
+        self, frame: dict[str, Any], *, retry_transport: bool, deadline_s: float | None = None
+    ) -> dict[str, Any]:
+        """Send a request and return its answer, retrying until ``deadline_s`` (default: request timeout
+        x 3) on ``retry: true`` error answers and, when ``retry_transport``, on timeouts and lost
+        connections. The frame (and so a send's cmid) is the same on every attempt."""
+        loop = asyncio.get_running_loop()
+        total = self._request_timeout_s * 3 if deadline_s is None else deadline_s
+        deadline = loop.time() + total
+        attempt = 0
+        while True:
+            failure: BaseException
+            try:
+                conn = await self._wait_ready(max(deadline - loop.time(), 0.0))
+                timeout = min(self._request_timeout_s, max(deadline - loop.time(), 0.001))
+                answer = await self._request_on(conn, frame, timeout)
+            except (ConnectionLost, TimeoutError) as exc:
+                if not retry_transport:
+                    raise
+                failure, delay = exc, self._backoff(attempt)
+            else:
+                if answer.get("t") != "err":
+                    return answer
+                err = error_from_frame(answer)
+                if not bool(answer.get("retry", err.retry)):
+                    raise err
+                failure, delay = err, self._backoff(attempt)
+                if isinstance(err, RateLimited):
+                    delay = max(delay, float(err.extra.get("retry_after_ms", 0)) / 1000.0)
+            if loop.time() + delay >= deadline:
+                raise failure  # no time left for another attempt: the last failure stands
+            attempt += 1
+            if frame.get("t") == "send":
+                self.resends += 1
+            await asyncio.sleep(delay)
+
+    # --- connection ----------------------------------------------------------------------------------
+
+    async def _lookup(self, exclude: list[str]) -> tuple[str, str]:
+        """``(hub name, ws url)`` from the router; raises :class:`_NoHub` on 503, ConnectFailed otherwise."""
+        assert self._http is not None
+        params = [("exclude", h) for h in exclude]
+        try:
+            async with self._http.get(
+                f"{self.router_url}/v1/hub", params=params, timeout=aiohttp.ClientTimeout(total=10)
+            ) as resp:
+                if resp.status == 503:
+                    raise _NoHub("router: no live hub")
+                if resp.status != 200:
+                    raise ConnectFailed(f"router answered {resp.status}")
+                data = await resp.json(content_type=None)
+            return str(data["hub"]), str(data["url"])
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            raise ConnectFailed(f"router lookup failed: {exc!r}") from exc
+
+    async def _login(self) -> str:
+        """A dev-login token for ``user``; Unauthorized when the router refuses (e.g. dev login disabled)."""
+        assert self._http is not None
+        try:
+            async with self._http.post(
+                f"{self.router_url}/v1/login", json={"user": self.user}, timeout=aiohttp.ClientTimeout(total=10)
+            ) as resp:
+                if 400 <= resp.status < 500:
+                    raise Unauthorized(f"dev login refused ({resp.status})")
+                if resp.status != 200:
+                    raise ConnectFailed(f"login answered {resp.status}")
+                data = await resp.json(content_type=None)
+            return str(data["token"])
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            raise ConnectFailed(f"dev login failed: {exc!r}") from exc
+
+    async def _open(self, exclude: list[str]) -> _Connection:
+        """One attempt: router lookup, token, WebSocket, auth/ready. The reader is not started yet."""
+        hub, url = await self._lookup(exclude)
+        for auth_try in range(2):
+            if self._token is None:
+                self._token = await self._login()
+            try:
+                ws = await ws_connect(
+                    url,
+                    subprotocols=[Subprotocol(self.subprotocol)],
+                    compression=None,
+                    proxy=None,
+                    open_timeout=self._request_timeout_s,
+                    ping_interval=self._ping_interval_s,
+                    ping_timeout=self._ping_interval_s,
+                    close_timeout=2,
+                    max_size=64 * 2**20,
+                )
+            except (OSError, TimeoutError, WebSocketException) as exc:
+                raise ConnectFailed(f"{hub}: {exc!r}", hub=hub) from exc
+            subprotocol = ws.subprotocol or self.subprotocol
+            try:
+                ready = await self._auth(ws, subprotocol, hub)
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.close(), 1.0)
+                if isinstance(exc, CloseConnection) and exc.close_code == CLOSE_AUTH:
+                    if self._own_token and auth_try == 0:
+                        self._token = None  # an expired dev-login token: log in again, once
+                        continue
+                raise
+            return _Connection(ws, hub, subprotocol, ready)  # the router's name: what ``exclude`` takes
+        raise CloseConnection(CLOSE_AUTH, "authentication failed")  # pragma: no cover (loop returns/raises)
+
+    async def _auth(self, ws: ClientConnection, subprotocol: str, hub: str) -> dict[str, Any]:
+        auth = {"t": "auth", "token": self._token, "device": self.device, "proto": PROTO_VERSION}
+        try:
+            await ws.send(encode(auth, subprotocol))
+            while True:
+                frame = decode(await asyncio.wait_for(ws.recv(), self._request_timeout_s), subprotocol)
+                if frame.get("t") == "ready":
+                    return frame
+                if frame.get("t") == "err":
+                    err = error_from_frame(frame)
+                    if err.retry:
+                        raise ConnectFailed(f"{hub}: auth answered {err.code}", hub=hub)
+                    raise CloseConnection(CLOSE_AUTH, f"auth answered {err.code}: {err.msg}")
+        except ConnectionClosed as exc:
+            code, reason = _close_info(exc)
+            if code in NO_RECONNECT_CLOSE_CODES:
+                raise CloseConnection(code, reason or "closed during auth") from exc
+            raise ConnectFailed(f"{hub}: closed during auth ({code})", hub=hub) from exc
+        except TimeoutError as exc:
+            raise ConnectFailed(f"{hub}: no ready in time", hub=hub) from exc
+
+    def _install(self, conn: _Connection) -> None:
+        self._conn = conn
+        self.hub = conn.hub
+        conn.reader = asyncio.create_task(self._read_loop(conn), name=f"im-client-reader-{self.user}")
+        self._ready.set()
+
+    async def _read_loop(self, conn: _Connection) -> None:
+        code, reason = _ABNORMAL, ""
+        try:
+            async for data in conn.ws:
+                try:
+                    frame = decode(data, conn.subprotocol)
+                except CloseConnection:
+                    self.bad_frames += 1
+                    continue
+                self._dispatch(conn, frame)
+            code, reason = conn.ws.close_code or _ABNORMAL, conn.ws.close_reason or ""
+        except ConnectionClosed as exc:
+            code, reason = _close_info(exc)
+        except asyncio.CancelledError:
+            code, reason = _ABNORMAL, "reader cancelled"
+            raise
+        except Exception as exc:  # a bug here must not leave the client silently dead
+            log.exception("%s/%s: reader failed", self.user, self.device)
+            code, reason = _ABNORMAL, repr(exc)
+            with contextlib.suppress(Exception):
+                await conn.ws.close()
+        finally:
+            self._connection_lost(conn, code, reason)
+
+    @staticmethod
+    def _fail_pending(conn: _Connection, exc: BaseException) -> None:
+        for fut in conn.pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _connection_lost(self, conn: _Connection, code: int, reason: str) -> None:
+        if conn.lost is None:
+            conn.lost = ConnectionLost(code, reason)
+        self._fail_pending(conn, conn.lost)
+        if self._conn is not conn:
+            return
+        self._conn = None
+        self.hub = None
+        self._ready.clear()
+        if self._closing:
+            return
+        if code in NO_RECONNECT_CLOSE_CODES:
+            log.warning("%s/%s: closed with %s (%s), not reconnecting", self.user, self.device, code, reason)
+            self._fatal = CloseConnection(code, reason or "closed by the server")
+            self._ready.set()
+            return
+        log.info("%s/%s: connection to %s lost (%s), reconnecting", self.user, self.device, conn.hub, code)
+        self._reconnect_task = asyncio.create_task(self._reconnect(conn.hub, code))
+
+    async def _reconnect(self, failed_hub: str, code: int) -> None:
+        exclude = [failed_hub]
+        attempt = 3 if code == CLOSE_RATE else 0  # 4429: back off harder before the first try
+        await asyncio.sleep(self._backoff(attempt) if attempt else random.uniform(0, self._backoff_base_s))
+        while not self._closing:
+            try:
+                conn = await self._open(exclude)
+            except _NoHub:
+                exclude.clear()  # only excluded hubs are left (or none): try any of them again
+            except ConnectFailed as exc:
+                if exc.hub and exc.hub not in exclude:
+                    exclude.append(exc.hub)
+            except (CloseConnection, Unauthorized) as exc:
+                log.warning("%s/%s: reconnect refused: %r", self.user, self.device, exc)
+                self._fatal = exc if isinstance(exc, CloseConnection) else CloseConnection(CLOSE_AUTH, str(exc))
+                self._ready.set()
+                return
+            except Exception:  # never let the reconnect loop die silently
+                log.exception("%s/%s: reconnect attempt failed", self.user, self.device)
+            else:
+                if self._closing:
+                    with contextlib.suppress(Exception):
+                        await conn.ws.close()
+                    return
+                self.reconnects += 1
+                self._install(conn)
+                if self._catch_up_task is not None:
+                    self._catch_up_task.cancel()
+                self._catch_up_task = asyncio.create_task(self._catch_up_logged())
+                return
+            await asyncio.sleep(self._backoff(attempt))
+            attempt += 1
+
+    # --- delivery ------------------------------------------------------------------------------------
+
+    async def _catch_up_logged(self) -> None:
+        try:
+            await self._catch_up(first=not self._baseline_done)
+        except (ImError, TimeoutError) as exc:
+            log.warning("%s/%s: catch-up after reconnect failed: %r", self.user, self.device, exc)
+        except Exception:
+            log.exception("%s/%s: catch-up after reconnect failed", self.user, self.device)
+
+    async def _catch_up(self, first: bool) -> None:
+        """``convs``, then fill every conversation whose ``last`` is ahead of ``held``.
+
+        ``first``: this is the baseline, so a conversation seen now starts at its ``last``; otherwise a
+        conversation not seen before starts at 0 (it appeared while the client was away).
+        """
+        answer = await self._call({"t": "convs"}, retry_transport=True, deadline_s=self._send_deadline_s)
+        for item in answer.get("convs") or []:
+            conv, last = str(item["conv"]), int(item.get("last", 0))
+            st = self._convs.get(conv)
+            if st is None:
+                st = self._convs[conv] = _ConvState(held=last if first else 0)
+            st.target = max(st.target, last)
+            if st.held < st.target:
+                self._ensure_fill(conv, st)
+        if not self._baseline_done:
+            self._baseline_done = True
+            early, self._early = self._early, []
+            for frame in early:
+                self._on_msg_frame(frame, live=False)
+
+    def _dispatch(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        t = frame.get("t")
+        rid = frame.get("id")
+        if rid is not None and t in _ANSWER_TYPES:
+            fut = conn.pending.get(rid) if isinstance(rid, int) else None
+            if fut is not None and not fut.done():
+                fut.set_result(frame)
+            return  # a late answer to a request that timed out: ignored
+        if t == "msg":
+            self._on_msg_frame(frame, live=True)
+        elif t in _EVENT_TYPES:
+            if self._on_event is not None:
+                self._call_back(self._on_event, frame)
+        elif t == "err":
+            log.warning("%s/%s: error without request: %s", self.user, self.device, frame)
+
+    def _on_msg_frame(self, frame: dict[str, Any], live: bool) -> None:
+        conv, seq = frame.get("conv"), frame.get("seq")
+        if not isinstance(conv, str) or not isinstance(seq, int) or isinstance(seq, bool):
+            self.bad_frames += 1
+            return
+        if not self._baseline_done:
+            self._early.append(frame)
+            return
+        st = self._convs.get(conv)
+        if st is None:
+            st = self._convs[conv] = _ConvState()
+        if seq <= st.held or seq in st.buffer:
+            if live:
+                self.dups_dropped += 1
+            return
+        st.target = max(st.target, seq)
+        if seq == st.held + 1:
+            self._deliver_run(st, frame)
+        else:
+            st.buffer[seq] = frame
+            self._ensure_fill(conv, st)
+
+    def _deliver_run(self, st: _ConvState, frame: dict[str, Any]) -> None:
+        """Deliver ``frame`` (seq == held + 1), then every buffered successor."""
+        self._deliver(st, frame)
+        while st.buffer:
+            nxt = st.buffer.pop(st.held + 1, None)
+            if nxt is None:
+                break
+            self._deliver(st, nxt)
+
+    def _deliver(self, st: _ConvState, frame: dict[str, Any]) -> None:
+        st.held = int(frame["seq"])
+        self.delivered += 1
+        if self._on_msg is None:
+            self._queue.put_nowait(frame)
+        else:
+            self._call_back(self._on_msg, frame)
+
+    def _call_back(self, fn: MsgCallback, frame: dict[str, Any]) -> None:
+        """Run an application callback; coroutines are awaited one at a time, in order, by a dispatcher."""
+        if inspect.iscoroutinefunction(fn):
+            self._dispatch_queue().put_nowait((fn, frame))
+            return
+        try:
+            result = fn(frame)
+        except Exception:
+            self.callback_errors += 1
+            log.exception("%s/%s: callback failed", self.user, self.device)
+            return
+        if inspect.isawaitable(result):
+            self._dispatch_queue().put_nowait(result)
+
+    def _dispatch_queue(self) -> asyncio.Queue[Any]:
+        if self._dispatch_q is None:
+            self._dispatch_q = asyncio.Queue()
+            self._spawn(self._dispatcher(self._dispatch_q))
+        return self._dispatch_q
+
+    async def _dispatcher(self, queue: asyncio.Queue[Any]) -> None:
+        while True:
+            item = await queue.get()
+            try:
+                if isinstance(item, tuple):
+                    fn, frame = item
+                    await fn(frame)
+                else:
+                    await item
+            except Exception:
+                self.callback_errors += 1
+                log.exception("%s/%s: callback failed", self.user, self.device)
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _ensure_fill(self, conv: str, st: _ConvState) -> None:
+        """Start the gap fill of ``conv`` unless one is running (one fill at a time per conversation)."""
+        if self._closing or (st.fill is not None and not st.fill.done()):
+            return
+        st.fill = asyncio.create_task(self._fill(conv, st), name=f"im-client-fill-{conv}")
+
+    async def _fill(self, conv: str, st: _ConvState) -> None:
+        """``sync`` from ``held`` page by page until ``held`` reaches the highest seq known to exist."""
+        self.gap_fills += 1
+        stalls = 0
+        try:
+            while not self._closing and st.held < st.target:
+                before = st.held
+                answer = await self._call(
+                    {"t": "sync", "conv": conv, "after": st.held, "limit": self._sync_limit},
+                    retry_transport=True,
+                    deadline_s=self._send_deadline_s,
+                )
+                st.target = max(st.target, int(answer.get("last", 0)))
+                for m in answer.get("msgs") or []:
+                    self._accept_synced(conv, st, m)
+                if answer.get("more") and st.held > before:
+                    continue
+                if st.held < st.target and st.held == before:
+                    # The server says entries exist that it did not return (yet): wait and retry.
+                    stalls += 1
+                    if stalls > 8:
+                        log.warning("%s/%s: %s stuck at %d < %d", self.user, self.device, conv, st.held, st.target)
+                        self.gap_fill_failures += 1
+                        return
+                    await asyncio.sleep(self._backoff(stalls))
+        except (ImError, TimeoutError) as exc:
+            if not self._closing:
+                self.gap_fill_failures += 1
+                log.warning("%s/%s: gap fill of %s failed: %r", self.user, self.device, conv, exc)
+        except Exception:
+            self.gap_fill_failures += 1
+            log.exception("%s/%s: gap fill of %s failed", self.user, self.device, conv)
+        finally:
+            if st.fill is asyncio.current_task():
+                st.fill = None
+
+    def _accept_synced(self, conv: str, st: _ConvState, m: dict[str, Any]) -> None:
+        seq = m.get("seq")
+        if not isinstance(seq, int) or seq <= st.held:
+            return
+        m.setdefault("t", "msg")
+        m.setdefault("conv", conv)
+        if seq > st.held + 1:
+            # sync returns every entry after ``held``: the missing seqs do not exist on the server.
+            log.warning("%s/%s: %s has no seq %d..%d, skipped", self.user, self.device, conv, st.held + 1, seq - 1)
+            self.holes_skipped += seq - st.held - 1
+            for s in [s for s in st.buffer if s < seq]:
+                del st.buffer[s]
+            st.held = seq - 1
+        st.buffer.pop(seq, None)
+        self._deliver_run(st, m)
