@@ -279,7 +279,8 @@ class FakeServer:
             req = parse_request(frame)
             answer = await self._answer(conn, req.t, req.fields)
         except RequestError as exc:
-            conn.push(exc.frame(getattr(exc, "request_id", frame.get("id"))))
+            rid = exc.request_id if exc.request_id is not None else frame.get("id")
+            conn.push(exc.frame(rid))
             return
         if answer is not None and req.id is not None:
             conn.push({**answer, "id": req.id})

@@ -78,6 +78,8 @@ class RequestError(ImError):
         super().__init__(msg or self.code)
         self.msg = msg or self.code
         self.extra = extra
+        #: The id of the request being answered, when the validator could read it.
+        self.request_id: int | None = None
 
     def frame(self, request_id: int | None) -> dict[str, Any]:
         """The ``err`` frame for this error, answering request ``request_id``."""

@@ -204,7 +204,7 @@ class Hub:
                     await self._close(conn, exc.close_code, exc.reason)
                     return
                 except RequestError as exc:
-                    self._push(conn, exc.frame(getattr(exc, "request_id", None)))
+                    self._push(conn, exc.frame(exc.request_id))
                     continue
                 self._dispatch(conn, request)
         except ConnectionClosed:

@@ -298,7 +298,7 @@ def parse_request(frame: dict[str, Any], limits: Limits = Limits()) -> Request:
             raise BadRequest(f"unknown request type {t!r}")
         return Request(t=str(t), id=rid, fields=validator(frame, limits))
     except (BadRequest, TooLarge) as exc:
-        exc.request_id = rid  # type: ignore[attr-defined]
+        exc.request_id = rid
         raise
 
 

@@ -294,7 +294,7 @@ class Store:
         return out
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=1000)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class StoreWriter:
     """Store writer actor: commits batches of entries (a thin shell over :class:`Store`)."""
 

@@ -87,14 +87,14 @@ def test_send_is_validated_and_defaults_kind_text() -> None:
 def test_bad_fields_answer_bad_request_with_the_id(frame: dict[str, object]) -> None:
     with pytest.raises(BadRequest) as info:
         protocol.parse_request(frame)
-    assert info.value.request_id == 1  # type: ignore[attr-defined]
+    assert info.value.request_id == 1
     assert info.value.frame(1)["code"] == "bad_request"
 
 
 def test_missing_id_is_bad_request_without_id() -> None:
     with pytest.raises(BadRequest) as info:
         protocol.parse_request({"t": "convs"})
-    assert info.value.request_id is None  # type: ignore[attr-defined]
+    assert info.value.request_id is None
 
 
 def test_body_over_limit_is_too_large() -> None:
