@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any

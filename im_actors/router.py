@@ -179,6 +179,9 @@ class RouterActor:
         except Unavailable:
             if name in self._table.hubs and self._table.hubs[name].alive:
                 log.warning("hub %s missed its heartbeat; no longer handed out", name)
+                # Its connections are gone: sessions stop routing to it (offline devices get pushes).
+                for session in self._peers.sessions:
+                    session.notify("hub_gone", name)
             self._table.mark_dead(name)
             return
         if not load.get("url"):
