@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,8 +28,40 @@ __all__ = ["app", "main", "verdict", "DEFAULT_CORPUS"]
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="im-actors: an IM backend on Ray actors.")
 log = logging.getLogger("im_actors")
 
-#: The corpus shipped beside the repository (read in place, never copied).
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fluid_irc_replay.jsonl.gz"
+#: Where the demo looks for the chat corpus when ``--corpus`` is not given (read in place, never copied):
+#: ``$IM_CORPUS``, then ``shared/data/`` beside the checkout, then ``../shared/data/`` from here.
+CORPUS_NAME = Path("shared") / "data" / "fluid_irc_replay.jsonl.gz"
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / CORPUS_NAME
+
+
+def find_corpus() -> Path | None:
+    """The first corpus file found among the default places (see :data:`CORPUS_NAME`), or None."""
+    env = os.environ.get("IM_CORPUS")
+    candidates = [Path(env)] if env else []
+    candidates += [DEFAULT_CORPUS, Path.cwd().parent / CORPUS_NAME, Path.cwd() / CORPUS_NAME]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _connect_ray(address: str) -> None:
+    import ray
+
+    from im_actors.ids import NAMESPACE
+
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        typer.echo(f"im-actors: no Ray cluster at {address!r}: {exc}", err=True)
+        raise typer.Exit(4) from None
+
+
+def _sigterm_to_exit() -> None:
+    """Turn SIGTERM into SystemExit so that ``finally`` blocks stop what the demo started."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML configuration file")]
 HubsOpt = Annotated[int | None, typer.Option(help="hub actors")]
@@ -75,7 +110,10 @@ def _summary(report: dict[str, Any]) -> str:
 
 @app.command()
 def demo(
-    corpus: Annotated[Path | None, typer.Option(help="chat corpus (JSONL.gz) to replay")] = None,
+    corpus: Annotated[
+        Path | None,
+        typer.Option(help="chat corpus (JSONL.gz) to replay [default: $IM_CORPUS or shared/data/ beside the checkout]"),
+    ] = None,
     messages: Annotated[int, typer.Option(help="corpus messages to replay")] = 2000,
     duration: Annotated[float, typer.Option(help="wall time of the replay (s)")] = 30.0,
     report: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("im-actors-report.json"),
@@ -91,7 +129,7 @@ def demo(
     mongo_url: MongoOpt = None,
     redis_url: RedisOpt = None,
     rabbitmq_url: AmqpOpt = None,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    progress: Annotated[bool | None, typer.Option(help="progress bar [default: when stderr is a terminal]")] = None,
 ) -> None:
     """Run a local cluster, carry real chat traffic through it, verify every delivery, write a report."""
     import ray
@@ -100,7 +138,7 @@ def demo(
     from drivers.run import run_workload
     from drivers.synthetic import SyntheticWorkload
     from im_actors.cluster import deploy, init_local_ray, teardown
-    from im_actors.services import describe_services, ensure_services
+    from im_actors.services import describe_services, ensure_services, purge_deployment
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = _config(
@@ -118,12 +156,22 @@ def demo(
     )
     if not cfg.jwt_secret:
         cfg = cfg.model_copy(update={"jwt_secret": secrets.token_hex(32)})
+    own_mongo_db = bool(cfg.mongo_url)  # a given MongoDB gets a database of the run's own, dropped after
+    if own_mongo_db:
+        cfg = cfg.model_copy(update={"mongo_db": f"im_{cfg.deployment}"})
+    if progress is None:
+        progress = sys.stderr.isatty()
+    _sigterm_to_exit()
     if synthetic:
         workload: Any = SyntheticWorkload(users=users, rate=rate, duration_s=duration, group_size=group_size)
     else:
-        path = corpus or DEFAULT_CORPUS
-        if not path.is_file():
-            typer.echo(f"im-actors: corpus {path} not found (pass --corpus PATH or --synthetic)", err=True)
+        path = corpus or find_corpus()
+        if path is None or not path.is_file():
+            typer.echo(
+                f"im-actors: corpus {path or DEFAULT_CORPUS} not found "
+                "(pass --corpus PATH, set IM_CORPUS, or use --synthetic)",
+                err=True,
+            )
             raise typer.Exit(2)
         workload = ReplayWorkload(path=str(path), messages=messages, duration_s=duration)
     try:
@@ -148,6 +196,7 @@ def demo(
             if ray.is_initialized():
                 teardown(cfg)
                 ray.shutdown()
+            purge_deployment(cfg, drop_mongo_db=own_mongo_db)
         finally:
             services.stop()
     report.write_text(json.dumps(result, indent=2, default=str))
@@ -171,10 +220,8 @@ def up(
     rabbitmq_url: AmqpOpt = None,
 ) -> None:
     """Deploy im-actors onto a running Ray cluster as detached actors (stays up after this command)."""
-    import ray
 
     from im_actors.cluster import deploy
-    from im_actors.ids import NAMESPACE
 
     cfg = _config(
         config,
@@ -190,7 +237,7 @@ def up(
     if missing:
         typer.echo(f"im-actors: a cluster deployment needs {', '.join(missing)} (TOML, IM_* or flags)", err=True)
         raise typer.Exit(2)
-    ray.init(address=address, namespace=NAMESPACE)
+    _connect_ray(address)
     try:
         dep = deploy(cfg, detached=True)
     except ConfigError as exc:
@@ -205,13 +252,11 @@ def down(
     config: ConfigOpt = None,
 ) -> None:
     """Remove a deployment's actors from the Ray cluster (hubs close clients with 1001 first)."""
-    import ray
 
     from im_actors.cluster import teardown
-    from im_actors.ids import NAMESPACE
 
     cfg = _config(config)
-    ray.init(address=address, namespace=NAMESPACE)
+    _connect_ray(address)
     killed = teardown(cfg)
     typer.echo(f"removed {len(killed)} actors")
 
@@ -222,13 +267,11 @@ def status(
     config: ConfigOpt = None,
 ) -> None:
     """Print every actor of the deployment, whether it is up, and its counters (JSON)."""
-    import ray
 
     from im_actors.cluster import status as cluster_status
-    from im_actors.ids import NAMESPACE
 
     cfg = _config(config)
-    ray.init(address=address, namespace=NAMESPACE)
+    _connect_ray(address)
     out = cluster_status(cfg)
     typer.echo(json.dumps(out, indent=2, default=str))
     if not all(a["up"] for a in out["actors"].values()):

@@ -11,6 +11,7 @@ Every field's unit is in its description; ``0`` means "none" or "off" where it s
 from __future__ import annotations
 
 import contextvars
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,6 +190,13 @@ def _mask_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in cred else url
 
 
+def _problem(err: Any) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "?"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    return f"{key} (IM_{key.upper()}): {err['msg']}"
+
+
 def load_config(toml_file: str | Path | None = None, **overrides: Any) -> Config:
     """Build the configuration: ``overrides`` (flags) > ``IM_*`` environment > ``toml_file`` > defaults.
 
@@ -200,8 +208,11 @@ def load_config(toml_file: str | Path | None = None, **overrides: Any) -> Config
     token = _TOML_PATH.set(path)
     try:
         return Config(**{k: v for k, v in overrides.items() if v is not None})
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '?'}: {err['msg']}" for err in exc.errors())
-        raise ConfigError(f"bad configuration: {problems}") from None
+        problems = "; ".join(_problem(err) for err in exc.errors())
+        where = f" (config file {path}, IM_* environment, flags)" if path else ""
+        raise ConfigError(f"bad configuration{where}: {problems}") from None
     finally:
         _TOML_PATH.reset(token)

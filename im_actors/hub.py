@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -91,7 +92,9 @@ class Hub:
         self.peers = peers
         self.url = ""
         self.conns: dict[int, Connection] = {}
-        self._ids = itertools.count(1)
+        # Connection ids start at a random point so that a restarted hub never reuses an id that a
+        # session shard may still hold for a connection of its previous incarnation.
+        self._ids = itertools.count(secrets.randbits(52) << 10)
         self._server: Server | None = None
         self._sends: Batcher[int] = Batcher(self._send_batch, config.hub_batch_max, config.hub_batch_ms)
         self._limits = protocol.Limits(max_body_bytes=config.max_body_bytes, max_members=config.max_group_members)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,7 @@ __all__ = [
     "describe_services",
     "free_port",
     "start_secantus",
+    "purge_deployment",
     "DEFAULT_REDIS_URL",
     "DEFAULT_RABBITMQ_URL",
 ]
@@ -99,6 +101,17 @@ def _rabbitmq_answers(url: str) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the parent dies (no orphan servers)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: LocalServices.stop still stops it on a normal exit
+
+
 def start_secantus(services: LocalServices, timeout_s: float = 30.0) -> str:
     """Start a SecantusDB server on a free loopback port; returns its ``mongodb://`` URL.
 
@@ -130,6 +143,7 @@ def start_secantus(services: LocalServices, timeout_s: float = 30.0) -> str:
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
     services.processes.append(proc)
     url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
@@ -220,3 +234,49 @@ def describe_services(config: Config) -> dict[str, dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001
         out["rabbitmq"] = {"url": masked["rabbitmq_url"], "error": str(exc)}
     return out
+
+
+def purge_deployment(config: Config, drop_mongo_db: bool = False) -> dict[str, int]:
+    """Remove what a deployment left in the shared services: its Redis keys (``key_prefix``), its
+    RabbitMQ exchange and queues, and with ``drop_mongo_db`` its MongoDB database.
+
+    Returns ``{"redis_keys": n}``. Errors of an unreachable service are logged, not raised.
+    """
+    removed = 0
+    try:
+        client = redis.Redis.from_url(config.redis_url, socket_timeout=5)
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{config.key_prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += int(client.delete(*batch))
+                batch.clear()
+        if batch:
+            removed += int(client.delete(*batch))
+        client.close()
+    except (redis.RedisError, OSError) as exc:
+        log.warning("Redis keys of %s not removed: %s", config.deployment, exc)
+
+    async def drop_topology() -> None:
+        from im_actors.push.topology import delete_topology
+
+        conn = await asyncio.wait_for(aiormq.connect(config.rabbitmq_url), 10)
+        try:
+            await delete_topology(await conn.channel(), config)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(drop_topology())
+    except Exception as exc:  # noqa: BLE001 - best effort, logged
+        log.warning("RabbitMQ names of %s not removed: %s", config.deployment, exc)
+    if drop_mongo_db:
+        try:
+            mongo: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+                config.mongo_url, serverSelectionTimeoutMS=5000
+            )
+            mongo.drop_database(config.mongo_db)
+            mongo.close()
+        except pymongo.errors.PyMongoError as exc:
+            log.warning("MongoDB database %s not dropped: %s", config.mongo_db, exc)
+    return {"redis_keys": removed}

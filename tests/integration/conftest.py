@@ -20,7 +20,7 @@ import redis
 
 from im_actors.cluster import Deployment, deploy, init_local_ray, teardown
 from im_actors.config import Config, load_config
-from im_actors.services import ensure_services
+from im_actors.services import ensure_services, purge_deployment
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +51,7 @@ def base_config() -> Iterator[Config]:
         yield cfg
     finally:
         try:
-            _cleanup(cfg)
+            purge_deployment(cfg, drop_mongo_db=bool(mongo))
         finally:
             services.stop()
 
@@ -74,30 +74,6 @@ def deployment(base_config: Config, local_ray: None) -> Iterator[Deployment]:
         yield dep
     finally:
         teardown(base_config)
-
-
-def _cleanup(cfg: Config) -> None:
-    client = redis.Redis.from_url(cfg.redis_url)
-    keys = list(client.scan_iter(match=f"{cfg.key_prefix}*", count=1000))
-    for i in range(0, len(keys), 500):
-        client.delete(*keys[i : i + 500])
-    client.close()
-
-    async def drop_amqp() -> None:
-        import aiormq
-
-        from im_actors.push.topology import delete_topology
-
-        conn = await aiormq.connect(cfg.rabbitmq_url)
-        channel = await conn.channel()
-        await delete_topology(channel, cfg)
-        await conn.close()
-
-    asyncio.run(drop_amqp())
-    if os.environ.get("IM_TEST_MONGO_URL"):
-        import pymongo
-
-        pymongo.MongoClient(cfg.mongo_url).drop_database(cfg.mongo_db)
 
 
 @pytest.fixture
