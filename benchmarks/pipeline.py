@@ -28,7 +28,7 @@ from drivers.run import run_workload  # noqa: E402
 from drivers.synthetic import SyntheticWorkload  # noqa: E402
 from im_actors.cluster import deploy, init_local_ray, teardown  # noqa: E402
 from im_actors.config import load_config  # noqa: E402
-from im_actors.services import describe_services, ensure_services  # noqa: E402
+from im_actors.services import describe_services, ensure_services, purge_deployment  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 rep = run_workload(dep.router_url, workload, processes=args.processes, progress=False)
             finally:
                 teardown(cfg)
+                purge_deployment(cfg)
             rep["config"] = cfg.knobs()
             rep["services"] = {"mongodb": server}
             reports.append(rep)

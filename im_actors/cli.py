@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -137,7 +138,7 @@ def demo(
     from drivers.replay import ReplayWorkload
     from drivers.run import run_workload
     from drivers.synthetic import SyntheticWorkload
-    from im_actors.cluster import deploy, init_local_ray, teardown
+    from im_actors.cluster import deploy, init_local_ray
     from im_actors.services import describe_services, ensure_services, purge_deployment
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -161,7 +162,6 @@ def demo(
         cfg = cfg.model_copy(update={"mongo_db": f"im_{cfg.deployment}"})
     if progress is None:
         progress = sys.stderr.isatty()
-    _sigterm_to_exit()
     if synthetic:
         workload: Any = SyntheticWorkload(users=users, rate=rate, duration_s=duration, group_size=group_size)
     else:
@@ -174,6 +174,7 @@ def demo(
             )
             raise typer.Exit(2)
         workload = ReplayWorkload(path=str(path), messages=messages, duration_s=duration)
+    _sigterm_to_exit()
     try:
         cfg, services = ensure_services(cfg)
     except ServiceError as exc:
@@ -184,6 +185,7 @@ def demo(
     try:
         typer.echo(f"starting a local Ray cluster and deploying {cfg.hubs} hubs ...")
         init_local_ray(cfg)
+        _sigterm_to_exit()  # ray.init installs its own SIGTERM handler, which skips our clean-up
         dep = deploy(cfg)
         typer.echo(f"router {dep.router_url}; hubs {', '.join(dep.hub_urls.values())}")
         result = run_workload(dep.router_url, workload, processes=processes, progress=progress)
@@ -193,9 +195,13 @@ def demo(
         result["deploy_and_run_s"] = round(time.monotonic() - started, 1)
     finally:
         try:
+            # The demo owns this Ray cluster: shutting it down ends every actor. Bounded, because
+            # a signal sent to the whole process group (timeout, Ctrl-C in some shells) may have
+            # killed Ray's own processes already.
             if ray.is_initialized():
-                teardown(cfg)
-                ray.shutdown()
+                stopper = threading.Thread(target=ray.shutdown, daemon=True)
+                stopper.start()
+                stopper.join(20)
             purge_deployment(cfg, drop_mongo_db=own_mongo_db)
         finally:
             services.stop()

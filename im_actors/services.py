@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -63,12 +64,12 @@ class LocalServices:
     folders: list[Path] = field(default_factory=list)
 
     def stop(self) -> None:
-        """Stop every process started (SIGTERM, then SIGKILL after 10 s) and remove the folders."""
+        """Stop every process started (SIGTERM, then SIGKILL after 5 s) and remove the folders."""
         for proc in self.processes:
             if proc.poll() is None:
                 proc.terminate()
                 try:
-                    proc.wait(10)
+                    proc.wait(5)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
@@ -101,13 +102,31 @@ def _rabbitmq_answers(url: str) -> bool:
         return False
 
 
+_FOLDER_PREFIX = "im-secantus-"
+
+
+def _sweep_orphan_folders() -> None:
+    """Remove SecantusDB folders of earlier runs whose owning process is gone (killed runs)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_FOLDER_PREFIX}*"):
+        try:
+            owner = int((folder / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
 def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when the parent dies (no orphan servers)."""
+    """In the child, before exec: ask Linux to kill it when the parent dies (no orphan servers)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: its data is a throwaway folder
     except OSError:
         pass  # not Linux: LocalServices.stop still stops it on a normal exit
 
@@ -124,7 +143,8 @@ def start_secantus(services: LocalServices, timeout_s: float = 30.0) -> str:
             "MongoDB: no mongo_url configured and SecantusDB is not installed. "
             "Install it (pip install --pre SecantusDB) or set mongo_url / IM_MONGO_URL to a MongoDB server."
         )
-    folder = Path(tempfile.mkdtemp(prefix="im-secantus-"))
+    _sweep_orphan_folders()
+    folder = Path(tempfile.mkdtemp(prefix=_FOLDER_PREFIX))
     services.folders.append(folder)
     port = free_port()
     log_file = open(folder / "secantusd.log", "wb")  # noqa: SIM115 - lives as long as the process
@@ -146,6 +166,7 @@ def start_secantus(services: LocalServices, timeout_s: float = 30.0) -> str:
         preexec_fn=_die_with_parent,
     )
     services.processes.append(proc)
+    (folder / "owner.pid").write_text(str(os.getpid()))
     url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

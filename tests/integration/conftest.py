@@ -8,7 +8,6 @@ temporary folder (or ``IM_TEST_MONGO_URL`` for a real mongod, with a unique data
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 from collections.abc import Iterator
@@ -16,7 +15,6 @@ from typing import Any
 
 import pytest
 import ray
-import redis
 
 from im_actors.cluster import Deployment, deploy, init_local_ray, teardown
 from im_actors.config import Config, load_config
