@@ -35,11 +35,11 @@ class Config(BaseSettings):
         "", description="prefix of actor names, Redis keys and RabbitMQ names; separates deployments on one cluster"
     )
     hubs: int = Field(2, ge=1, description="hub actors")
-    session_shards: int = Field(2, ge=1, description="Ray actors hosting per-user sessions")
-    conv_shards: int = Field(2, ge=1, description="Ray actors hosting per-conversation sequencers")
+    session_shards: int = Field(1, ge=1, description="Ray actors hosting per-user sessions")
+    conv_shards: int = Field(1, ge=1, description="Ray actors hosting per-conversation sequencers")
     group_shards: int = Field(1, ge=1, description="Ray actors hosting groups")
     store_writers: int = Field(
-        2,
+        1,
         ge=0,
         description="store writer actors (0: conversation shards commit to storage themselves, "
         "one Ray hop less per send)",
