@@ -42,13 +42,17 @@ def ray_env(config: Config) -> dict[str, str]:
 
 
 def init_local_ray(config: Config, num_cpus: int | None = None) -> None:
-    """Start a one-machine Ray cluster on loopback (GCS on a free port, never Redis's 6379)."""
+    """Start a one-machine Ray cluster (GCS on a free port, never Redis's 6379).
+
+    Our own listeners (router, hubs) bind ``config.host`` (loopback by default). Ray 2.60's own gRPC
+    ports bind every interface whatever the node IP (Ray turns 127.0.0.1 into the node's address);
+    its token authentication, on by default, is what guards them.
+    """
     os.environ.update(ray_env(config))
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 2,
         include_dashboard=False,
         namespace=ids.NAMESPACE,
-        _node_ip_address="127.0.0.1",
         logging_level=logging.WARNING,
         log_to_driver=True,
         configure_logging=True,
