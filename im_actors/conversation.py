@@ -119,6 +119,7 @@ class ConversationShard:
         self._loop_task: asyncio.Task[None] | None = None
         self._commits: set[asyncio.Task[None]] = set()
         self._fanout: Batcher[int] = Batcher(self._send_fanout, config.fanout_batch_max, config.fanout_batch_ms)
+        self._events: Batcher[int] = Batcher(self._send_events, config.fanout_batch_max, config.fanout_batch_ms)
         self.stats: dict[str, float] = {
             "committed": 0,
             "dups": 0,
@@ -446,10 +447,35 @@ class ConversationShard:
                 out[conv] = seqr.last
         return out
 
-    async def read(self, user: str, conv: str, seq: int) -> None:
-        """Move ``user``'s read cursor in ``conv`` to ``seq`` (never backwards, never past last)."""
+    async def read(self, user: str, conv: str, seq: int, origin: tuple[str, int] | None = None) -> None:
+        """Move ``user``'s read cursor in ``conv`` to ``seq`` (never backwards, never past last).
+
+        Then every member's devices and the user's other devices get ``receipt`` (PROTOCOL.md 5);
+        ``origin`` (hub, connection id) is the reading connection, which gets none.
+        """
         seqr = await self._member_sequencer(user, conv)
-        await self.store.set_read(user, conv, min(seq, seqr.last))
+        seq = min(seq, seqr.last)
+        await self.store.set_read(user, conv, seq)
+        self._emit({"t": "receipt", "conv": conv, "user": user, "seq": seq}, seqr.members, origin)
+
+    async def typing(self, user: str, conv: str, origin: tuple[str, int] | None = None) -> None:
+        """Tell the other members' online devices that ``user`` is typing; nothing is stored."""
+        seqr = await self._member_sequencer(user, conv)
+        self._emit({"t": "typing", "conv": conv, "user": user}, seqr.members - {user}, origin)
+
+    def _emit(self, frame: dict[str, Any], users: frozenset[str], origin: tuple[str, int] | None) -> None:
+        """Queue an unsolicited, unstored event for the online devices of ``users``, batched per shard."""
+        by_shard: dict[int, list[str]] = {}
+        for user in users:
+            by_shard.setdefault(self.peers.session_index(user), []).append(user)
+        for shard, shard_users in by_shard.items():
+            self._events.add(shard, (frame, shard_users, origin))
+
+    async def _send_events(self, shard: int, items: list[tuple[dict[str, Any], list[str], Any]]) -> None:
+        try:
+            await self.peers.sessions[shard].call("events", items)
+        except Unavailable as exc:
+            log.info("%d events to session shard %d dropped: %s", len(items), shard, exc)
 
     def is_member(self, user: str, conv: str) -> bool:
         """Membership as the active sequencer knows it (False when not active)."""
@@ -501,9 +527,13 @@ class ConversationShardActor:
         """See :meth:`ConversationShard.last_seqs`."""
         return await self._shard.last_seqs(user, convs)
 
-    async def read(self, user: str, conv: str, seq: int) -> None:
+    async def read(self, user: str, conv: str, seq: int, origin: tuple[str, int] | None = None) -> None:
         """See :meth:`ConversationShard.read`."""
-        await self._shard.read(user, conv, seq)
+        await self._shard.read(user, conv, seq, origin)
+
+    async def typing(self, user: str, conv: str, origin: tuple[str, int] | None = None) -> None:
+        """See :meth:`ConversationShard.typing`."""
+        await self._shard.typing(user, conv, origin)
 
     async def members(self, user: str, conv: str) -> list[str]:
         """See :meth:`ConversationShard.members`."""

@@ -19,6 +19,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,8 +305,11 @@ class Hub:
             convs = await self.peers.session(user).call("convs", user)
             return {"t": "convs", "id": rid, "convs": convs}
         if req.t == "read":
-            await self.peers.conv(f["conv"]).call("read", user, f["conv"], f["seq"])
+            await self.peers.conv(f["conv"]).call("read", user, f["conv"], f["seq"], (self.name, conn.id))
             return {"t": "ok", "id": rid}
+        if req.t == "typing":
+            await self.peers.conv(f["conv"]).call("typing", user, f["conv"], (self.name, conn.id))
+            return None if rid is None else {"t": "ok", "id": rid}
         if req.t == "group.create":
             shard = self.peers.groups[ids.shard_of(f"{user}:{rid}:{_now_ms()}", len(self.peers.groups))]
             res = await shard.call("create", user, f["name"], f["members"])
@@ -322,8 +326,6 @@ class Hub:
         if req.t == "push.unregister":
             await self.peers.session(user).call("unregister_push", user, conn.device)
             return {"t": "ok", "id": rid}
-        if req.t == "typing":
-            return None  # BUG: typing is validated but not forwarded yet (issue 3).
         raise BadRequest(f"{req.t} is not implemented by this server version yet")
 
     @staticmethod
@@ -342,11 +344,19 @@ class Hub:
     def deliver(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:
         """Queue committed entries on their target connections: ``[(entry, [conn id, ...])]``.
 
-        Each entry is encoded once per subprotocol. Returns the number of frames queued; ids of
-        connections that are gone are skipped (their clients catch up with sync).
+        Returns the number of frames queued; ids of connections that are gone are skipped (their
+        clients catch up with sync).
         """
+        return self._queue_frames((protocol.msg_frame(entry), conn_ids) for entry, conn_ids in items)
+
+    def deliver_events(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:
+        """Queue unstored events (``receipt``, ``typing``): ``[(frame, [conn id, ...])]``."""
+        return self._queue_frames(items)
+
+    def _queue_frames(self, items: Iterable[tuple[dict[str, Any], list[int]]]) -> int:
+        """Encode each frame once per subprotocol and queue the same bytes on every target."""
         queued = 0
-        for entry, conn_ids in items:
+        for frame, conn_ids in items:
             encoded: dict[str, bytes | str] = {}
             for cid in conn_ids:
                 conn = self.conns.get(cid)
@@ -354,7 +364,7 @@ class Hub:
                     continue
                 data = encoded.get(conn.subprotocol)
                 if data is None:
-                    data = encoded[conn.subprotocol] = protocol.encode(protocol.msg_frame(entry), conn.subprotocol)
+                    data = encoded[conn.subprotocol] = protocol.encode(frame, conn.subprotocol)
                 self._enqueue(conn, data)
                 queued += 1
         return queued
@@ -398,6 +408,22 @@ class HubActor:
     def deliver(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:
         """See :meth:`Hub.deliver`."""
         return self._hub.deliver(items)
+
+    async def reannounce(self, session_index: int) -> int:
+        """Tell session shard ``session_index`` (new or restarted) about this hub's connections
+        of its users; returns how many."""
+        conns = [
+            (c.user, c.device, self._hub.name, c.id)
+            for c in self._hub.conns.values()
+            if not c.closing and self._hub.peers.session_index(c.user) == session_index
+        ]
+        if conns:
+            await self._hub.peers.sessions[session_index].call("connect_many", conns)
+        return len(conns)
+
+    def deliver_events(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:
+        """See :meth:`Hub.deliver_events`."""
+        return self._hub.deliver_events(items)
 
     async def close_conn(self, conn_id: int, code: int, reason: str) -> None:
         """See :meth:`Hub.close_conn`."""

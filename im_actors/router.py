@@ -139,6 +139,7 @@ class RouterActor:
         self._table = HubTable()
         self._runner: web.AppRunner | None = None
         self._beat: asyncio.Task[None] | None = None
+        self._sessions_beat: asyncio.Task[None] | None = None
         self.url = ""
 
     async def ready(self) -> str:
@@ -152,6 +153,7 @@ class RouterActor:
             host = self._config.advertise_host or self._config.host
             self.url = f"http://{host}:{port}"
             self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
+            self._sessions_beat = asyncio.get_running_loop().create_task(self._supervise())
         return self.url
 
     def _health(self) -> dict[str, Any]:
@@ -172,6 +174,18 @@ class RouterActor:
             names = set(self._peers.hubs) | set(self._table.hubs)
             await asyncio.gather(*(self._probe(name, interval) for name in sorted(names)))
             await asyncio.sleep(max(0.0, interval - (asyncio.get_running_loop().time() - started)))
+
+    async def _supervise(self) -> None:
+        """Every heartbeat, call ``ready`` on each session shard: a restarted one comes back
+        empty, and its first ``ready`` has the hubs re-announce their connections to it."""
+        interval = self._config.heartbeat_s
+        while True:
+            for session in self._peers.sessions:
+                try:
+                    await session.call("ready", timeout=10 * interval)
+                except Unavailable as exc:
+                    log.info("%s not ready: %s", session.name, exc)
+            await asyncio.sleep(interval)
 
     async def _probe(self, name: str, timeout: float) -> None:
         try:

@@ -56,6 +56,9 @@ class SessionShard:
         self.push = push
         self.users: dict[str, UserSession] = {}
         self._to_hubs: Batcher[str] = Batcher(self._send_to_hub, config.fanout_batch_max, config.fanout_batch_ms)
+        self._events_to_hubs: Batcher[str] = Batcher(
+            self._send_events_to_hub, config.fanout_batch_max, config.fanout_batch_ms
+        )
         self.stats = {"fanout_entries": 0, "deliveries": 0, "push_jobs": 0}
 
     def _session(self, user: str) -> UserSession:
@@ -193,6 +196,30 @@ class SessionShard:
         self.push.publish(job)
         self.stats["push_jobs"] += 1
 
+    def events(self, items: list[tuple[dict[str, Any], list[str], tuple[str, int] | None]]) -> None:
+        """Forward unstored events (receipt, typing) to the online devices of their users.
+
+        ``items``: ``[(frame, [user, ...], origin)]``; ``origin`` (hub, connection id) is skipped.
+        Offline devices get nothing: events are not entries and are never pushed.
+        """
+        for frame, users, origin in items:
+            per_hub: dict[str, list[int]] = {}
+            for user in users:
+                s = self.users.get(user)
+                if s is None:
+                    continue
+                for hub, conn_id in s.devices.values():
+                    if (hub, conn_id) != origin:
+                        per_hub.setdefault(hub, []).append(conn_id)
+            for hub, conns in per_hub.items():
+                self._events_to_hubs.add(hub, (frame, conns))
+
+    async def _send_events_to_hub(self, hub: str, items: list[tuple[dict[str, Any], list[int]]]) -> None:
+        try:
+            await self.peers.hub(hub).call("deliver_events", items)
+        except Unavailable as exc:
+            log.info("%d events to %s dropped: %s", len(items), hub, exc)
+
     async def _send_to_hub(self, hub: str, items: list[tuple[dict[str, Any], list[int]]]) -> None:
         try:
             await self.peers.hub(hub).call("deliver", items)
@@ -221,8 +248,10 @@ class SessionShard:
 class SessionShardActor:
     """Ray shell of :class:`SessionShard`; owns the push publisher when push is configured."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, index: int = 0) -> None:
         self._config = config
+        self._index = index
+        self._announced = False  # hubs re-announce their connections to a new or restarted shard
         self._store = Store(config)
         self._publisher: Any = None
         self._publisher_started = False
@@ -233,11 +262,24 @@ class SessionShardActor:
         self._core = SessionShard(config, Peers(config), self._store, self._publisher)
 
     async def ready(self) -> bool:
-        """Start the push publisher (it connects in the background); True when started."""
+        """Start the push publisher (it connects in the background) and, the first time this
+        incarnation is asked, have every hub re-announce its connections here. The router calls
+        this on every heartbeat, so a restarted shard knows its users' devices again within one
+        heartbeat (DESIGN.md section 4). Returns True.
+        """
         if self._publisher is not None and not self._publisher_started:
             self._publisher_started = True
             await self._publisher.start()
+        if not self._announced:
+            self._announced = True
+            for hub in self._core.peers.hubs.values():
+                hub.notify("reannounce", self._index)
         return True
+
+    def connect_many(self, conns: list[tuple[str, str, str, int]]) -> None:
+        """A hub re-announces its connections ``[(user, device, hub, conn id)]`` after a restart."""
+        for user, device, hub, conn_id in conns:
+            self.connect(user, device, hub, conn_id)
 
     def connect(self, user: str, device: str, hub: str, conn_id: int) -> None:
         """See :meth:`SessionShard.connect`; closes a replaced connection with 4409."""
@@ -258,6 +300,10 @@ class SessionShardActor:
         if not self._publisher_started:
             await self.ready()  # after a restart nobody else calls ready
         await self._core.fanout(items)
+
+    def events(self, items: list[tuple[dict[str, Any], list[str], tuple[str, int] | None]]) -> None:
+        """See :meth:`SessionShard.events`."""
+        self._core.events(items)
 
     async def register_push(self, user: str, device: str, provider: str, token: str) -> None:
         """See :meth:`SessionShard.register_push`."""
