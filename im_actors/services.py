@@ -131,10 +131,13 @@ def _die_with_parent() -> None:
         pass  # not Linux: LocalServices.stop still stops it on a normal exit
 
 
-def start_secantus(services: LocalServices, timeout_s: float = 30.0) -> str:
-    """Start a SecantusDB server on a free loopback port; returns its ``mongodb://`` URL.
+def start_secantus(services: LocalServices, timeout_s: float = 30.0, port: int = 0, folder: Path | None = None) -> str:
+    """Start a SecantusDB server on loopback; returns its ``mongodb://`` URL.
 
-    Raises :class:`ServiceError` when the command is missing or the server does not answer.
+    ``port`` 0 picks a free one; ``folder`` None makes a temporary one (removed by
+    :meth:`LocalServices.stop`). Passing the port and folder of a stopped server starts it again
+    on its data (the fault tests do). Raises :class:`ServiceError` when the command is missing or
+    the server does not answer.
     """
     beside = Path(sys.executable).parent / SECANTUS_COMMAND  # the same virtualenv, activated or not
     exe = str(beside) if beside.exists() else shutil.which(SECANTUS_COMMAND)
@@ -144,9 +147,10 @@ def start_secantus(services: LocalServices, timeout_s: float = 30.0) -> str:
             "Install it (pip install --pre SecantusDB) or set mongo_url / IM_MONGO_URL to a MongoDB server."
         )
     _sweep_orphan_folders()
-    folder = Path(tempfile.mkdtemp(prefix=_FOLDER_PREFIX))
-    services.folders.append(folder)
-    port = free_port()
+    if folder is None:
+        folder = Path(tempfile.mkdtemp(prefix=_FOLDER_PREFIX))
+        services.folders.append(folder)
+    port = port or free_port()
     log_file = open(folder / "secantusd.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(
         [
