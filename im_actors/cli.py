@@ -8,6 +8,7 @@ oracle found a lost, duplicated or reordered delivery (DESIGN.md section 10).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -55,6 +56,52 @@ def _connect_ray(address: str) -> None:
         raise typer.Exit(4) from None
 
 
+def _chaos_spec(spec: str, cfg: Config, mongo_given: bool) -> Any:
+    from drivers.chaos import ChaosSpec
+
+    try:
+        parsed = ChaosSpec.parse(spec)
+    except ValueError as exc:
+        typer.echo(f"im-actors: --chaos: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if spec.split(":")[0].strip() in ("", "all"):  # leave out what this run cannot break
+        skip = {"mongodb"} if mongo_given else set()
+        skip |= {"push"} if cfg.push_workers == 0 else set()
+        skip |= {"store"} if cfg.store_writers == 0 else set()
+        parsed = ChaosSpec(tuple(k for k in parsed.kinds if k not in skip), parsed.interval_s)
+    return parsed
+
+
+async def _run_with_chaos(
+    cfg: Config,
+    router_url: str,
+    workload: Any,
+    spec: Any,
+    services: Any,
+    duration: float,
+    outage_s: float,
+    processes: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """The workload with a :class:`drivers.chaos.ChaosMonkey` breaking things beside it."""
+    from drivers.chaos import ChaosMonkey, summarize
+    from drivers.run import run_workload_async
+
+    monkey = ChaosMonkey(cfg, router_url, spec, services, outage_s=outage_s)
+    await monkey.start()
+    run = asyncio.create_task(run_workload_async(router_url, workload, processes, progress))
+    setup_s = 5.0  # the driver connects its clients and creates the groups first
+    schedule = spec.schedule(setup_s + 0.05 * duration, setup_s + 0.8 * duration)
+    faults_task = asyncio.create_task(monkey.run(schedule))
+    try:
+        result = await run
+    finally:
+        faults_task.cancel()
+    result["faults"] = await monkey.finish()
+    result["faults_summary"] = summarize(result["faults"])
+    return result
+
+
 def _sigterm_to_exit() -> None:
     """Turn SIGTERM into SystemExit so that ``finally`` blocks stop what the demo started."""
 
@@ -88,6 +135,11 @@ def verdict(report: dict[str, Any]) -> list[str]:
         problems.append(f"delivered {report.get('delivered')} != expected {report.get('expected_deliveries')}")
     if not report.get("acked"):
         problems.append("no message was acknowledged")
+    for fault in report.get("faults", []):
+        if fault.get("error"):
+            problems.append(f"fault {fault['kind']} at {fault['at_s']} s not injected: {fault['error']}")
+        elif fault.get("recovery_s") is None:
+            problems.append(f"fault {fault['kind']} at {fault['at_s']} s: no recovery seen")
     return problems
 
 
@@ -106,6 +158,11 @@ def _summary(report: dict[str, Any]) -> str:
         f"  delivery latency ms  p50 {dl['p50']}  p95 {dl['p95']}  p99 {dl['p99']}  max {dl['max']}",
         "  services  " + "  ".join(f"{k}: {v.get('server', '?')} {v.get('version', '')}" for k, v in svc.items()),
     ]
+    for kind, row in report.get("faults_summary", {}).items():
+        lines.append(
+            f"  fault {kind:8} injected {row['injected']}  recovered {row['recovered']}  "
+            f"recovery median {row['median_recovery_s']} s  worst {row['worst_recovery_s']} s"
+        )
     return "\n".join(lines)
 
 
@@ -131,6 +188,11 @@ def demo(
     redis_url: RedisOpt = None,
     rabbitmq_url: AmqpOpt = None,
     progress: Annotated[bool | None, typer.Option(help="progress bar [default: when stderr is a terminal]")] = None,
+    chaos: Annotated[
+        str | None,
+        typer.Option(help="inject faults during the run: all, a list like hub,conv,mongodb, optionally :INTERVAL_S"),
+    ] = None,
+    chaos_outage: Annotated[float, typer.Option(help="how long a mongodb fault keeps the server down (s)")] = 10.0,
 ) -> None:
     """Run a local cluster, carry real chat traffic through it, verify every delivery, write a report."""
     import ray
@@ -162,6 +224,7 @@ def demo(
         cfg = cfg.model_copy(update={"mongo_db": f"im_{cfg.deployment}"})
     if progress is None:
         progress = sys.stderr.isatty()
+    chaos_spec = _chaos_spec(chaos, cfg, own_mongo_db) if chaos else None
     if synthetic:
         workload: Any = SyntheticWorkload(users=users, rate=rate, duration_s=duration, group_size=group_size)
     else:
@@ -188,7 +251,14 @@ def demo(
         _sigterm_to_exit()  # ray.init installs its own SIGTERM handler, which skips our clean-up
         dep = deploy(cfg)
         typer.echo(f"router {dep.router_url}; hubs {', '.join(dep.hub_urls.values())}")
-        result = run_workload(dep.router_url, workload, processes=processes, progress=progress)
+        if chaos_spec is None:
+            result = run_workload(dep.router_url, workload, processes=processes, progress=progress)
+        else:
+            result = asyncio.run(
+                _run_with_chaos(
+                    cfg, dep.router_url, workload, chaos_spec, services, duration, chaos_outage, processes, progress
+                )
+            )
         result["hubs"] = cfg.hubs
         result["config"] = cfg.knobs()
         result["services"] = describe_services(cfg)

@@ -62,6 +62,40 @@ class LocalServices:
 
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)
+    #: The MongoDB-wire server started here, if any: its port, data folder and process.
+    mongo_port: int = 0
+    mongo_folder: Path | None = None
+    mongo_proc: subprocess.Popen[bytes] | None = None
+
+    def stop_mongo(self) -> None:
+        """Stop the MongoDB-wire server started here, keeping its data (a fault, for chaos runs)."""
+        proc = self.mongo_proc
+        if proc is None:
+            raise ServiceError("MongoDB: no local server was started for this run (mongo_url was given)")
+        self.mongo_proc = None
+        self.processes.remove(proc)
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def start_mongo(self, wait: bool = True) -> str:
+        """Start the stopped MongoDB-wire server again on its port and data; returns its URL.
+
+        With ``wait`` False it returns at once (call :meth:`wait_mongo` later): the server must be
+        spawned from a long-lived thread, since Linux kills it when the spawning thread exits.
+        """
+        if self.mongo_folder is None or not self.mongo_port:
+            raise ServiceError("MongoDB: no local server was started for this run (mongo_url was given)")
+        return start_secantus(self, port=self.mongo_port, folder=self.mongo_folder, wait=wait)
+
+    def wait_mongo(self, timeout_s: float = 30.0) -> None:
+        """Wait until the MongoDB-wire server started here answers; raises :class:`ServiceError`."""
+        if self.mongo_proc is None or self.mongo_folder is None:
+            raise ServiceError("MongoDB: no local server is running for this run")
+        _wait_secantus(self.mongo_proc, _secantus_url(self.mongo_port), self.mongo_folder, timeout_s)
 
     def stop(self) -> None:
         """Stop every process started (SIGTERM, then SIGKILL after 5 s) and remove the folders."""
@@ -131,7 +165,32 @@ def _die_with_parent() -> None:
         pass  # not Linux: LocalServices.stop still stops it on a normal exit
 
 
-def start_secantus(services: LocalServices, timeout_s: float = 30.0, port: int = 0, folder: Path | None = None) -> str:
+def _secantus_url(port: int) -> str:
+    return f"mongodb://127.0.0.1:{port}/?directConnection=true"
+
+
+def _wait_secantus(proc: subprocess.Popen[bytes], url: str, folder: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"MongoDB: SecantusDB exited with {proc.returncode}; see {folder / 'secantusd.log'}")
+        try:
+            client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(url, serverSelectionTimeoutMS=500)
+            client.admin.command("ping")
+            client.close()
+            return
+        except pymongo.errors.PyMongoError:
+            time.sleep(0.2)
+    raise ServiceError(f"MongoDB: SecantusDB did not answer at {url} within {timeout_s:.0f} s")
+
+
+def start_secantus(
+    services: LocalServices,
+    timeout_s: float = 30.0,
+    port: int = 0,
+    folder: Path | None = None,
+    wait: bool = True,
+) -> str:
     """Start a SecantusDB server on loopback; returns its ``mongodb://`` URL.
 
     ``port`` 0 picks a free one; ``folder`` None makes a temporary one (removed by
@@ -170,20 +229,12 @@ def start_secantus(services: LocalServices, timeout_s: float = 30.0, port: int =
         preexec_fn=_die_with_parent,
     )
     services.processes.append(proc)
+    services.mongo_port, services.mongo_folder, services.mongo_proc = port, folder, proc
     (folder / "owner.pid").write_text(str(os.getpid()))
-    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServiceError(f"MongoDB: SecantusDB exited with {proc.returncode}; see {folder / 'secantusd.log'}")
-        try:
-            client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(url, serverSelectionTimeoutMS=500)
-            client.admin.command("ping")
-            client.close()
-            return url
-        except pymongo.errors.PyMongoError:
-            time.sleep(0.2)
-    raise ServiceError(f"MongoDB: SecantusDB did not answer on port {port} within {timeout_s:.0f} s")
+    url = _secantus_url(port)
+    if wait:
+        _wait_secantus(proc, url, folder, timeout_s)
+    return url
 
 
 def ensure_services(config: Config) -> tuple[Config, LocalServices]:

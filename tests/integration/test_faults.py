@@ -130,6 +130,10 @@ async def test_restarted_session_shard_gets_connections_reannounced(deployment: 
     try:
         conv = ids.direct_conv(a_user, b_user)
         await alice.send(conv, "before")
+        for _ in range(250):  # delivered live before the fault
+            if got:
+                break
+            await asyncio.sleep(0.02)
         index = ids.shard_of(b_user, deployment.config.session_shards)
         name = ids.actor_name("session", index, deployment.config.actor_prefix)
         ray.kill(ray.get_actor(name, namespace=ids.NAMESPACE), no_restart=False)
@@ -143,3 +147,19 @@ async def test_restarted_session_shard_gets_connections_reannounced(deployment: 
         assert bob.gap_fills == 0 and bob.reconnects == 0  # delivered live, not by catch-up
     finally:
         await asyncio.gather(alice.close(), bob.close())
+
+
+async def test_chaos_every_actor_kind_and_a_redis_flush_twice(deployment: Deployment) -> None:
+    from drivers.chaos import ChaosMonkey, ChaosSpec
+
+    spec = ChaosSpec(("hub", "conv", "session", "store", "push", "redis"))
+    monkey = ChaosMonkey(deployment.config, deployment.router_url, spec, services=None)
+    await monkey.start()
+    workload = SyntheticWorkload(users=16, rate=40, duration_s=14, group_size=4, direct_share=0.3, seed=7)
+    run = asyncio.create_task(run_workload_async(deployment.router_url, workload, progress=False))
+    await monkey.run(spec.schedule(2.0, 13.0))
+    report = await run
+    faults = await monkey.finish()
+    _clean(report)
+    assert sorted(f["kind"] for f in faults) == sorted(spec.kinds * 2)
+    assert all(f["error"] is None and f["recovery_s"] is not None for f in faults), faults

@@ -74,10 +74,13 @@ class PrivateStack:
         redis.Redis(port=self.redis_port).flushall()
 
     def start_mongo(self) -> None:
-        start_secantus(self.mongo_services, port=self.mongo_port, folder=self.mongo_folder)
+        if self.mongo_services.mongo_folder is None:
+            start_secantus(self.mongo_services, port=self.mongo_port, folder=self.mongo_folder)
+        else:
+            self.mongo_services.start_mongo()
 
     def stop_mongo(self) -> None:
-        self.mongo_services.stop()
+        self.mongo_services.stop_mongo()
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,7 @@ def stack(base_config: Config, local_ray: None, tmp_path_factory: pytest.TempPat
         teardown(cfg)
         purge_deployment(cfg)
         st.stop_redis()
-        st.stop_mongo()
+        st.mongo_services.stop()
 
 
 def _kill(dep: Deployment, role: str, index: int) -> None:

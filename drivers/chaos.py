@@ -1,0 +1,312 @@
+"""Chaos mode: faults injected on a schedule while real traffic flows (DESIGN.md sections 4 and 10).
+
+A :class:`ChaosMonkey` runs beside a workload in the deploying process (it needs Ray and the local
+services). It injects one fault every ``interval_s``, cycling through the requested kinds:
+
+=========  =======================================================================================
+kind       fault
+=========  =======================================================================================
+hub        a hub actor killed (Ray restarts it empty; its clients reconnect elsewhere and sync)
+conv       a conversation shard killed (sequencers re-activate from storage)
+session    a session shard killed (hubs re-announce their connections to it)
+store      a store writer killed (the commit is retried once on another writer, else unavailable)
+push       a push worker killed (RabbitMQ hands its unacked jobs out again)
+mongodb    the MongoDB-wire server stopped for ``outage_s`` and started again on its data
+           (only when this run started it: a given ``mongo_url`` is never touched)
+redis      every Redis key of this deployment deleted (a flush, as the deployment sees it; the
+           shared Redis itself is never flushed or restarted)
+=========  =======================================================================================
+
+Recovery is measured by probes: a few probe clients (at least one per hub) in a probe group, one
+of which sends a probe message every ``probe_interval_s``. A fault's recovery time is the time from
+the fault until a probe message *sent after it* has been acknowledged and delivered to every probe
+client. The worst delivery latency of probe messages sent during the recovery window is reported
+too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import redis
+
+from im_actors import ids
+from im_actors.client import Client
+from im_actors.config import Config
+from im_actors.services import LocalServices
+
+__all__ = ["KINDS", "ChaosSpec", "Fault", "ChaosMonkey", "summarize"]
+
+log = logging.getLogger(__name__)
+
+#: Every fault kind, in the order ``all`` cycles through them.
+KINDS = ("hub", "conv", "session", "store", "push", "mongodb", "redis")
+_ACTOR_KINDS = {"hub": "hub", "conv": "conv", "session": "session", "store": "store", "push": "push"}
+
+
+@dataclass(frozen=True)
+class ChaosSpec:
+    """Which faults, how often: parsed from ``all``, ``hub,conv`` or ``all:15`` (interval in s)."""
+
+    kinds: tuple[str, ...]
+    interval_s: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> ChaosSpec:
+        """Parse ``KINDS[:INTERVAL_S]``; raises ValueError naming an unknown kind."""
+        names, _, interval = spec.partition(":")
+        kinds = KINDS if names.strip() in ("", "all") else tuple(k.strip() for k in names.split(",") if k.strip())
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown fault kind(s) {unknown}; known: {', '.join(KINDS)} or all")
+        return cls(kinds, float(interval) if interval else None)
+
+    def schedule(self, start_s: float, end_s: float, rounds: int = 2) -> list[tuple[float, str]]:
+        """Times (s from the run's start) and kinds: every kind ``rounds`` times within the window,
+        unless an explicit interval is given (then as many as fit)."""
+        span = max(0.0, end_s - start_s)
+        if self.interval_s:
+            n = max(1, int(span // self.interval_s))
+            step = self.interval_s
+        else:
+            n = len(self.kinds) * rounds
+            step = span / n if n else span
+        return [(start_s + i * step, self.kinds[i % len(self.kinds)]) for i in range(n)]
+
+
+@dataclass
+class Fault:
+    """One injected fault and what it cost."""
+
+    kind: str
+    target: str
+    at_s: float
+    recovery_s: float | None = None
+    worst_latency_ms: float | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for the report."""
+        return {
+            "kind": self.kind,
+            "target": self.target,
+            "at_s": round(self.at_s, 3),
+            "recovery_s": None if self.recovery_s is None else round(self.recovery_s, 3),
+            "worst_delivery_latency_ms": self.worst_latency_ms,
+            "error": self.error,
+        }
+
+
+@dataclass
+class _Probe:
+    sent: float
+    acked: float | None = None
+    received: dict[str, float] = field(default_factory=dict)
+
+
+class ChaosMonkey:
+    """Injects the faults of ``spec`` into the deployment of ``config`` and measures recovery.
+
+    ``services`` is what the run started locally (for the ``mongodb`` fault). Use as::
+
+        monkey = ChaosMonkey(config, router_url, spec, services)
+        await monkey.start()
+        task = asyncio.create_task(monkey.run(schedule))
+        ... run the workload ...
+        faults = await monkey.finish()
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        router_url: str,
+        spec: ChaosSpec,
+        services: LocalServices | None,
+        outage_s: float = 10.0,
+        probe_interval_s: float = 0.2,
+        probes: int = 4,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.router_url = router_url
+        self.spec = spec
+        self.services = services
+        self.outage_s = outage_s
+        self.probe_interval_s = probe_interval_s
+        self.n_probes = max(2, probes)
+        self.rng = rng or random.Random()
+        self.faults: list[Fault] = []
+        self._t0 = time.monotonic()
+        self._probes: dict[int, _Probe] = {}
+        self._clients: list[Client] = []
+        self._conv = ""
+        self._sender_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def now(self) -> float:
+        """Seconds since :meth:`start`."""
+        return time.monotonic() - self._t0
+
+    # --- probes ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the probe clients (at least one on every hub when possible) and start probing."""
+        self._t0 = time.monotonic()
+        prefix = f"probe{secrets.token_hex(3)}"
+        for i in range(self.n_probes + self.config.hubs):
+            name = f"{prefix}-{i}"
+            client = Client(self.router_url, name, on_msg=self._on_msg(name), send_deadline_s=120.0)
+            await client.connect()
+            self._clients.append(client)
+            if len(self._clients) >= self.n_probes and len({c.hub for c in self._clients}) >= self.config.hubs:
+                break
+        _, self._conv = await self._clients[0].group_create("chaos probes", [c.user for c in self._clients[1:]])
+        self._sender_task = asyncio.get_running_loop().create_task(self._send_probes())
+
+    def _on_msg(self, user: str) -> Callable[[dict[str, Any]], None]:
+        def record(msg: dict[str, Any]) -> None:
+            meta = msg.get("meta") or {}
+            probe = self._probes.get(meta.get("probe", -1)) if msg.get("conv") == self._conv else None
+            if probe is not None:
+                probe.received.setdefault(user, self.now())
+
+        return record
+
+    async def _send_probes(self) -> None:
+        sender = self._clients[0]
+        n = 0
+        while not self._stopping:
+            n += 1
+            probe = self._probes[n] = _Probe(self.now())
+            asyncio.get_running_loop().create_task(self._send_one(sender, n, probe))
+            await asyncio.sleep(self.probe_interval_s)
+
+    async def _send_one(self, sender: Client, n: int, probe: _Probe) -> None:
+        try:
+            await sender.send(self._conv, f"probe {n}", cmid=f"probe-{n}", meta={"probe": n})
+            probe.acked = self.now()
+        except Exception as exc:  # noqa: BLE001 - a probe that never commits just never counts
+            log.info("probe %d not committed: %s", n, exc)
+
+    # --- faults ------------------------------------------------------------------------------
+
+    async def run(self, schedule: list[tuple[float, str]]) -> None:
+        """Inject the faults of ``schedule`` (``[(at_s, kind)]``, times since :meth:`start`)."""
+        for at_s, kind in schedule:
+            await asyncio.sleep(max(0.0, at_s - self.now()))
+            if self._stopping:
+                return
+            await self.inject(kind)
+
+    async def inject(self, kind: str) -> Fault:
+        """Inject one fault of ``kind`` now; returns its record (recovery filled in by :meth:`finish`)."""
+        fault = Fault(kind, "", self.now())
+        self.faults.append(fault)
+        try:
+            if kind in _ACTOR_KINDS:
+                fault.target = self._kill_actor(_ACTOR_KINDS[kind])
+            elif kind == "mongodb":
+                fault.target = "mongodb"
+                if self.services is None or self.services.mongo_proc is None:
+                    raise RuntimeError("mongo_url was given: this run does not own the MongoDB server")
+                await asyncio.to_thread(self.services.stop_mongo)
+                await asyncio.sleep(self.outage_s)
+                # Spawned from this (long-lived) thread: the server dies with the thread that made it.
+                self.services.start_mongo(wait=False)
+                await asyncio.to_thread(self.services.wait_mongo)
+            elif kind == "redis":
+                fault.target = f"redis keys {self.config.key_prefix}*"
+                await asyncio.to_thread(self._flush_prefix)
+        except Exception as exc:  # noqa: BLE001 - recorded in the report
+            fault.error = f"{type(exc).__name__}: {exc}"
+            log.warning("fault %s not injected: %s", kind, fault.error)
+        log.warning("chaos: %s %s at %.1f s", kind, fault.target, fault.at_s)
+        return fault
+
+    def _kill_actor(self, role: str) -> str:
+        count = {
+            "hub": self.config.hubs,
+            "conv": self.config.conv_shards,
+            "session": self.config.session_shards,
+            "store": self.config.store_writers,
+            "push": self.config.push_workers,
+        }[role]
+        if count == 0:
+            raise RuntimeError(f"the deployment has no {role} actors")
+        name = ids.actor_name(role, self.rng.randrange(count), self.config.actor_prefix)
+        ray.kill(ray.get_actor(name, namespace=ids.NAMESPACE), no_restart=False)
+        return name
+
+    def _flush_prefix(self) -> None:
+        client = redis.Redis.from_url(self.config.redis_url)
+        try:
+            keys = list(client.scan_iter(match=f"{self.config.key_prefix}*", count=1000))
+            for i in range(0, len(keys), 500):
+                client.delete(*keys[i : i + 500])
+        finally:
+            client.close()
+
+    # --- results -----------------------------------------------------------------------------
+
+    async def finish(self, settle_s: float = 30.0) -> list[dict[str, Any]]:
+        """Wait (up to ``settle_s``) until every fault has recovered, stop probing, close the
+        probe clients, and return the faults as plain data."""
+        deadline = self.now() + settle_s
+        while self.now() < deadline and any(self._recovery(f) is None for f in self.faults):
+            await asyncio.sleep(0.2)
+        self._stopping = True
+        if self._sender_task is not None:
+            self._sender_task.cancel()
+        for fault in self.faults:
+            fault.recovery_s = self._recovery(fault)
+            fault.worst_latency_ms = self._worst_latency(fault)
+        await asyncio.gather(*(c.close() for c in self._clients), return_exceptions=True)
+        return [f.as_dict() for f in self.faults]
+
+    def _complete(self, probe: _Probe) -> float | None:
+        if probe.acked is None or len(probe.received) < len(self._clients):
+            return None
+        return max(probe.acked, *probe.received.values())
+
+    def _recovery(self, fault: Fault) -> float | None:
+        for n in sorted(self._probes):
+            probe = self._probes[n]
+            if probe.sent < fault.at_s:
+                continue
+            done = self._complete(probe)
+            if done is not None:
+                return done - fault.at_s
+        return None
+
+    def _worst_latency(self, fault: Fault) -> float | None:
+        end = fault.at_s + (fault.recovery_s or 0.0) + self.probe_interval_s
+        lat = [
+            (done - p.sent) * 1000
+            for p in self._probes.values()
+            if fault.at_s - self.probe_interval_s <= p.sent <= end and (done := self._complete(p)) is not None
+        ]
+        return round(max(lat), 1) if lat else None
+
+
+def summarize(faults: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per kind: how many faults, how many recovered, median and worst recovery (s)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in dict.fromkeys(f["kind"] for f in faults):
+        rec = sorted(f["recovery_s"] for f in faults if f["kind"] == kind and f["recovery_s"] is not None)
+        n = sum(1 for f in faults if f["kind"] == kind)
+        out[kind] = {
+            "injected": n,
+            "recovered": len(rec),
+            "median_recovery_s": round(statistics.median(rec), 3) if rec else None,
+            "worst_recovery_s": rec[-1] if rec else None,
+        }
+    return out
