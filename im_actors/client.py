@@ -37,7 +37,7 @@ import itertools
 import logging
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,6 +198,8 @@ class Client:
         backoff_base_s, backoff_max_s: the jittered exponential backoff (:func:`backoff_delay`).
         sync_limit: page size of the gap-filling ``sync`` (1..500).
         ping_interval_s: client-side WebSocket pings (None: only answer the server's pings).
+        held: ``{conv: seq}`` a device restored from its own storage (what it had delivered before it
+            went away): those conversations are caught up from there instead of from "now".
     """
 
     def __init__(
@@ -218,6 +220,7 @@ class Client:
         backoff_max_s: float = 5.0,
         sync_limit: int = 500,
         ping_interval_s: float | None = 20.0,
+        held: Mapping[str, int] | None = None,
     ) -> None:
         if subprotocol not in SUBPROTOCOLS:
             raise ValueError(f"subprotocol must be one of {SUBPROTOCOLS}")
@@ -248,7 +251,7 @@ class Client:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._catch_up_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._convs: dict[str, _ConvState] = {}
+        self._convs: dict[str, _ConvState] = {conv: _ConvState(held=seq) for conv, seq in (held or {}).items()}
         self._baseline_done = False
         self._early: list[dict[str, Any]] = []
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

@@ -74,12 +74,7 @@ class LocalServices:
             raise ServiceError("MongoDB: no local server was started for this run (mongo_url was given)")
         self.mongo_proc = None
         self.processes.remove(proc)
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        _terminate(proc)
 
     def start_mongo(self, wait: bool = True) -> str:
         """Start the stopped MongoDB-wire server again on its port and data; returns its URL.
@@ -100,17 +95,23 @@ class LocalServices:
     def stop(self) -> None:
         """Stop every process started (SIGTERM, then SIGKILL after 5 s) and remove the folders."""
         for proc in self.processes:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            _terminate(proc)
         self.processes.clear()
         for folder in self.folders:
             shutil.rmtree(folder, ignore_errors=True)
         self.folders.clear()
+
+
+def _terminate(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace_s)
 
 
 def _redis_answers(url: str) -> bool:

@@ -163,3 +163,66 @@ async def test_chaos_every_actor_kind_and_a_redis_flush_twice(deployment: Deploy
     _clean(report)
     assert sorted(f["kind"] for f in faults) == sorted(spec.kinds * 2)
     assert all(f["error"] is None and f["recovery_s"] is not None for f in faults), faults
+
+
+async def test_offline_user_catches_up_500_entries_in_3_groups_while_live_ones_arrive(
+    router_url: str, uid: Any
+) -> None:
+    owner_name, late_name = uid("owner"), uid("late")
+    owner = Client(router_url, owner_name)
+    late_got: list[dict[str, Any]] = []
+    late = Client(router_url, late_name, on_msg=late_got.append)
+    await asyncio.gather(owner.connect(), late.connect())
+    convs = [(await owner.group_create(f"room{i}", [late_name]))[1] for i in range(3)]
+    for _ in range(250):
+        if len(late_got) == 3:  # the three "created" entries
+            break
+        await asyncio.sleep(0.02)
+    saved = late.held  # what the device had delivered, as an app would persist it
+    await late.close()  # offline from here
+    try:
+        for n in range(500):
+            await owner.send(convs[n % 3], f"m{n}")
+        late = Client(router_url, late_name, on_msg=late_got.append, held=saved)
+        reconnect = asyncio.create_task(late.connect())  # catch-up runs while live entries arrive
+        live = [await owner.send(conv, "live") for conv in convs]
+        await reconnect
+        per_conv = [len(range(i, 500, 3)) for i in range(3)]  # 167, 167, 166 messages
+        # seq 1 is "created", then the messages, then the live one
+        expected = {conv: list(range(1, per_conv[i] + 3)) for i, conv in enumerate(convs)}
+        for i, conv in enumerate(convs):
+            assert live[i].seq == expected[conv][-1]
+        for _ in range(500):
+            if all(max((m["seq"] for m in late_got if m["conv"] == c), default=0) == expected[c][-1] for c in convs):
+                break
+            await asyncio.sleep(0.02)
+        for conv in convs:
+            seqs = [m["seq"] for m in late_got if m["conv"] == conv]
+            assert seqs == expected[conv]  # every entry once, in seq order ("created" and "live" included)
+    finally:
+        await asyncio.gather(owner.close(), late.close())
+
+
+async def test_same_device_twice_within_100_ms_gives_one_connection_and_no_duplicates(
+    router_url: str, uid: Any
+) -> None:
+    a_name, b_name = uid("a"), uid("b")
+    got: list[list[dict[str, Any]]] = [[], []]
+    first = Client(router_url, b_name, "phone", on_msg=got[0].append)
+    second = Client(router_url, b_name, "phone", on_msg=got[1].append)
+    sender = Client(router_url, a_name)
+    await sender.connect()
+    await asyncio.gather(first.connect(), asyncio.sleep(0.05))
+    await second.connect()
+    try:
+        conv = ids.direct_conv(a_name, b_name)
+        acks = [await sender.send(conv, f"m{i}") for i in range(10)]
+        for _ in range(250):
+            if len(got[1]) == 10:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        assert [m["seq"] for m in got[1]] == [a.seq for a in acks]  # the live one: all, once, in order
+        assert not first.connected and got[0] == []  # the replaced one (4409) got nothing more
+    finally:
+        await asyncio.gather(first.close(), second.close(), sender.close())
