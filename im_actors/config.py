@@ -90,6 +90,12 @@ class Config(BaseSettings):
     )
     max_body_bytes: int = Field(65536, ge=1, description="largest message body (bytes), answered too_large above")
     max_group_members: int = Field(10000, ge=2, description="largest group (members)")
+    max_page_bytes: int = Field(
+        1 << 20, ge=1024, description="bodies in one sync/history page (bytes); at least one entry is always sent"
+    )
+    max_pending_requests: int = Field(
+        256, ge=1, description="unanswered requests per connection; above it the hub stops reading that socket"
+    )
     send_queue_frames: int = Field(10000, ge=1, description="per-connection send queue bound (frames); 4508 above")
     send_queue_bytes: int = Field(16 << 20, ge=1024, description="per-connection send queue bound (bytes); 4508 above")
     ping_interval_s: float = Field(20.0, gt=0, description="WebSocket ping interval (s)")

@@ -32,6 +32,7 @@ from im_actors import ids
 from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.errors import Conflict, Forbidden, RequestError, Unavailable
+from im_actors.protocol import body_size
 from im_actors.refs import Peers
 from im_actors.store import CommitResult, Store
 
@@ -81,6 +82,7 @@ class Sequencer:
     cmids: OrderedDict[tuple[str, str], tuple[int, int, bytes]] = field(default_factory=OrderedDict)
     pending: list[PendingSend] = field(default_factory=list)
     inflight: bool = False
+    indexed: bool = False  # direct conversation recorded in user_convs by this activation
 
     def remember(self, sender: str, cmid: str, seq: int, ts: int, digest: bytes) -> None:
         """Record a committed cmid, forgetting the oldest beyond :data:`RECENT_CMIDS`."""
@@ -94,6 +96,21 @@ class Sequencer:
             if p.item.sender == sender and p.item.cmid == cmid:
                 return p
         return None
+
+
+def _fit(msgs: list[dict[str, Any]], max_bytes: int, newest: bool) -> list[dict[str, Any]]:
+    """The longest run of ``msgs`` whose bodies fit in ``max_bytes`` (at least one entry), taken
+    from the oldest end (sync pages forward) or the newest end (history pages backward): a page
+    must fit a connection's send queue, or the client could never catch up."""
+    order = reversed(msgs) if newest else iter(msgs)
+    kept: list[dict[str, Any]] = []
+    size = 0
+    for m in order:
+        size += body_size(m["body"])
+        if kept and size > max_bytes:
+            break
+        kept.append(m)
+    return kept[::-1] if newest else kept
 
 
 def _ack(conv: str, seq: int, ts: int, dup: bool) -> dict[str, Any]:
@@ -162,7 +179,8 @@ class ConversationShard:
             last = await self.store.last_seq(conv)
             members, exists = await self._load_members(conv)
             seqr = Sequencer(conv=conv, last=last, members=members, exists=exists)
-            self.sequencers[conv] = seqr
+            if exists:  # a made-up group id is answered, never kept (no memory for probes)
+                self.sequencers[conv] = seqr
             fut.set_result(seqr)
             return seqr
         except BaseException as exc:
@@ -172,7 +190,14 @@ class ConversationShard:
         finally:
             del self._activating[conv]
 
+    @staticmethod
+    def _precheck(user: str, conv: str) -> None:
+        """Refuse a non-member of a direct conversation before activating anything."""
+        if ids.conv_kind(conv) == "direct" and user not in ids.direct_members(conv):
+            raise Forbidden("not a member of this conversation")
+
     async def _member_sequencer(self, user: str, conv: str) -> Sequencer:
+        self._precheck(user, conv)
         seqr = await self.sequencer(conv)
         if user not in seqr.members:
             raise Forbidden("not a member of this conversation")
@@ -200,9 +225,12 @@ class ConversationShard:
         return out
 
     async def _enqueue(self, item: SendItem, members: frozenset[str] | None = None) -> dict[str, Any]:
+        if members is None:
+            self._precheck(item.sender, item.conv)
         seqr = await self.sequencer(item.conv)
         if members is None and item.sender not in seqr.members:
             raise Forbidden("not a member of this conversation")
+        seqr = self.sequencers.setdefault(item.conv, seqr)  # a membership change makes the group exist
         digest = body_digest(item.kind, item.body, item.meta)
         known = seqr.cmids.get((item.sender, item.cmid))
         if known is not None:
@@ -301,12 +329,15 @@ class ConversationShard:
         try:
             result = await self._commit_with_retry(entries)
             self.stats["commit_ms_total"] += (time.perf_counter() - started) * 1000
-        except Unavailable as exc:
+        except Exception as exc:  # noqa: BLE001 - every send must be answered, whatever failed
             result = None
             self.stats["unavailable"] += len(entries)
+            msg = exc.msg if isinstance(exc, Unavailable) else f"commit failed: {type(exc).__name__}"
+            if not isinstance(exc, Unavailable):
+                log.exception("commit of %d entries failed", len(entries))
             for p in sends:
                 if not p.future.done():
-                    p.future.set_exception(Unavailable(exc.msg))
+                    p.future.set_exception(Unavailable(msg))
             for conv in convs:
                 # The outcome is unknown: re-seed from storage before numbering again.
                 seqr = self.sequencers.pop(conv, None)
@@ -349,7 +380,8 @@ class ConversationShard:
         fanout: list[tuple[dict[str, Any], frozenset[str]]] = []
         for entry, p in zip(committed, sends, strict=False):
             seqr = self.sequencers[entry["conv"]]
-            if seqr.last == 0 and ids.conv_kind(seqr.conv) == "direct":
+            if not seqr.indexed and ids.conv_kind(seqr.conv) == "direct":
+                seqr.indexed = True  # once per activation: the upsert is idempotent
                 new_convs.append((seqr.conv, seqr.members))
             seqr.last = entry["seq"]
             if p.members is not None:
@@ -367,8 +399,13 @@ class ConversationShard:
                 same = body_digest(ex.get("kind", "text"), ex["body"], ex.get("meta")) == p.digest
                 if same:
                     seqr.remember(ex["sender"], ex["cmid"], ex["seq"], ex["ts"], p.digest)
+                    seqr.last = max(seqr.last, int(ex["seq"]))
                     self.stats["dups"] += 1
                     p.future.set_result(_ack(entry["conv"], ex["seq"], ex["ts"], True))
+                    # Stored by an attempt whose answer was lost (a writer or this shard died after
+                    # the write): it may never have been fanned out. Delivery is at least once and
+                    # clients drop a (conv, seq) they hold, so fan it out again.
+                    fanout.append((ex, seqr.members))
                 else:
                     p.future.set_exception(Conflict("cmid already committed with a different body"))
             else:
@@ -394,7 +431,10 @@ class ConversationShard:
             try:
                 await self.store.add_user_convs(conv, sorted(members))
             except Unavailable as exc:
-                log.warning("%s: user_convs not written: %s", conv, exc)
+                log.warning("%s: user_convs not written (retried with the next commit): %s", conv, exc)
+                active = self.sequencers.get(conv)
+                if active is not None:
+                    active.indexed = False
 
     # --- fan-out -----------------------------------------------------------------------------
 
@@ -423,7 +463,8 @@ class ConversationShard:
         seqr = await self._member_sequencer(user, conv)
         last = seqr.last
         upto = min(after + limit, last)
-        msgs = await self.store.read_range(conv, after, upto)
+        msgs = _fit(await self.store.read_range(conv, after, upto), self.config.max_page_bytes, newest=False)
+        upto = msgs[-1]["seq"] if msgs else upto
         return {"msgs": msgs, "last": last, "more": upto < last}
 
     async def history(self, user: str, conv: str, before: int, limit: int) -> dict[str, Any]:
@@ -432,7 +473,8 @@ class ConversationShard:
         last = seqr.last
         top = last if before == 0 else min(before - 1, last)
         lo = max(0, top - limit)
-        msgs = await self.store.read_range(conv, lo, top)
+        msgs = _fit(await self.store.read_range(conv, lo, top), self.config.max_page_bytes, newest=True)
+        lo = msgs[0]["seq"] - 1 if msgs else lo
         return {"msgs": msgs, "last": last, "more": lo > 0}
 
     async def last_seqs(self, user: str, convs: list[str]) -> dict[str, int]:

@@ -9,6 +9,7 @@ Roles: ``owner`` (the creator), ``admin``, ``member``. Adding members takes an o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -38,6 +39,7 @@ class GroupShard:
         self.store = store
         self.groups = store.db["groups"]
         self._cache: dict[str, dict[str, Any]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def _load(self, gid: str) -> dict[str, Any] | None:
         group = self._cache.get(gid)
@@ -93,9 +95,16 @@ class GroupShard:
     async def add(self, actor: str, gid: str, users: list[str]) -> dict[str, Any]:
         """Add ``users`` to group ``gid``; ``actor`` must be its owner or an admin.
 
-        Raises :class:`Forbidden` for anyone else (and for a group that does not exist: the same
-        answer), :class:`BadRequest` above ``max_group_members``.
+        Changes to one group run one at a time (each system entry carries the whole member set, so
+        two interleaved adds would drop a member). Raises :class:`Forbidden` for anyone else (and
+        for a group that does not exist: the same answer), :class:`BadRequest` above
+        ``max_group_members``.
         """
+        lock = self._locks.setdefault(gid, asyncio.Lock())
+        async with lock:
+            return await self._add(actor, gid, users)
+
+    async def _add(self, actor: str, gid: str, users: list[str]) -> dict[str, Any]:
         group = await self._load(gid)
         if group is None or actor not in group["members"]:
             raise Forbidden("not a member of this group")

@@ -70,6 +70,13 @@ class Connection:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closing: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    pending: int = 0  # requests read and not answered yet
+    room: asyncio.Event = field(default_factory=asyncio.Event)  # set while pending is under the bound
+
+    def answered(self) -> None:
+        """One request got its answer: reading may go on if it had stopped."""
+        self.pending -= 1
+        self.room.set()
 
     def enqueue(self, data: bytes | str) -> bool:
         """Queue one encoded frame; False when the queue is full (the caller closes with 4508)."""
@@ -201,6 +208,11 @@ class Hub:
         try:
             async for data in conn.ws:
                 self.stats["frames_in"] += 1
+                while conn.pending >= self.config.max_pending_requests:
+                    # Backpressure: stop reading this socket (TCP pushes back on the client) until
+                    # answers go out, so a client cannot queue unbounded work in the hub.
+                    conn.room.clear()
+                    await conn.room.wait()
                 try:
                     frame = protocol.decode(data, conn.subprotocol)
                     request = protocol.parse_request(frame, self._limits)
@@ -209,6 +221,10 @@ class Hub:
                     return
                 except RequestError as exc:
                     self._push(conn, exc.frame(exc.request_id))
+                    continue
+                except Exception:  # noqa: BLE001 - a bug in validation costs one answer, not the hub
+                    log.exception("frame from %s/%s not handled", conn.user, conn.device)
+                    self._push(conn, Internal("frame not handled").frame(None))
                     continue
                 self._dispatch(conn, request)
         except ConnectionClosed:
@@ -248,6 +264,7 @@ class Hub:
     # --- requests ----------------------------------------------------------------------------
 
     def _dispatch(self, conn: Connection, req: protocol.Request) -> None:
+        conn.pending += 1
         if req.t == "send":
             f = req.fields
             self.stats["sends"] += 1
@@ -279,6 +296,7 @@ class Hub:
                     "dup": ans["dup"],
                 }
             self._push(conn, frame)
+            conn.answered()
 
     async def _answer(self, conn: Connection, req: protocol.Request) -> None:
         try:
@@ -292,6 +310,7 @@ class Hub:
             frame = Internal("internal error").frame(req.id)
         if frame is not None:
             self._push(conn, frame)
+        conn.answered()
 
     async def _handle(self, conn: Connection, req: protocol.Request) -> dict[str, Any] | None:
         f, rid, user = req.fields, req.id, conn.user

@@ -193,6 +193,8 @@ def _send(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:
     body = frame.get("body")
     if not isinstance(body, (str, bytes)):
         raise BadRequest("body must be a string or binary")
+    if isinstance(body, str):
+        _check_storable(body, "body", 0)
     if body_size(body) > limits.max_body_bytes:
         raise TooLarge(f"body over {limits.max_body_bytes} bytes")
     kind = frame.get("kind", "text")
@@ -201,8 +203,53 @@ def _send(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:
     meta = frame.get("meta")
     if meta is not None and (not isinstance(meta, dict) or len(meta) > limits.max_meta_keys):
         raise BadRequest(f"meta must be a map of at most {limits.max_meta_keys} keys")
+    if meta is not None:
+        _check_storable(meta, "meta", 0)
     cmid = _str(frame, "cmid", 64)
+    _check_storable(cmid, "cmid", 0)
+    _check_storable(kind, "kind", 0)
     return {"conv": _conv(frame), "cmid": cmid, "body": body, "kind": kind, "meta": meta}
+
+
+_INT64 = range(-(2**63), 2**63)
+_MAX_META_DEPTH = 8
+_MAX_META_ITEMS = 256
+
+
+def _check_storable(value: object, field: str, depth: int) -> None:
+    """Refuse what the history store cannot keep exactly (BSON): non-string map keys, integers
+    outside int64, strings that are not valid Unicode (lone surrogates), extension types, deep or
+    wide nesting. Raises :class:`BadRequest` naming ``field``."""
+    if depth > _MAX_META_DEPTH:
+        raise BadRequest(f"{field} is nested more than {_MAX_META_DEPTH} deep")
+    if value is None or isinstance(value, (bool, float, bytes)):
+        return
+    if isinstance(value, int):
+        if value not in _INT64:
+            raise BadRequest(f"{field} holds an integer outside int64")
+        return
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise BadRequest(f"{field} holds a string that is not valid Unicode") from None
+        return
+    if isinstance(value, (list, tuple)):
+        if len(value) > _MAX_META_ITEMS:
+            raise BadRequest(f"{field} holds a list of more than {_MAX_META_ITEMS} items")
+        for item in value:
+            _check_storable(item, field, depth + 1)
+        return
+    if isinstance(value, dict):
+        if len(value) > _MAX_META_ITEMS:
+            raise BadRequest(f"{field} holds a map of more than {_MAX_META_ITEMS} keys")
+        for key, item in value.items():
+            if not isinstance(key, str) or key.startswith("$") or "." in key or "\0" in key:
+                raise BadRequest(f"{field} keys must be strings without a leading $, dots or NUL")
+            _check_storable(key, field, depth + 1)
+            _check_storable(item, field, depth + 1)
+        return
+    raise BadRequest(f"{field} holds a value of an unsupported type")
 
 
 def _sync(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:

@@ -193,16 +193,27 @@ class RouterActor:
         except Unavailable:
             if name in self._table.hubs and self._table.hubs[name].alive:
                 log.warning("hub %s missed its heartbeat; no longer handed out", name)
-                # Its connections are gone: sessions stop routing to it (offline devices get pushes).
-                for session in self._peers.sessions:
-                    session.notify("hub_gone", name)
+                self._hub_gone(name)
             self._table.mark_dead(name)
             return
         if not load.get("url"):
-            # A restarted hub comes back empty: start it again.
+            # A restarted hub comes back empty: its old connections are gone, then start it again.
+            self._hub_gone(name)
             try:
                 await self._peers.hub(name).call("ready", timeout=10 * timeout)
             except Unavailable as exc:
                 log.warning("hub %s did not restart: %s", name, exc)
             return
+        info = self._table.hubs.get(name)
+        if info is not None and not info.alive:
+            # Back after a missed heartbeat (slow, not dead): sessions forgot its connections when
+            # it was declared gone, so it announces them again.
+            log.warning("hub %s answers again", name)
+            for index in range(len(self._peers.sessions)):
+                self._peers.hub(name).notify("reannounce", index)
         self._table.update(name, load["url"], int(load.get("connections", 0)))
+
+    def _hub_gone(self, name: str) -> None:
+        """Sessions stop routing to ``name``: its connections are gone (offline devices get pushes)."""
+        for session in self._peers.sessions:
+            session.notify("hub_gone", name)

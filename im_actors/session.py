@@ -251,7 +251,7 @@ class SessionShardActor:
     def __init__(self, config: Config, index: int = 0) -> None:
         self._config = config
         self._index = index
-        self._announced = False  # hubs re-announce their connections to a new or restarted shard
+        self._announced: set[str] = set()  # hubs that re-announced their connections to this incarnation
         self._store = Store(config)
         self._publisher: Any = None
         self._publisher_started = False
@@ -267,14 +267,21 @@ class SessionShardActor:
         this on every heartbeat, so a restarted shard knows its users' devices again within one
         heartbeat (DESIGN.md section 4). Returns True.
         """
+        await self._start_publisher()
+        for name, hub in self._core.peers.hubs.items():
+            if name in self._announced:
+                continue
+            try:
+                await hub.call("reannounce", self._index, timeout=5.0)
+                self._announced.add(name)
+            except Unavailable:
+                pass  # not up yet, or restarting: asked again at the next heartbeat
+        return True
+
+    async def _start_publisher(self) -> None:
         if self._publisher is not None and not self._publisher_started:
             self._publisher_started = True
             await self._publisher.start()
-        if not self._announced:
-            self._announced = True
-            for hub in self._core.peers.hubs.values():
-                hub.notify("reannounce", self._index)
-        return True
 
     def connect_many(self, conns: list[tuple[str, str, str, int]]) -> None:
         """A hub re-announces its connections ``[(user, device, hub, conn id)]`` after a restart."""
@@ -297,8 +304,7 @@ class SessionShardActor:
 
     async def fanout(self, items: list[tuple[dict[str, Any], list[str]]]) -> None:
         """See :meth:`SessionShard.fanout`."""
-        if not self._publisher_started:
-            await self.ready()  # after a restart nobody else calls ready
+        await self._start_publisher()  # after a restart, before the router's next ready
         await self._core.fanout(items)
 
     def events(self, items: list[tuple[dict[str, Any], list[str], tuple[str, int] | None]]) -> None:

@@ -154,8 +154,10 @@ class Store:
         details = exc.details or {}
         errors = details.get("writeErrors") or []
         n_ok = int(details.get("nInserted", 0))
-        if not errors or errors[0].get("code") != 11000:
-            raise Unavailable(f"MongoDB refused the commit: {errors[:1] or exc}") from exc
+        if not errors:  # only a write-concern error: what was written is settled by reading back
+            return await self._read_back(entries)
+        if errors[0].get("code") != 11000:
+            raise Unavailable(f"MongoDB refused the commit: {errors[:1]}") from exc
         index = int(errors[0].get("index", n_ok))
         bad = entries[index]
         message = str(errors[0].get("errmsg", ""))

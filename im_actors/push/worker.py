@@ -64,10 +64,12 @@ class PushWorker:
         config: Config,
         providers: Mapping[str, Provider],
         on_invalid_token: Callable[[PushJob], Awaitable[None]],
+        still_owned: Callable[[PushJob], Awaitable[bool]] | None = None,
     ) -> None:
         self._config = config
         self._providers = dict(providers)
         self._on_invalid_token = on_invalid_token
+        self._still_owned = still_owned
         self._stop = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()  # no delivery being handled
@@ -244,6 +246,10 @@ class PushWorker:
         if provider is None:
             return Outcome.failed(f"no provider {job['provider']!r} in this worker")
         try:
+            if self._still_owned is not None and not await self._still_owned(job):
+                # The token moved to another user or device since the job was made: never send
+                # one user's message to another's phone.
+                return Outcome.failed("token no longer belongs to this user and device")
             return await provider.send(job)
         except asyncio.CancelledError:
             raise
@@ -303,7 +309,7 @@ class PushWorkerActor:
     async def __init__(self, config: Config) -> None:  # type: ignore[misc]  # Ray runs an async __init__
         self._config = config
         self._mongo: Any = None
-        self._worker = PushWorker(config, make_providers(config), self._remove_token)
+        self._worker = PushWorker(config, make_providers(config), self._remove_token, self._still_owned)
         await self._worker.start()
 
     async def start(self) -> None:
@@ -321,11 +327,7 @@ class PushWorkerActor:
         if mongo is not None:
             await mongo.close()
 
-    async def _remove_token(self, job: PushJob) -> None:
-        """Delete the device's token from MongoDB (only if it is still the token the job carried)."""
-        if not self._config.mongo_url:
-            log.warning("no mongo_url: invalid push token of %s/%s not removed", job["user"], job["device"])
-            return
+    def _devices(self) -> Any:
         if self._mongo is None:
             import pymongo  # imported here: only the actor needs it
 
@@ -333,5 +335,21 @@ class PushWorkerActor:
             self._mongo = pymongo.AsyncMongoClient(
                 self._config.mongo_url, serverSelectionTimeoutMS=timeout, socketTimeoutMS=timeout
             )
-        devices = self._mongo[self._config.mongo_db]["devices"]
-        await devices.delete_one({"token": job["token"], "user": job["user"], "device": job["device"]})
+        return self._mongo[self._config.mongo_db]["devices"]
+
+    async def _still_owned(self, job: PushJob) -> bool:
+        """True while MongoDB still gives the job's token to the job's (user, device).
+
+        A token is stored as ``devices._id``; registering it from another user moves it.
+        """
+        if not self._config.mongo_url:
+            return True
+        doc = await self._devices().find_one({"_id": job["token"]})
+        return doc is not None and doc.get("user") == job["user"] and doc.get("device") == job["device"]
+
+    async def _remove_token(self, job: PushJob) -> None:
+        """Delete the device's token from MongoDB (only if it is still the token the job carried)."""
+        if not self._config.mongo_url:
+            log.warning("no mongo_url: invalid push token of %s/%s not removed", job["user"], job["device"])
+            return
+        await self._devices().delete_one({"_id": job["token"], "user": job["user"], "device": job["device"]})

@@ -104,8 +104,8 @@ async def test_actor_delivers_removes_invalid_tokens_and_survives_a_restart(
     gone_url = str(server.make_url("/gone"))
     await devices.insert_many(
         [
-            {"user": "bob", "device": "old", "provider": "webhook", "token": gone_url},
-            {"user": "bob", "device": "new", "provider": "log", "token": "keep-me"},
+            {"_id": gone_url, "user": "bob", "device": "old", "provider": "webhook"},
+            {"_id": "keep-me", "user": "bob", "device": "new", "provider": "log"},
         ]
     )
     publisher = PushPublisher(config)
@@ -115,16 +115,20 @@ async def test_actor_delivers_removes_invalid_tokens_and_survives_a_restart(
         await actor.start.remote()  # idempotent: creation already started it
         await until(lambda: _stat(actor, "connected"), 20, "the actor's connection")
 
-        def job(device: str, provider: str, token: str, seq: int) -> dict:
+        def job(device: str, provider: str, token: str, seq: int, user: str = "bob") -> dict:
             return make_job(
-                user="bob", device=device, provider=provider, token=token, conv="d:alice:bob", seq=seq, sender="alice"
+                user=user, device=device, provider=provider, token=token, conv="d:alice:bob", seq=seq, sender="alice"
             )
 
         publisher.publish(job("new", "log", "keep-me", 1))
         publisher.publish(job("old", "webhook", gone_url, 2))
+        # made for carol's phone before its token moved to bob's "new" device: must not be sent
+        publisher.publish(job("phone", "log", "keep-me", 4, user="carol"))
         assert await publisher.flush(10)
         await until(lambda: _both(actor), 20, "a delivery and an invalid token")
+        await until(lambda: _stat(actor, "dead", 1), 20, "the job for a moved token in the dead queue")
         stats = await actor.stats.remote()
+        assert stats["delivered"] == 1
         assert stats["invalid_cleanup_errors"] == 0
         assert await devices.count_documents({"user": "bob", "device": "old"}) == 0
         assert await devices.count_documents({"user": "bob", "device": "new"}) == 1

@@ -163,3 +163,19 @@ async def test_read_cursor_never_passes_last() -> None:
     await shard.send_batch([item("c1"), item("c2")])
     await shard.read("bob", CONV, 99)
     assert store.cursors[("bob", CONV)] == 2
+
+
+async def test_pages_are_cut_to_max_page_bytes_without_skipping() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store, max_page_bytes=2048)
+    await shard.send_batch([item(f"c{i}", body="x" * 1000) for i in range(5)])
+    page = await shard.sync("bob", CONV, 0, 100)
+    assert [m["seq"] for m in page["msgs"]] == [1, 2] and page["more"]
+    page = await shard.sync("bob", CONV, 2, 100)
+    assert [m["seq"] for m in page["msgs"]] == [3, 4] and page["more"]
+    hist = await shard.history("bob", CONV, 0, 100)
+    assert [m["seq"] for m in hist["msgs"]] == [4, 5] and hist["more"]
+    big, _ = make_shard(store, max_page_bytes=1024)
+    await big.send_batch([item("huge", body="y" * 5000)])
+    page = await big.sync("bob", CONV, 5, 100)
+    assert [m["seq"] for m in page["msgs"]] == [6] and not page["more"]  # one entry always goes

@@ -126,3 +126,28 @@ def test_msg_frame_of_entry() -> None:
         "kind": "text",
         "body": "x",
     }
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"meta": {"n": 2**63}},  # outside int64: MongoDB cannot store it
+        {"meta": {b"k": 1}},
+        {"meta": {"$where": 1}},
+        {"meta": {"a.b": 1}},
+        {"meta": {"t": msgpack.Timestamp(1)}},
+        {"meta": {"deep": [[[[[[[[[[1]]]]]]]]]]}},
+        {"cmid": "\ud800"},  # a lone surrogate (JSON lets one through)
+        {"body": "x\udfff"},
+    ],
+)
+def test_unstorable_fields_are_bad_request(extra: dict[str, object]) -> None:
+    frame = {"t": "send", "id": 4, "conv": "d:a:b", "cmid": "c", "body": "x", **extra}
+    with pytest.raises(BadRequest):
+        protocol.parse_request(frame)
+
+
+def test_storable_meta_passes() -> None:
+    meta = {"t": 1795960000000, "tags": ["a", "b"], "nested": {"ok": True, "f": 1.5, "raw": b"\x00"}}
+    req = protocol.parse_request({"t": "send", "id": 4, "conv": "d:a:b", "cmid": "c", "body": "x", "meta": meta})
+    assert req.fields["meta"] == meta
