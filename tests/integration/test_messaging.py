@@ -204,3 +204,29 @@ async def test_offline_push_job_reaches_the_webhook_once(clients: Any, uid: Any,
         assert headers["X-Im-Signature"] == f"sha256={expected}"
     finally:
         await runner.cleanup()
+
+
+async def test_sync_and_history_at_page_edges_and_one_past(clients: Any, uid: Any) -> None:
+    a_user = uid("edge")
+    alice, _ = await clients(a_user)
+    conv = ids.direct_conv(a_user, uid("other"))
+    for i in range(10):
+        await alice.send(conv, f"e{i}")
+
+    async def sync_seqs(after: int, limit: int) -> tuple[list[int], bool]:
+        page = await alice.sync(conv, after=after, limit=limit)
+        return [m["seq"] for m in page.msgs], page.more
+
+    async def history_seqs(before: int, limit: int) -> tuple[list[int], bool]:
+        page = await alice.history(conv, before=before, limit=limit)
+        return [m["seq"] for m in page.msgs], page.more
+
+    assert await sync_seqs(0, 10) == (list(range(1, 11)), False)  # ends exactly on the last entry
+    assert await sync_seqs(0, 9) == (list(range(1, 10)), True)  # one short of it
+    assert await sync_seqs(9, 1) == ([10], False)
+    assert await sync_seqs(10, 1) == ([], False)  # one past it
+    assert await sync_seqs(5, 5) == ([6, 7, 8, 9, 10], False)
+    assert await history_seqs(11, 10) == (list(range(1, 11)), False)
+    assert await history_seqs(11, 9) == (list(range(2, 11)), True)
+    assert await history_seqs(2, 1) == ([1], False)
+    assert await history_seqs(1, 5) == ([], False)  # nothing before the first entry
