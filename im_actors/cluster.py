@@ -50,6 +50,7 @@ def init_local_ray(config: Config, num_cpus: int | None = None) -> None:
     """
     os.environ.update(ray_env(config))
     ray.init(
+        address="local",  # always a new cluster, even when a stale or running one is recorded in /tmp/ray
         num_cpus=num_cpus or os.cpu_count() or 2,
         include_dashboard=False,
         namespace=ids.NAMESPACE,
