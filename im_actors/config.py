@@ -15,12 +15,22 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from im_actors.errors import ConfigError
 
 __all__ = ["Config", "load_config"]
+
+#: Push provider name -> the keys it needs (checked only when the provider is in push_providers).
+_PROVIDER_KEYS: dict[str, tuple[str, ...]] = {
+    "apns": ("apns_key_file", "apns_key_id", "apns_team_id", "apns_topic"),
+    "fcm": ("fcm_credentials_file",),
+    "huawei": ("huawei_app_id", "huawei_client_secret"),
+    "xiaomi": ("xiaomi_app_secret", "xiaomi_package_name"),
+    "webhook": (),
+    "log": (),
+}
 
 _TOML_PATH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("im_toml_path", default=None)
 
@@ -119,6 +129,57 @@ class Config(BaseSettings):
     )
     push_timeout_s: float = Field(10.0, gt=0, description="provider call timeout (s)")
     webhook_secret: str = Field("", description="HMAC-SHA256 key of the webhook signature header (empty: unsigned)")
+    push_providers: tuple[str, ...] = Field(
+        ("webhook", "log"),
+        description="providers a push worker serves (apns, fcm, huawei, xiaomi, webhook, log); jobs for any other "
+        "go to the dead queue. An enabled provider's required keys below must be set",
+    )
+    push_dedup_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=0,
+        description="how long a worker remembers in Redis that a job reached its provider, so a redelivered or "
+        "republished copy is not sent again (s, 0 = no dedup: at least once)",
+    )
+    push_claim_ms: int = Field(
+        0,
+        ge=0,
+        description="how long a worker's claim on a job it is sending lasts in Redis; a copy of the job seen while "
+        "the claim lasts waits for it (ms, 0 = push_timeout_s + 5 s)",
+    )
+    # APNs (token-based authentication, HTTP/2)
+    apns_url: str = Field(
+        "https://api.push.apple.com", description="APNs base URL (sandbox: api.sandbox.push.apple.com)"
+    )
+    apns_key_file: str = Field("", description="path of the APNs signing key (.p8, PEM, ES256); required for apns")
+    apns_key_id: str = Field("", description="the key's 10-character Key ID (JWT header kid); required for apns")
+    apns_team_id: str = Field("", description="Apple developer Team ID (JWT claim iss); required for apns")
+    apns_topic: str = Field("", description="apns-topic: the app's bundle id; required for apns")
+    apns_push_type: Literal["alert", "background"] = Field(
+        "alert", description="apns-push-type (priority 10 for alert, 5 for background)"
+    )
+    apns_expiration_s: int = Field(
+        86400, ge=0, description="apns-expiration: how long APNs keeps an undelivered push (s, 0 = try once)"
+    )
+    # FCM HTTP v1
+    fcm_url: str = Field("https://fcm.googleapis.com", description="FCM HTTP v1 base URL")
+    fcm_credentials_file: str = Field(
+        "",
+        description="path of the Firebase service-account JSON (project_id, client_email, private_key, token_uri); "
+        "required for fcm",
+    )
+    # Huawei Push Kit
+    huawei_url: str = Field("https://push-api.cloud.huawei.com", description="Huawei Push Kit base URL")
+    huawei_token_url: str = Field(
+        "https://oauth-login.cloud.huawei.com/oauth2/v3/token", description="Huawei OAuth 2.0 token endpoint"
+    )
+    huawei_app_id: str = Field("", description="Huawei app id (OAuth client_id); required for huawei")
+    huawei_client_secret: str = Field("", description="Huawei app secret (OAuth client_secret); required for huawei")
+    # Xiaomi MiPush
+    xiaomi_url: str = Field(
+        "https://api.xmpush.xiaomi.com", description="MiPush base URL (global: api.xmpush.global.xiaomi.com)"
+    )
+    xiaomi_app_secret: str = Field("", description="MiPush AppSecret (Authorization: key=...); required for xiaomi")
+    xiaomi_package_name: str = Field("", description="restricted_package_name: the app's package; required for xiaomi")
 
     # --- Ray (DESIGN.md section 9) ---
     ray_health_check_period_ms: int = Field(
@@ -137,6 +198,19 @@ class Config(BaseSettings):
     ray_health_check_timeout_ms: int = Field(
         500, ge=100, description="RAY_health_check_timeout_ms (Ray's default 10000)"
     )
+
+    @model_validator(mode="after")
+    def _provider_keys(self) -> Config:
+        unknown = [p for p in self.push_providers if p not in _PROVIDER_KEYS]
+        if unknown:
+            raise ValueError(
+                f"push_providers: unknown {', '.join(unknown)} (known: {', '.join(sorted(_PROVIDER_KEYS))})"
+            )
+        for provider in self.push_providers:
+            for key in _PROVIDER_KEYS[provider]:
+                if not getattr(self, key):
+                    raise ValueError(f"{key} (IM_{key.upper()}) must be set: push_providers includes {provider}")
+        return self
 
     @field_validator("deployment")
     @classmethod
@@ -179,7 +253,7 @@ class Config(BaseSettings):
     def knobs(self) -> dict[str, Any]:
         """Every knob as plain data, secrets masked (for reports)."""
         out = self.model_dump()
-        for key in ("jwt_secret", "webhook_secret"):
+        for key in ("jwt_secret", "webhook_secret", "huawei_client_secret", "xiaomi_app_secret"):
             if out.get(key):
                 out[key] = "***"
         for key in ("redis_url", "rabbitmq_url", "mongo_url"):
@@ -197,7 +271,9 @@ def _mask_url(url: str) -> str:
 
 
 def _problem(err: Any) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "?"
+    if not err["loc"]:  # a check across keys: its message names them
+        return str(err["msg"]).removeprefix("Value error, ")
+    key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     return f"{key} (IM_{key.upper()}): {err['msg']}"

@@ -1,8 +1,18 @@
 """Push providers and the registry that makes them by name.
 
 ``make_provider("webhook", config)`` returns a :class:`~im_actors.push.providers.base.Provider`;
-``PROVIDERS`` lists the names that exist (``"apns"`` and ``"fcm"`` are not written yet: jobs for them
-go to the dead queue of a worker that has no such provider).
+``PROVIDERS`` lists the names that exist; ``make_providers(config)`` makes the ones in
+``config.push_providers`` (jobs for any other go to the dead queue of the worker).
+
+::
+
+    apns.py     Apple Push Notification service, HTTP/2, ES256 provider token
+    fcm.py      Firebase Cloud Messaging HTTP v1, service-account OAuth 2.0 token
+    huawei.py   Huawei Push Kit, client-credentials OAuth 2.0 token
+    xiaomi.py   Xiaomi MiPush, AppSecret key
+    webhook.py  POST with an HMAC-SHA256 signature
+    log.py      the log (demos, load tests)
+    http.py     what the HTTP providers share (timeouts, token cache)
 """
 
 from __future__ import annotations
@@ -12,9 +22,13 @@ from types import MappingProxyType
 
 from im_actors.config import Config
 from im_actors.errors import ConfigError
+from im_actors.push.providers.apns import ApnsProvider
 from im_actors.push.providers.base import Outcome, OutcomeKind, Provider
+from im_actors.push.providers.fcm import FcmProvider
+from im_actors.push.providers.huawei import HuaweiProvider
 from im_actors.push.providers.log import LogProvider
 from im_actors.push.providers.webhook import WebhookProvider
+from im_actors.push.providers.xiaomi import XiaomiProvider
 
 __all__ = [
     "Outcome",
@@ -22,6 +36,10 @@ __all__ = [
     "Provider",
     "LogProvider",
     "WebhookProvider",
+    "ApnsProvider",
+    "FcmProvider",
+    "HuaweiProvider",
+    "XiaomiProvider",
     "PROVIDERS",
     "make_provider",
     "make_providers",
@@ -29,7 +47,14 @@ __all__ = [
 
 #: Provider name -> factory taking the Config. Read-only.
 PROVIDERS: Mapping[str, Callable[[Config], Provider]] = MappingProxyType(
-    {"webhook": WebhookProvider, "log": LogProvider}
+    {
+        "apns": ApnsProvider,
+        "fcm": FcmProvider,
+        "huawei": HuaweiProvider,
+        "xiaomi": XiaomiProvider,
+        "webhook": WebhookProvider,
+        "log": LogProvider,
+    }
 )
 
 
@@ -44,5 +69,9 @@ def make_provider(name: str, config: Config) -> Provider:
 
 
 def make_providers(config: Config, names: tuple[str, ...] | None = None) -> dict[str, Provider]:
-    """One provider of each of ``names`` (default: all of :data:`PROVIDERS`), keyed by name, for a worker."""
-    return {name: make_provider(name, config) for name in (names if names is not None else tuple(PROVIDERS))}
+    """One provider of each of ``names`` (default: ``config.push_providers``), keyed by name, for a worker.
+
+    Raises :class:`ConfigError` naming the key when an enabled provider's configuration is unusable
+    (a key file that cannot be read, for instance).
+    """
+    return {name: make_provider(name, config) for name in (names if names is not None else config.push_providers)}
