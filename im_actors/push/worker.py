@@ -15,9 +15,14 @@ For each delivery of ``<p>im.push.jobs`` (at most ``config.push_prefetch`` unack
     (undecodable)     the raw bytes to the dead queue                                  ack
 
 The ack comes only after the provider answered and the follow-up was confirmed, so a worker that dies
-or loses its connection in between leaves the job to RabbitMQ, which hands it out again: a device may
-get a push twice (receivers deduplicate on the job id), never zero times. Messages in the dead queue
-carry the headers ``x-im-outcome`` and ``x-im-error``.
+or loses its connection in between leaves the job to RabbitMQ, which hands it out again: never zero
+times. With a :class:`~im_actors.push.ledger.Ledger` (Redis, in the actor) a copy of a job that already
+reached its provider is acked without being sent again, and a copy of a job another worker is sending
+waits in the retry queue until that worker's claim ends (see ``ledger.py`` for the one window left).
+Messages in the dead queue carry the headers ``x-im-outcome`` and ``x-im-error``.
+
+Every ``DEPTH_INTERVAL_S`` the worker reads the message counts of the work, retry and dead queues with
+passive declarations on a second channel; :meth:`PushWorker.stats` reports them under ``queues``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -35,16 +41,23 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from im_actors.config import Config
 from im_actors.push.amqp import Backoff, close_quietly, open_channel, wait_closed
 from im_actors.push.jobs import BadJob, PushJob, decode_job, encode_job, next_attempt
+from im_actors.push.ledger import ClaimState, Ledger, RedisLedger
 from im_actors.push.providers import make_providers
 from im_actors.push.providers.base import Outcome, OutcomeKind, Provider
 from im_actors.push.topology import PushNames, push_names, retry_delay_ms
 
-__all__ = ["PushWorker", "PushWorkerActor", "FOLLOW_UP_TIMEOUT_S"]
+__all__ = ["PushWorker", "PushWorkerActor", "FOLLOW_UP_TIMEOUT_S", "DEPTH_INTERVAL_S"]
 
 log = logging.getLogger(__name__)
 
 #: Longest wait for the broker to confirm a job sent on to the retry or dead queue (s).
 FOLLOW_UP_TIMEOUT_S = 30.0
+
+#: How often a worker reads the queue depths (s).
+DEPTH_INTERVAL_S = 2.0
+
+#: Shortest wait in the retry queue for a copy of a job another worker holds (ms).
+MIN_HELD_DELAY_MS = 100
 
 
 class PushWorker:
@@ -54,6 +67,10 @@ class PushWorker:
     another provider goes to the dead queue). ``on_invalid_token(job)`` is awaited when a provider
     says the token is invalid; an exception from it is logged and counted (``invalid_cleanup_errors``)
     and the job is acked all the same.
+
+    ``ledger`` (optional) deduplicates copies of a job across redeliveries, republications and workers
+    (``ledger.py``); its records last ``config.push_dedup_ttl_s`` and its claims ``config.push_claim_ms``.
+    When it fails (Redis down) the job is sent all the same and ``ledger_errors`` counts it.
 
     ``start()`` never raises when the broker is down: the worker connects, and reconnects after
     losing the broker, in the background until ``close()``.
@@ -65,11 +82,17 @@ class PushWorker:
         providers: Mapping[str, Provider],
         on_invalid_token: Callable[[PushJob], Awaitable[None]],
         still_owned: Callable[[PushJob], Awaitable[bool]] | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self._config = config
         self._providers = dict(providers)
         self._on_invalid_token = on_invalid_token
         self._still_owned = still_owned
+        self._ledger = ledger
+        self._owner = uuid.uuid4().hex  # prefix of this worker's claims in the ledger
+        self._claims = 0
+        self._claim_ms = config.push_claim_ms or int((2 * config.push_timeout_s + 5) * 1000)
+        self._depths: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()  # no delivery being handled
@@ -87,6 +110,9 @@ class PushWorker:
             "invalid": 0,
             "invalid_cleanup_errors": 0,
             "unacked_errors": 0,
+            "duplicates": 0,
+            "deferred": 0,
+            "ledger_errors": 0,
         }
 
     async def start(self) -> None:
@@ -122,9 +148,30 @@ class PushWorker:
     def stats(self) -> dict[str, Any]:
         """Counters since creation: ``received``, ``delivered``, ``retried`` (sent to the retry queue),
         ``dead``, ``invalid`` (invalid tokens), ``invalid_cleanup_errors``, ``unacked_errors`` (deliveries
-        left to redelivery after a failed follow-up), ``in_flight`` (being handled now), ``connected``,
-        ``connects``."""
-        return {**self._counts, "in_flight": self._in_flight, "connected": self._connected, "connects": self._connects}
+        left to redelivery after a failed follow-up), ``duplicates`` (copies of jobs that had already
+        reached their provider, acked unsent), ``deferred`` (copies held by another worker's claim, sent
+        to the retry queue), ``ledger_errors``, ``in_flight`` (being handled now), ``connected``,
+        ``connects``, and ``queues``: ``{"jobs", "retry", "dead"}`` message counts read at most
+        ``DEPTH_INTERVAL_S`` ago (empty before the first reading)."""
+        return {
+            **self._counts,
+            "in_flight": self._in_flight,
+            "connected": self._connected,
+            "connects": self._connects,
+            "queues": dict(self._depths),
+        }
+
+    async def _watch_depths(self, connection: Any, names: PushNames) -> None:
+        """Read the queue depths every ``DEPTH_INTERVAL_S`` on a channel of its own (a failed passive
+        declaration closes its channel, never the consumer's)."""
+        channel = await connection.channel()
+        while True:
+            depths = {}
+            for key, queue in (("jobs", names.jobs), ("retry", names.retry), ("dead", names.dead)):
+                ok = await channel.queue_declare(queue, passive=True)
+                depths[key] = int(ok.message_count or 0)
+            self._depths = depths
+            await asyncio.sleep(DEPTH_INTERVAL_S)
 
     # --- connection loop ---
 
@@ -145,7 +192,14 @@ class PushWorker:
                 backoff.reset()
                 quiet = False
                 log.info("push worker consuming %s", names.jobs)
-                if not await wait_closed(connection, channel, self._stop, cancelled):
+                depths = asyncio.create_task(self._watch_depths(connection, names), name="push-queue-depths")
+                try:
+                    stopped = await wait_closed(connection, channel, self._stop, cancelled)
+                finally:
+                    depths.cancel()
+                    with contextlib.suppress(BaseException):
+                        await depths
+                if not stopped:
                     raise ConnectionError("push worker: connection closed or consumer cancelled")
                 # Closing: take no new jobs, finish the ones in hand, then close the connection.
                 if consume.consumer_tag:
@@ -207,7 +261,34 @@ class PushWorker:
             self._counts["dead"] += 1
             return
 
+        claimed = False
+        owner = f"{self._owner}:{self._claims}"  # one claim per handling, never shared by two copies
+        self._claims += 1
+        if self._ledger is not None:
+            claim = await self._claim(job, owner)
+            if claim is not None and claim.state is ClaimState.DONE:
+                self._counts["duplicates"] += 1
+                await channel.basic_ack(tag)
+                return
+            if claim is not None and claim.state is ClaimState.HELD:
+                # Another worker is sending it, or died sending it: look again once its claim ends.
+                await self._follow_up(
+                    channel,
+                    names.retry,
+                    encode_job(job),
+                    job["job_id"],
+                    max(MIN_HELD_DELAY_MS, claim.held_ms),
+                    {"x-im-outcome": "held", "x-im-error": "claimed by another worker"},
+                )
+                self._counts["deferred"] += 1
+                await channel.basic_ack(tag)
+                return
+            claimed = claim is not None
+
         outcome = await self._send(job)
+        again = outcome.kind is OutcomeKind.RETRY and job["attempt"] + 1 < self._config.push_max_attempts
+        if claimed and not again:
+            await self._ledger_call("done", job["job_id"], self._config.push_dedup_ttl_s)
         if outcome.kind is OutcomeKind.DELIVERED:
             self._counts["delivered"] += 1
         elif outcome.kind is OutcomeKind.INVALID_TOKEN:
@@ -217,7 +298,7 @@ class PushWorker:
                 self._counts["invalid_cleanup_errors"] += 1
                 log.exception("removing the invalid push token of %s/%s", job["user"], job["device"])
             self._counts["invalid"] += 1
-        elif outcome.kind is OutcomeKind.RETRY and job["attempt"] + 1 < self._config.push_max_attempts:
+        elif again:
             delay = retry_delay_ms(self._config, job["attempt"], outcome.retry_after_ms)
             await self._follow_up(
                 channel,
@@ -228,6 +309,8 @@ class PushWorker:
                 {"x-im-outcome": outcome.kind.value, "x-im-error": outcome.detail},
             )
             self._counts["retried"] += 1
+            if claimed:
+                await self._ledger_call("release", job["job_id"], owner)
         else:
             log.warning("push job %s to the dead queue: %s %s", job["job_id"], outcome.kind.value, outcome.detail)
             await self._follow_up(
@@ -240,6 +323,24 @@ class PushWorker:
             )
             self._counts["dead"] += 1
         await channel.basic_ack(tag)
+
+    async def _claim(self, job: PushJob, owner: str) -> Any:
+        """The ledger's :class:`~im_actors.push.ledger.Claim` on ``job``, or None when the ledger failed."""
+        assert self._ledger is not None
+        try:
+            return await self._ledger.claim(job["job_id"], owner, self._claim_ms)
+        except Exception as exc:  # Redis down: send without the ledger (at least once)
+            self._counts["ledger_errors"] += 1
+            log.warning("push ledger unavailable (%r): %s sent without deduplication", exc, job["job_id"])
+            return None
+
+    async def _ledger_call(self, method: str, *args: Any) -> None:
+        assert self._ledger is not None
+        try:
+            await getattr(self._ledger, method)(*args)
+        except Exception as exc:
+            self._counts["ledger_errors"] += 1
+            log.warning("push ledger %s failed: %r", method, exc)
 
     async def _send(self, job: PushJob) -> Outcome:
         provider = self._providers.get(job["provider"])
@@ -299,9 +400,10 @@ def _setter(event: asyncio.Event) -> Callable[[Any], None]:
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class PushWorkerActor:
-    """A :class:`PushWorker` with every provider of :data:`~im_actors.push.providers.PROVIDERS`, as a
-    Ray actor. It starts consuming as soon as it is created, and again after each restart; an invalid
-    token is deleted from the ``devices`` collection of ``config.mongo_db``.
+    """A :class:`PushWorker` with the providers of ``config.push_providers``, as a Ray actor. It starts
+    consuming as soon as it is created, and again after each restart; an invalid token is deleted from
+    the ``devices`` collection of ``config.mongo_db``; the job ledger is in Redis (``config.redis_url``,
+    unless ``push_dedup_ttl_s`` is 0).
 
     Methods: ``start()`` (idempotent; creation already started it), ``stats()``, ``close()``.
     """
@@ -309,7 +411,14 @@ class PushWorkerActor:
     async def __init__(self, config: Config) -> None:  # type: ignore[misc]  # Ray runs an async __init__
         self._config = config
         self._mongo: Any = None
-        self._worker = PushWorker(config, make_providers(config), self._remove_token, self._still_owned)
+        self._redis: Any = None
+        ledger = None
+        if config.push_dedup_ttl_s > 0 and config.redis_url:
+            from im_actors.store import redis_client  # imported here: only the actor needs it
+
+            self._redis = redis_client(config)
+            ledger = RedisLedger(self._redis, config.key_prefix)
+        self._worker = PushWorker(config, make_providers(config), self._remove_token, self._still_owned, ledger)
         await self._worker.start()
 
     async def start(self) -> None:
@@ -321,11 +430,14 @@ class PushWorkerActor:
         return self._worker.stats()
 
     async def close(self) -> None:
-        """Finish the jobs in hand, stop consuming, close the MongoDB client."""
+        """Finish the jobs in hand, stop consuming, close the MongoDB and Redis clients."""
         await self._worker.close()
         mongo, self._mongo = self._mongo, None
         if mongo is not None:
             await mongo.close()
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            await redis.aclose()
 
     def _devices(self) -> Any:
         if self._mongo is None:

@@ -12,6 +12,7 @@ from pamqp.header import ContentHeader
 
 from im_actors.config import load_config
 from im_actors.push.jobs import PushJob, decode_job, encode_job, make_job
+from im_actors.push.ledger import ClaimState, MemoryLedger
 from im_actors.push.providers.base import Outcome, Provider
 from im_actors.push.worker import PushWorker
 
@@ -178,3 +179,92 @@ async def test_no_ack_when_the_follow_up_is_not_confirmed() -> None:
     assert channel.events == [("nack", 1)]
     stats = worker.stats()
     assert stats["unacked_errors"] == 1 and stats["retried"] == 0 and stats["in_flight"] == 0
+
+
+# --- the job ledger: each job reaches its provider once ---
+
+
+def _ledgered(outcome: Outcome, ledger: MemoryLedger) -> tuple[PushWorker, Scripted]:
+    config = load_config(deployment="w", push_retry_base_ms=50, push_max_attempts=3, push_claim_ms=5000)
+    provider = Scripted(outcome)
+
+    async def on_invalid(job: PushJob) -> None:
+        pass
+
+    return PushWorker(config, {"webhook": provider}, on_invalid, ledger=ledger), provider
+
+
+async def test_a_second_copy_of_a_delivered_job_is_acked_unsent() -> None:
+    ledger = MemoryLedger()
+    worker, provider = _ledgered(Outcome.delivered(), ledger)
+    channel = FakeChannel()
+    body = encode_job(_job())
+    await worker._on_message(_message(channel, body, 1))
+    await worker._on_message(_message(channel, body, 2))  # a redelivery or a republished copy
+    assert len(provider.jobs) == 1
+    assert channel.events == [("ack", 1), ("ack", 2)]
+    assert worker.stats()["duplicates"] == 1 and worker.stats()["delivered"] == 1
+
+
+async def test_a_copy_held_by_another_claim_waits_in_the_retry_queue() -> None:
+    ledger = MemoryLedger()
+    await ledger.claim(_job()["job_id"], "a-dead-worker:0", 3000)
+    worker, provider = _ledgered(Outcome.delivered(), ledger)
+    channel = FakeChannel()
+    await worker._on_message(_message(channel, encode_job(_job()), 1))
+    assert provider.jobs == []
+    [(queue, body, properties)] = channel.published
+    assert queue == "w.im.push.retry"
+    assert decode_job(body)["attempt"] == 0  # a wait, not an attempt
+    assert 2000 < int(properties.expiration) <= 3000
+    assert channel.events == [("publish", "w.im.push.retry"), ("ack", 1)]
+    assert worker.stats()["deferred"] == 1
+
+
+async def test_a_transient_failure_gives_the_claim_back_for_the_retry() -> None:
+    ledger = MemoryLedger()
+    worker, provider = _ledgered(Outcome.retry(None, "503"), ledger)
+    channel = FakeChannel()
+    await worker._on_message(_message(channel, encode_job(_job()), 1))
+    [(_, retry_body, _)] = channel.published
+    provider.outcome = Outcome.delivered()
+    await worker._on_message(_message(channel, retry_body, 2))  # the retry claims it again and is sent
+    assert [j["attempt"] for j in provider.jobs] == [0, 1]
+    await worker._on_message(_message(channel, retry_body, 3))  # a copy after delivery: not sent
+    assert len(provider.jobs) == 2 and worker.stats()["duplicates"] == 1
+
+
+async def test_invalid_and_failed_jobs_are_done_too() -> None:
+    for outcome in (Outcome.invalid_token("410"), Outcome.failed("400")):
+        ledger = MemoryLedger()
+        worker, provider = _ledgered(outcome, ledger)
+        channel = FakeChannel()
+        await worker._on_message(_message(channel, encode_job(_job()), 1))
+        await worker._on_message(_message(channel, encode_job(_job()), 2))
+        assert len(provider.jobs) == 1, outcome
+
+
+async def test_a_failing_ledger_sends_anyway_and_counts() -> None:
+    class Broken(MemoryLedger):
+        async def claim(self, job_id: str, owner: str, claim_ms: int) -> Any:
+            raise ConnectionError("redis down")
+
+    worker, provider = _ledgered(Outcome.delivered(), Broken())
+    channel = FakeChannel()
+    await worker._on_message(_message(channel, encode_job(_job()), 1))
+    assert len(provider.jobs) == 1 and channel.events == [("ack", 1)]
+    assert worker.stats()["ledger_errors"] == 1
+
+
+async def test_memory_ledger_claims_expire() -> None:
+    now = [0.0]
+    ledger = MemoryLedger(clock=lambda: now[0])
+    assert (await ledger.claim("j", "a", 1000)).state is ClaimState.MINE
+    held = await ledger.claim("j", "b", 1000)
+    assert held.state is ClaimState.HELD and held.held_ms == 1000
+    now[0] = 1.0
+    assert (await ledger.claim("j", "b", 1000)).state is ClaimState.MINE
+    await ledger.release("j", "a")  # not a's any more: no effect
+    assert (await ledger.claim("j", "c", 1000)).state is ClaimState.HELD
+    await ledger.done("j", 60)
+    assert (await ledger.claim("j", "d", 1000)).state is ClaimState.DONE
