@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import ray
 from pymongo.errors import PyMongoError
@@ -20,20 +20,13 @@ from pymongo.errors import PyMongoError
 from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.errors import CLOSE_REPLACED, Unavailable
-from im_actors.push.jobs import make_job
+from im_actors.push.planner import JobSink, PushPlanner
 from im_actors.refs import Peers
 from im_actors.store import Store
 
-__all__ = ["UserSession", "SessionShard", "SessionShardActor", "JobSink"]
+__all__ = ["UserSession", "SessionShard", "SessionShardActor", "JobSink"]  # JobSink: from push.planner
 
 log = logging.getLogger(__name__)
-
-
-class JobSink(Protocol):
-    """Where push jobs go (the RabbitMQ publisher, or a list in tests)."""
-
-    def publish(self, job: dict[str, Any]) -> None:
-        """Queue one job; must not block."""
 
 
 @dataclass
@@ -54,12 +47,13 @@ class SessionShard:
         self.peers = peers
         self.store = store
         self.push = push
+        self.planner = PushPlanner(config, push) if push is not None else None
         self.users: dict[str, UserSession] = {}
         self._to_hubs: Batcher[str] = Batcher(self._send_to_hub, config.fanout_batch_max, config.fanout_batch_ms)
         self._events_to_hubs: Batcher[str] = Batcher(
             self._send_events_to_hub, config.fanout_batch_max, config.fanout_batch_ms
         )
-        self.stats = {"fanout_entries": 0, "deliveries": 0, "push_jobs": 0}
+        self.stats = {"fanout_entries": 0, "deliveries": 0}
 
     def _session(self, user: str) -> UserSession:
         s = self.users.get(user)
@@ -77,6 +71,8 @@ class SessionShard:
         s = self._session(user)
         old = s.devices.get(device)
         s.devices[device] = (hub, conn_id)
+        if self.planner is not None:
+            self.planner.device_connected(user, device)  # online now: no push held for it goes out
         s.last_seen_ms = int(time.time() * 1000)
         return old if old != (hub, conn_id) else None
 
@@ -171,30 +167,13 @@ class SessionShard:
                 s = self._session(user)
                 for hub, conn_id in s.devices.values():
                     per_hub.setdefault(hub, []).append(conn_id)
-                if self.push is not None and s.tokens:
+                if self.planner is not None and s.tokens:
                     for device, (provider, token) in s.tokens.items():
-                        if device not in s.devices:
-                            self._push_job(user, device, provider, token, entry)
+                        if device not in s.devices:  # never a connected device
+                            self.planner.offer(user, device, provider, token, entry)
             for hub, conns in per_hub.items():
                 self.stats["deliveries"] += len(conns)
                 self._to_hubs.add(hub, (entry, conns))
-
-    def _push_job(self, user: str, device: str, provider: str, token: str, entry: dict[str, Any]) -> None:
-        assert self.push is not None
-        job = make_job(
-            user=user,
-            device=device,
-            provider=provider,
-            token=token,
-            conv=entry["conv"],
-            seq=entry["seq"],
-            sender=entry["sender"],
-            body=entry["body"],
-            badge=1,
-            collapse_key=entry["conv"],
-        )
-        self.push.publish(job)
-        self.stats["push_jobs"] += 1
 
     def events(self, items: list[tuple[dict[str, Any], list[str], tuple[str, int] | None]]) -> None:
         """Forward unstored events (receipt, typing) to the online devices of their users.
@@ -324,14 +303,20 @@ class SessionShardActor:
         return await self._core.convs(user)
 
     async def flush_push(self, timeout_s: float = 10.0) -> bool:
-        """Wait until every push job is confirmed by RabbitMQ; True when the outbox is empty."""
+        """Publish the jobs held for coalescing, then wait until every push job is confirmed by RabbitMQ;
+        True when the outbox is empty."""
         if self._publisher is None:
             return True
+        if self._core.planner is not None:
+            self._core.planner.flush()
         return bool(await self._publisher.flush(timeout_s))
 
     def stats(self) -> dict[str, Any]:
         """Counters: entries fanned out, deliveries handed to hubs, push jobs, publisher stats."""
         out: dict[str, Any] = {**self._core.stats, "users": len(self._core.users)}
+        if self._core.planner is not None:
+            out["push_jobs"] = self._core.planner.stats["jobs"]
+            out["push_planner"] = {**self._core.planner.stats, "held": self._core.planner.held}
         if self._publisher is not None:
             out["push"] = self._publisher.stats()
         return out
