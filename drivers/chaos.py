@@ -15,6 +15,10 @@ mongodb    the MongoDB-wire server stopped for ``outage_s`` and started again on
            (only when this run started it: a given ``mongo_url`` is never touched)
 redis      every Redis key of this deployment deleted (a flush, as the deployment sees it; the
            shared Redis itself is never flushed or restarted)
+redis-     the Redis server restarted, every key lost (only a private Redis this run started:
+restart    ``ensure_services(private=["redis"])``; the demo does so when this kind is asked for)
+rabbitmq   the RabbitMQ broker restarted on its data (only a private broker this run started,
+           as for redis-restart): publishers keep jobs in their outbox, consumers reconnect
 =========  =======================================================================================
 
 Recovery is measured by probes: a few probe clients (at least one per hub) in a probe group, one
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import secrets
 import statistics
@@ -44,12 +49,14 @@ from im_actors.client import Client
 from im_actors.config import Config
 from im_actors.services import LocalServices
 
-__all__ = ["KINDS", "ChaosSpec", "Fault", "ChaosMonkey", "summarize"]
+__all__ = ["KINDS", "PRIVATE_SERVICE_KINDS", "ChaosSpec", "Fault", "ChaosMonkey", "summarize"]
 
 log = logging.getLogger(__name__)
 
 #: Every fault kind, in the order ``all`` cycles through them.
-KINDS = ("hub", "conv", "session", "store", "push", "mongodb", "redis")
+KINDS = ("hub", "conv", "session", "store", "push", "mongodb", "redis", "redis-restart", "rabbitmq")
+#: Kinds that need a server of this run's own (never the machine's shared one).
+PRIVATE_SERVICE_KINDS = {"mongodb": "mongodb", "redis-restart": "redis", "rabbitmq": "rabbitmq"}
 _ACTOR_KINDS = {"hub": "hub", "conv": "conv", "session": "session", "store": "store", "push": "push"}
 
 
@@ -93,6 +100,9 @@ class Fault:
     recovery_s: float | None = None
     worst_latency_ms: float | None = None
     error: str | None = None
+    #: Seconds after the fault before which it cannot count as recovered (for ``rabbitmq``: until
+    #: every push publisher and worker has reconnected), None when only the probes decide.
+    floor_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for the report."""
@@ -226,6 +236,27 @@ class ChaosMonkey:
             elif kind == "redis":
                 fault.target = f"redis keys {self.config.key_prefix}*"
                 await asyncio.to_thread(self._flush_prefix)
+            elif kind == "redis-restart":
+                server = self.services.redis if self.services else None
+                if server is None:
+                    raise RuntimeError("this run uses a shared Redis, which is never restarted")
+                fault.target = server.url
+                await asyncio.to_thread(server.stop)
+                server.start(wait=False)  # from this long-lived thread, see PrivateRedis
+                await asyncio.to_thread(server.wait)
+            elif kind == "rabbitmq":
+                broker = self.services.rabbitmq if self.services else None
+                if broker is None:
+                    raise RuntimeError("this run uses a shared RabbitMQ, which is never restarted")
+                fault.target = broker.url
+                before = await self._amqp_connects()
+                await asyncio.to_thread(broker.stop)
+                broker.start(wait=False)
+                await asyncio.to_thread(broker.wait)
+                fault.floor_s = await self._amqp_reconnected(before, fault.at_s)
+                if fault.floor_s is None:
+                    fault.floor_s = math.inf  # never counts as recovered
+                    raise RuntimeError("push publishers and workers did not reconnect within 60 s")
         except Exception as exc:  # noqa: BLE001 - recorded in the report
             fault.error = f"{type(exc).__name__}: {exc}"
             log.warning("fault %s not injected: %s", kind, fault.error)
@@ -245,6 +276,33 @@ class ChaosMonkey:
         name = ids.actor_name(role, self.rng.randrange(count), self.config.actor_prefix)
         ray.kill(ray.get_actor(name, namespace=ids.NAMESPACE), no_restart=False)
         return name
+
+    async def _amqp_connects(self) -> dict[str, int]:
+        """``{actor name: AMQP connections opened}`` for every push publisher (in the session
+        shards) and push worker; an actor that does not answer is left out."""
+        names = [ids.actor_name("session", i, self.config.actor_prefix) for i in range(self.config.session_shards)]
+        names += [ids.actor_name("push", i, self.config.actor_prefix) for i in range(self.config.push_workers)]
+        out: dict[str, int] = {}
+        for name in names:
+            try:
+                stats = await ray.get_actor(name, namespace=ids.NAMESPACE).stats.remote()
+            except Exception:  # noqa: BLE001 - restarting: left out
+                continue
+            stats = stats.get("push", stats)  # a session shard nests its publisher's stats
+            if "connects" in stats:
+                out[name] = int(stats["connects"]) if stats.get("connected") else -1
+        return out
+
+    async def _amqp_reconnected(self, before: dict[str, int], since_s: float, timeout_s: float = 60.0) -> float | None:
+        """Wait until every AMQP client of ``before`` is connected again on a new connection;
+        returns the seconds since ``since_s`` (None after ``timeout_s``)."""
+        deadline = self.now() + timeout_s
+        while self.now() < deadline:
+            now = await self._amqp_connects()
+            if all(now.get(name, -1) > max(count, 0) for name, count in before.items()):
+                return self.now() - since_s
+            await asyncio.sleep(0.1)
+        return None
 
     def _flush_prefix(self) -> None:
         client = redis.Redis.from_url(self.config.redis_url)
@@ -284,7 +342,8 @@ class ChaosMonkey:
                 continue
             done = self._complete(probe)
             if done is not None:
-                return done - fault.at_s
+                recovered = max(done - fault.at_s, fault.floor_s or 0.0)
+                return None if math.isinf(recovered) else recovered
         return None
 
     def _worst_latency(self, fault: Fault) -> float | None:

@@ -57,6 +57,8 @@ def _connect_ray(address: str) -> None:
 
 
 def _chaos_spec(spec: str, cfg: Config, mongo_given: bool) -> Any:
+    """Parse ``--chaos``; ``all`` leaves out what this run cannot break (a given server is never
+    restarted), and naming such a kind explicitly is an error (exit 2)."""
     from drivers.chaos import ChaosSpec
 
     try:
@@ -64,11 +66,21 @@ def _chaos_spec(spec: str, cfg: Config, mongo_given: bool) -> Any:
     except ValueError as exc:
         typer.echo(f"im-actors: --chaos: {exc}", err=True)
         raise typer.Exit(2) from None
-    if spec.split(":")[0].strip() in ("", "all"):  # leave out what this run cannot break
-        skip = {"mongodb"} if mongo_given else set()
+    given = {"mongodb": mongo_given, "redis-restart": bool(cfg.redis_url), "rabbitmq": bool(cfg.rabbitmq_url)}
+    keys = {"mongodb": "mongo_url", "redis-restart": "redis_url", "rabbitmq": "rabbitmq_url"}
+    if spec.split(":")[0].strip() in ("", "all"):
+        skip = {kind for kind, is_given in given.items() if is_given}
         skip |= {"push"} if cfg.push_workers == 0 else set()
         skip |= {"store"} if cfg.store_writers == 0 else set()
-        parsed = ChaosSpec(tuple(k for k in parsed.kinds if k not in skip), parsed.interval_s)
+        return ChaosSpec(tuple(k for k in parsed.kinds if k not in skip), parsed.interval_s)
+    for kind in parsed.kinds:
+        if given.get(kind):
+            typer.echo(
+                f"im-actors: --chaos {kind}: {keys[kind]} is given, and a server this run did not start is "
+                "never stopped; leave it unset so the run starts a private one",
+                err=True,
+            )
+            raise typer.Exit(2)
     return parsed
 
 
@@ -100,6 +112,13 @@ async def _run_with_chaos(
     result["faults"] = await monkey.finish()
     result["faults_summary"] = summarize(result["faults"])
     return result
+
+
+def _private_kinds(spec: Any) -> set[str]:
+    """The services (``redis``, ``rabbitmq``, ``mongodb``) that the chaos kinds of ``spec`` restart."""
+    from drivers.chaos import PRIVATE_SERVICE_KINDS
+
+    return {PRIVATE_SERVICE_KINDS[k] for k in spec.kinds if k in PRIVATE_SERVICE_KINDS}
 
 
 def _sigterm_to_exit() -> None:
@@ -192,7 +211,12 @@ def demo(
         str | None,
         typer.Option(help="inject faults during the run: all, a list like hub,conv,mongodb, optionally :INTERVAL_S"),
     ] = None,
-    chaos_outage: Annotated[float, typer.Option(help="how long a mongodb fault keeps the server down (s)")] = 10.0,
+    chaos_outage: Annotated[
+        float,
+        typer.Option(
+            help="how long a mongodb fault keeps the server down (s); redis-restart and rabbitmq restart at once"
+        ),
+    ] = 10.0,
 ) -> None:
     """Run a local cluster, carry real chat traffic through it, verify every delivery, write a report."""
     import ray
@@ -239,7 +263,8 @@ def demo(
         workload = ReplayWorkload(path=str(path), messages=messages, duration_s=duration)
     _sigterm_to_exit()
     try:
-        cfg, services = ensure_services(cfg)
+        private = [] if chaos_spec is None else [k for k in ("redis", "rabbitmq") if k in _private_kinds(chaos_spec)]
+        cfg, services = ensure_services(cfg, private=private)
     except ServiceError as exc:
         typer.echo(f"im-actors: {exc}", err=True)
         raise typer.Exit(3) from None

@@ -11,8 +11,10 @@ stops what it started.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,9 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiormq
 import pymongo
@@ -38,6 +42,8 @@ __all__ = [
     "free_port",
     "start_secantus",
     "purge_deployment",
+    "PrivateRedis",
+    "PrivateRabbitMQ",
     "DEFAULT_REDIS_URL",
     "DEFAULT_RABBITMQ_URL",
 ]
@@ -66,6 +72,9 @@ class LocalServices:
     mongo_port: int = 0
     mongo_folder: Path | None = None
     mongo_proc: subprocess.Popen[bytes] | None = None
+    #: Private Redis and RabbitMQ servers started for this run (chaos restarts them), if any.
+    redis: PrivateRedis | None = None
+    rabbitmq: PrivateRabbitMQ | None = None
 
     def stop_mongo(self) -> None:
         """Stop the MongoDB-wire server started here, keeping its data (a fault, for chaos runs)."""
@@ -94,6 +103,10 @@ class LocalServices:
 
     def stop(self) -> None:
         """Stop every process started (SIGTERM, then SIGKILL after 5 s) and remove the folders."""
+        if self.redis is not None:
+            self.redis.stop()
+        if self.rabbitmq is not None:
+            self.rabbitmq.remove()
         for proc in self.processes:
             _terminate(proc)
         self.processes.clear()
@@ -126,15 +139,32 @@ def _redis_answers(url: str) -> bool:
 
 
 def _rabbitmq_answers(url: str) -> bool:
+    parts = urlsplit(url)
+    try:  # a closed port first, without aiormq's logged connection errors
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), timeout=2).close()
+    except OSError:
+        return False
+
     async def probe() -> bool:
         conn = await asyncio.wait_for(aiormq.connect(url), 5)
         await conn.close()
         return True
 
     try:
-        return asyncio.run(probe())
+        asyncio.get_running_loop()
+    except RuntimeError:  # no event loop in this thread: run the probe here
+        runner: Callable[[], bool] = lambda: asyncio.run(probe())  # noqa: E731
+    else:  # called from async code (a test, a chaos run): a thread of its own
+        runner = lambda: _in_thread(lambda: asyncio.run(probe()))  # noqa: E731
+    try:
+        return runner()
     except Exception:  # noqa: BLE001 - any failure means "not usable"
         return False
+
+
+def _in_thread(fn: Callable[[], bool]) -> bool:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
 
 
 _FOLDER_PREFIX = "im-secantus-"
@@ -142,7 +172,8 @@ _FOLDER_PREFIX = "im-secantus-"
 
 def _sweep_orphan_folders() -> None:
     """Remove SecantusDB folders of earlier runs whose owning process is gone (killed runs)."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{_FOLDER_PREFIX}*"):
+    tmp = Path(tempfile.gettempdir())
+    for folder in [*tmp.glob(f"{_FOLDER_PREFIX}*"), *tmp.glob("im-rabbitmq-*")]:
         try:
             owner = int((folder / "owner.pid").read_text())
         except (OSError, ValueError):
@@ -238,30 +269,201 @@ def start_secantus(
     return url
 
 
-def ensure_services(config: Config) -> tuple[Config, LocalServices]:
+def _redis_executable() -> str:
+    for name in ("redis-server", "valkey-server"):
+        exe = shutil.which(name)
+        if exe:
+            return exe
+    raise ServiceError("Redis: no redis-server or valkey-server program found to start a private Redis")
+
+
+def _rabbitmq_executable() -> str:
+    # The Debian wrapper in /usr/sbin switches to the rabbitmq user and its fixed folders; the
+    # real script takes every folder from the environment, so a private node needs nothing shared.
+    for exe in ("/usr/lib/rabbitmq/bin/rabbitmq-server", shutil.which("rabbitmq-server")):
+        if exe and Path(exe).exists():
+            return exe
+    raise ServiceError("RabbitMQ: no rabbitmq-server program found to start a private broker")
+
+
+def _spawn(argv: list[str], log_path: Path | None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    out: Any = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives with the process
+    return subprocess.Popen(
+        argv,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
+    """SIGTERM to the process group ``proc`` leads (a graceful stop), SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(grace_s)
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class PrivateRedis:
+    """A Redis server of this run's own on a free loopback port, keeping nothing on disk.
+
+    Chaos runs and fault tests stop and start it; the machine's shared Redis is never touched.
+    Stopping it loses every key, as a flushed or failed-over Redis would. Start it from a
+    long-lived thread: Linux kills it when the thread that spawned it exits (PDEATHSIG).
+    """
+
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, wait: bool = True) -> str:
+        """Start it (on its old port after a stop); returns its URL. Raises :class:`ServiceError`."""
+        self.port = self.port or free_port()
+        argv = [_redis_executable(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        self.proc = _spawn([*argv, "--save", "", "--appendonly", "no"], None)
+        if wait:
+            self.wait()
+        return self.url
+
+    def wait(self, timeout_s: float = 15.0) -> None:
+        """Wait until it answers PING; raises :class:`ServiceError` if it exits or stays silent."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise ServiceError(f"Redis: the private server on port {self.port} exited")
+            if _redis_answers(self.url):
+                return
+            time.sleep(0.05)
+        raise ServiceError(f"Redis: the private server on port {self.port} did not answer in {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL); its keys are gone."""
+        if self.proc is not None:
+            _stop_group(self.proc)
+            self.proc = None
+
+
+@dataclass
+class PrivateRabbitMQ:
+    """A RabbitMQ node of this run's own: free loopback ports, its own folder, Erlang cookie and name.
+
+    Its data folder outlives :meth:`stop`, so durable queues and persistent messages survive a
+    restart as they would on a production broker; :meth:`remove` deletes it. Start it from a
+    long-lived thread (see :class:`PrivateRedis`). Starting takes about 5 s here.
+    """
+
+    port: int = 0
+    dist_port: int = 0
+    folder: Path | None = None
+    node: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``amqp://guest:guest@127.0.0.1:<port>/`` (guest may log in over loopback)."""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def start(self, wait: bool = True) -> str:
+        """Start it (on its old ports and data after a stop); returns its URL. Raises :class:`ServiceError`."""
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="im-rabbitmq-"))
+            (self.folder / "owner.pid").write_text(str(os.getpid()))
+            (self.folder / "enabled_plugins").write_text("[].\n")
+        self.port = self.port or free_port()
+        self.dist_port = self.dist_port or free_port()
+        self.node = self.node or f"im{secrets.token_hex(4)}@localhost"
+        env = {
+            **os.environ,
+            "HOME": str(self.folder),  # its own .erlang.cookie
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.folder / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.folder / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.folder / "advanced.config"),
+        }
+        self.proc = _spawn([_rabbitmq_executable()], self.folder / "server.log", env)
+        if wait:
+            self.wait()
+        return self.url
+
+    def wait(self, timeout_s: float = 60.0) -> None:
+        """Wait until it accepts an AMQP login; raises :class:`ServiceError` if it exits or stays silent."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise ServiceError(f"RabbitMQ: the private node exited; see {self.folder}/server.log")
+            if _rabbitmq_answers(self.url):
+                return
+            time.sleep(0.25)
+        raise ServiceError(f"RabbitMQ: the private node on port {self.port} did not answer in {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        """Stop it gracefully (SIGTERM to its process group), keeping its data."""
+        if self.proc is not None:
+            _stop_group(self.proc, grace_s=30.0)
+            self.proc = None
+
+    def remove(self) -> None:
+        """Stop it and delete its folder."""
+        self.stop()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
+def ensure_services(config: Config, private: Collection[str] = ()) -> tuple[Config, LocalServices]:
     """Fill in empty service URLs (see the module docstring); returns the new config and what was started.
 
-    Raises :class:`ServiceError` naming the missing service and how to provide it.
+    ``private`` names services (``"redis"``, ``"rabbitmq"``) to start as private servers of this
+    run instead of using the shared ones on their default ports, when their URL is not configured:
+    chaos runs restart those. When nothing answers on Redis's default port, a private Redis is
+    started if a ``redis-server`` program is installed. Raises :class:`ServiceError` naming the
+    missing service and how to provide it.
     """
     services = LocalServices()
     updates: dict[str, str] = {}
     try:
         if not config.redis_url:
-            if not _redis_answers(DEFAULT_REDIS_URL):
+            if "redis" in private or (not _redis_answers(DEFAULT_REDIS_URL) and _has_redis_program()):
+                services.redis = PrivateRedis()
+                updates["redis_url"] = services.redis.start()
+            elif not _redis_answers(DEFAULT_REDIS_URL):
                 raise ServiceError(
-                    "Redis: nothing answers on 127.0.0.1:6379. Start one (redis-server --port 6379) "
-                    "or set redis_url / IM_REDIS_URL."
+                    "Redis: nothing answers on 127.0.0.1:6379 and no redis-server is installed. Start one "
+                    "(redis-server --port 6379) or set redis_url / IM_REDIS_URL."
                 )
-            updates["redis_url"] = DEFAULT_REDIS_URL
+            else:
+                updates["redis_url"] = DEFAULT_REDIS_URL
         elif not _redis_answers(config.redis_url):
             raise ServiceError(f"Redis: {config.redis_url} does not answer (key redis_url)")
         if not config.rabbitmq_url:
-            if not _rabbitmq_answers(DEFAULT_RABBITMQ_URL):
+            if "rabbitmq" in private:
+                services.rabbitmq = PrivateRabbitMQ()
+                updates["rabbitmq_url"] = services.rabbitmq.start()
+            elif not _rabbitmq_answers(DEFAULT_RABBITMQ_URL):
                 raise ServiceError(
                     "RabbitMQ: nothing answers on 127.0.0.1:5672 as guest. Start one (rabbitmq-server -detached) "
                     "or set rabbitmq_url / IM_RABBITMQ_URL."
                 )
-            updates["rabbitmq_url"] = DEFAULT_RABBITMQ_URL
+            else:
+                updates["rabbitmq_url"] = DEFAULT_RABBITMQ_URL
         elif not _rabbitmq_answers(config.rabbitmq_url):
             raise ServiceError(f"RabbitMQ: {config.rabbitmq_url} does not answer (key rabbitmq_url)")
         if not config.mongo_url:
@@ -270,6 +472,14 @@ def ensure_services(config: Config) -> tuple[Config, LocalServices]:
         services.stop()
         raise
     return config.model_copy(update=updates), services
+
+
+def _has_redis_program() -> bool:
+    try:
+        _redis_executable()
+    except ServiceError:
+        return False
+    return True
 
 
 def describe_services(config: Config) -> dict[str, dict[str, Any]]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +27,7 @@ from im_actors import ids
 from im_actors.client import Client
 from im_actors.cluster import Deployment, deploy, teardown
 from im_actors.config import Config
-from im_actors.services import LocalServices, free_port, purge_deployment, start_secantus
+from im_actors.services import LocalServices, PrivateRedis, free_port, purge_deployment, start_secantus
 
 pytestmark = [
     pytest.mark.integration,
@@ -42,36 +40,19 @@ class PrivateStack:
     """A deployment whose Redis and MongoDB-wire server the tests may stop, flush and restart."""
 
     deployment: Deployment
-    redis_port: int
+    redis: PrivateRedis
     mongo_port: int
     mongo_folder: Path
-    services: LocalServices = field(default_factory=LocalServices)
-    redis_proc: subprocess.Popen[bytes] | None = None
     mongo_services: LocalServices = field(default_factory=LocalServices)
 
     def start_redis(self) -> None:
-        self.redis_proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.redis_port)
-        for _ in range(100):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
+        self.redis.start()
 
     def stop_redis(self) -> None:
-        if self.redis_proc is not None:
-            self.redis_proc.terminate()
-            self.redis_proc.wait(10)
-            self.redis_proc = None
+        self.redis.stop()
 
     def flush_redis(self) -> None:
-        redis.Redis(port=self.redis_port).flushall()
+        redis.Redis.from_url(self.redis.url).flushall()
 
     def start_mongo(self) -> None:
         if self.mongo_services.mongo_folder is None:
@@ -86,13 +67,13 @@ class PrivateStack:
 @pytest.fixture(scope="module")
 def stack(base_config: Config, local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateStack]:
     folder = tmp_path_factory.mktemp("secantus")
-    st = PrivateStack(Deployment(base_config), free_port(), free_port(), folder)
+    st = PrivateStack(Deployment(base_config), PrivateRedis(), free_port(), folder)
     st.start_redis()
     st.start_mongo()
     cfg = base_config.model_copy(
         update={
             "deployment": f"{base_config.deployment}s{secrets.token_hex(2)}",
-            "redis_url": f"redis://127.0.0.1:{st.redis_port}/0",
+            "redis_url": st.redis.url,
             "mongo_url": f"mongodb://127.0.0.1:{st.mongo_port}/?directConnection=true",
             "mongo_timeout_ms": 1000,
             "push_workers": 0,

@@ -33,3 +33,23 @@ def test_summary_gives_median_and_worst_recovery() -> None:
         "hub": {"injected": 3, "recovered": 2, "median_recovery_s": 1.0, "worst_recovery_s": 1.5},
         "conv": {"injected": 1, "recovered": 1, "median_recovery_s": 2.0, "worst_recovery_s": 2.0},
     }
+
+
+def test_demo_leaves_out_servers_it_did_not_start_and_refuses_to_restart_them() -> None:
+    import typer
+
+    from im_actors.cli import _chaos_spec, _private_kinds
+    from im_actors.config import load_config
+
+    shared = load_config(redis_url="redis://127.0.0.1:6379/0", rabbitmq_url="amqp://guest:guest@127.0.0.1:5672/")
+    kinds = _chaos_spec("all", shared, mongo_given=True).kinds
+    assert not {"mongodb", "redis-restart", "rabbitmq"} & set(kinds)
+    assert "redis" in kinds  # a key flush is confined to the run's own prefix: always allowed
+    with pytest.raises(typer.Exit) as exc:
+        _chaos_spec("hub,rabbitmq", shared, mongo_given=False)
+    assert exc.value.exit_code == 2
+
+    own = load_config()  # no URLs: the demo starts private servers for the restart kinds
+    spec = _chaos_spec("all:5", own, mongo_given=False)
+    assert spec.kinds == KINDS and spec.interval_s == 5.0
+    assert _private_kinds(spec) == {"mongodb", "redis", "rabbitmq"}
