@@ -91,6 +91,7 @@ class PushWorker:
         self._ledger = ledger
         self._owner = uuid.uuid4().hex  # prefix of this worker's claims in the ledger
         self._claims = 0
+        self._sending: set[asyncio.Future[tuple[Outcome, bool]]] = set()  # provider calls, shielded
         self._claim_ms = config.push_claim_ms or int((2 * config.push_timeout_s + 5) * 1000)
         self._depths: dict[str, int] = {}
         self._stop = asyncio.Event()
@@ -285,10 +286,12 @@ class PushWorker:
                 return
             claimed = claim is not None
 
-        outcome = await self._send(job)
-        again = outcome.kind is OutcomeKind.RETRY and job["attempt"] + 1 < self._config.push_max_attempts
-        if claimed and not again:
-            await self._ledger_call("done", job["job_id"], self._config.push_dedup_ttl_s)
+        # Shielded: when the channel closes under this handler (the broker went away), the provider call
+        # in flight still ends and its "done" is still recorded, so the redelivered copy is not sent again.
+        sending = asyncio.ensure_future(self._send_recorded(job, claimed))
+        self._sending.add(sending)
+        sending.add_done_callback(self._sending.discard)
+        outcome, again = await asyncio.shield(sending)
         if outcome.kind is OutcomeKind.DELIVERED:
             self._counts["delivered"] += 1
         elif outcome.kind is OutcomeKind.INVALID_TOKEN:
@@ -323,6 +326,15 @@ class PushWorker:
             )
             self._counts["dead"] += 1
         await channel.basic_ack(tag)
+
+    async def _send_recorded(self, job: PushJob, claimed: bool) -> tuple[Outcome, bool]:
+        """Send ``job``; record it done in the ledger unless it is to be retried. Returns the outcome
+        and whether it goes to the retry queue."""
+        outcome = await self._send(job)
+        again = outcome.kind is OutcomeKind.RETRY and job["attempt"] + 1 < self._config.push_max_attempts
+        if claimed and not again:
+            await self._ledger_call("done", job["job_id"], self._config.push_dedup_ttl_s)
+        return outcome, again
 
     async def _claim(self, job: PushJob, owner: str) -> Any:
         """The ledger's :class:`~im_actors.push.ledger.Claim` on ``job``, or None when the ledger failed."""
