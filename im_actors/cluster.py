@@ -20,6 +20,7 @@ from im_actors.conversation import ConversationShardActor
 from im_actors.errors import ConfigError
 from im_actors.groups import GroupShardActor
 from im_actors.hub import HubActor
+from im_actors.push.metrics import push_summary
 from im_actors.router import RouterActor
 from im_actors.session import SessionShardActor
 from im_actors.store import StoreWriter
@@ -163,7 +164,8 @@ def teardown(config: Config) -> list[str]:
 
 
 def status(config: Config) -> dict[str, Any]:
-    """Every expected actor with ``"up"``, its stats (or the error) and the router's URL."""
+    """Every expected actor with ``"up"``, its role, its stats (or the error), the router's URL, and the
+    summed push metrics under ``"push"`` (:func:`~im_actors.push.metrics.push_summary`)."""
     out: dict[str, Any] = {"actors": {}, "router_url": None}
     for name in _names(config):
         try:
@@ -172,7 +174,7 @@ def status(config: Config) -> dict[str, Any]:
             out["actors"][name] = {"up": False}
             continue
         role, _ = ids.parse_actor_name(name, config.actor_prefix)
-        entry: dict[str, Any] = {"up": True}
+        entry: dict[str, Any] = {"up": True, "role": role}
         try:
             if role == "router":
                 out["router_url"] = ray.get(handle.ready.remote(), timeout=5)
@@ -182,4 +184,5 @@ def status(config: Config) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001
             entry["error"] = str(exc)
         out["actors"][name] = entry
+    out["push"] = push_summary(out["actors"])
     return out

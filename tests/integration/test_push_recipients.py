@@ -16,7 +16,7 @@ from aiohttp import web
 
 from im_actors import ids
 from im_actors.client import Client
-from im_actors.cluster import Deployment
+from im_actors.cluster import Deployment, status
 from im_actors.push.topology import push_names
 
 pytestmark = pytest.mark.integration
@@ -132,6 +132,12 @@ async def test_one_connected_and_one_disconnected_device_exactly_one_push_to_the
     await quiet(deployment)
     assert [(hook, job["device"], job["seq"]) for hook, job in hooks.jobs(user=b)] == [(f"{b}-phone", "phone", ack.seq)]
     assert hooks.jobs(user=a) == []  # the sender's own connected device gets none either
+
+    # the metrics `im-actors status` prints
+    summary = (await asyncio.to_thread(status, deployment.config))["push"]
+    assert summary["published"] >= summary["confirmed"] >= 1
+    assert summary["jobs"] >= 1 and summary["delivered"] >= 1
+    assert set(summary["queues"]) == {"jobs", "retry", "dead"}
 
 
 async def test_a_token_registered_by_another_user_gets_no_push_of_the_first(
