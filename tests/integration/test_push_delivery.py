@@ -285,3 +285,80 @@ async def _actor_drained(actor: Any) -> bool:
         queues = stats["queues"]
         return bool(queues) and stats["in_flight"] == 0 and queues["jobs"] == 0 and queues["retry"] == 0
     return False
+
+
+# --- a real provider through RabbitMQ: APNs over HTTP/2 ---
+
+
+async def test_apns_429_then_200_after_the_backoff_and_410_removed_not_retried(
+    base_config: Config, redis_prefix: str, tmp_path: Any
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from im_actors.push.ledger import MemoryLedger
+    from im_actors.push.providers.apns import ApnsProvider
+    from tests.push_services import Reply, Request, ServiceApp
+    from tests.push_services import running as serving
+
+    seen: dict[str, list[float]] = {}
+
+    def apns(request: Request) -> Reply:
+        token = request.path.rsplit("/", 1)[-1]
+        seen.setdefault(token, []).append(time.monotonic())
+        if token == "b051" and len(seen[token]) == 1:
+            return Reply(429, {"reason": "TooManyRequests"}, {"Retry-After": "1"})
+        if token == "dead":
+            return Reply(410, {"reason": "Unregistered"})
+        return Reply(200, b"", {"apns-id": request.headers["apns-id"]})
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_file = tmp_path / "AuthKey.p8"
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    removed: list[dict[str, Any]] = []
+
+    async def on_invalid(job: dict[str, Any]) -> None:
+        removed.append(job)
+
+    async with serving(ServiceApp(apns)) as url:
+        config = base_config.model_copy(
+            update={
+                "deployment": redis_prefix,
+                "push_retry_base_ms": 100,
+                "push_providers": ("apns",),
+                "apns_url": url,
+                "apns_key_file": str(key_file),
+                "apns_key_id": "KEY1234567",
+                "apns_team_id": "TEAM123456",
+                "apns_topic": "org.example.im",
+            }
+        )
+        publisher = PushPublisher(config)
+        worker = PushWorker(config, {"apns": ApnsProvider(config)}, on_invalid, ledger=MemoryLedger())
+        try:
+            await publisher.start()
+            await worker.start()
+            for seq, token in ((1, "b051"), (2, "dead")):
+                publisher.publish(
+                    make_job(
+                        user="bob", device="iphone", provider="apns", token=token, conv="d:a:bob", seq=seq, sender="a"
+                    )
+                )
+            await until(lambda: len(seen.get("b051", [])) == 2 and removed, 60, "the retry and the removal")
+            await until(lambda: _drained(worker), 30, "the queues drained")
+        finally:
+            await worker.close()
+            await publisher.close()
+            connection = await aiormq.connect(config.rabbitmq_url)
+            try:
+                await delete_topology(await connection.channel(), config)
+            finally:
+                await connection.close()
+    first, second = seen["b051"]
+    assert second - first >= 1.0  # Retry-After: 1 s, longer than the 100 ms backoff
+    assert len(seen["dead"]) == 1  # not retried
+    assert [job["token"] for job in removed] == ["dead"]
+    stats = worker.stats()
+    assert (stats["delivered"], stats["retried"], stats["invalid"], stats["dead"]) == (1, 1, 1, 0)
