@@ -126,11 +126,23 @@ class SessionShard:
         s = self._session(user)
         assert s.tokens is not None
         s.tokens[device] = (provider, token)
-        for other in self.users.values():  # a token moved away from a user hosted here
-            if other is not s and other.tokens:
+        self.forget_token(token, user, device)
+        # The token's former holder may be hosted by another shard: it drops its cached copy too, so it
+        # makes no job for it (the push worker's ownership check in MongoDB stays the safety net).
+        for peer in self.peers.sessions:
+            peer.notify("forget_token", token, user, device)
+
+    def forget_token(self, token: str, user: str, device: str) -> int:
+        """``token`` now belongs to (``user``, ``device``): drop it from every other cached session
+        here. Returns how many cached copies were dropped."""
+        dropped = 0
+        for other in self.users.values():
+            if other.tokens:
                 for d, (_, t) in list(other.tokens.items()):
-                    if t == token:
+                    if t == token and (other.user, d) != (user, device):
                         del other.tokens[d]
+                        dropped += 1
+        return dropped
 
     async def unregister_push(self, user: str, device: str) -> None:
         """Remove the push token of (``user``, ``device``)."""
@@ -293,6 +305,10 @@ class SessionShardActor:
     async def register_push(self, user: str, device: str, provider: str, token: str) -> None:
         """See :meth:`SessionShard.register_push`."""
         await self._core.register_push(user, device, provider, token)
+
+    def forget_token(self, token: str, user: str, device: str) -> int:
+        """See :meth:`SessionShard.forget_token` (another shard registered ``token`` for its user)."""
+        return self._core.forget_token(token, user, device)
 
     async def unregister_push(self, user: str, device: str) -> None:
         """See :meth:`SessionShard.unregister_push`."""

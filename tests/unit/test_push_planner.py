@@ -117,3 +117,12 @@ def test_recent_seqs_and_keys_are_bounded() -> None:
     for conv in ("d:a:b", "d:a:c", "d:a:d"):
         planner.offer("bob", "phone", "log", "t", _entry(1, conv=conv))
     assert len(planner._recent) == 3
+
+
+async def test_a_token_moved_to_a_user_of_another_shard_is_forgotten_here() -> None:
+    shard, sink, _ = _shard()
+    shard._session("carol").tokens = {"phone": ("apns", "ab12"), "tablet": ("fcm", "t2")}
+    shard._session("bob").tokens = {"phone": ("apns", "ab12")}  # bob just registered it (here or elsewhere)
+    assert shard.forget_token("ab12", "bob", "phone") == 1
+    shard._route([(_entry(1), ["carol", "bob"])])
+    assert sorted((j["user"], j["device"]) for j in sink.jobs) == [("bob", "phone"), ("carol", "tablet")]
