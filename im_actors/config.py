@@ -135,10 +135,12 @@ class Config(BaseSettings):
         "go to the dead queue. An enabled provider's required keys below must be set",
     )
     push_dedup_ttl_s: int = Field(
-        7 * 24 * 3600,
+        6 * 3600,
         ge=0,
         description="how long a worker remembers in Redis that a job reached its provider, so a redelivered or "
-        "republished copy is not sent again (s, 0 = no dedup: at least once)",
+        "republished copy is not sent again (s, 0 = no dedup: at least once); one key of about 120 bytes per "
+        "job, so Redis holds about rate x ttl of them. Copies come from redeliveries (seconds) and from "
+        "republications after a broker outage (its length)",
     )
     push_claim_ms: int = Field(
         0,
