@@ -138,7 +138,7 @@ class Config(BaseSettings):
         6 * 3600,
         ge=0,
         description="how long a worker remembers in Redis that a job reached its provider, so a redelivered or "
-        "republished copy is not sent again (s, 0 = no dedup: at least once); one key of about 120 bytes per "
+        "republished copy is not sent again (s, 0 = no dedup: at least once); one key of about 150 bytes per "
         "job, so Redis holds about rate x ttl of them. Copies come from redeliveries (seconds) and from "
         "republications after a broker outage (its length)",
     )
