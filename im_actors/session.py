@@ -130,7 +130,10 @@ class SessionShard:
         # The token's former holder may be hosted by another shard: it drops its cached copy too, so it
         # makes no job for it (the push worker's ownership check in MongoDB stays the safety net).
         for peer in self.peers.sessions:
-            peer.notify("forget_token", token, user, device)
+            try:
+                peer.notify("forget_token", token, user, device)
+            except Exception as exc:  # a shard of an older version (rolling upgrade): the check suffices
+                log.info("forget_token not sent to %s: %r", peer, exc)
 
     def forget_token(self, token: str, user: str, device: str) -> int:
         """``token`` now belongs to (``user``, ``device``): drop it from every other cached session
