@@ -11,7 +11,8 @@ once) and counted when the provider accepts it.
 
 Prints, per run: jobs, jobs/s end to end (first publish to last acceptance), latency from publish to the
 provider's acceptance (p50/p95/p99/max, ms; the jobs that failed once include their retry delay), the
-503s answered, jobs retried, duplicates accepted (must be 0), and the servers it ran on. The publisher,
+503s answered, jobs retried, duplicates accepted and jobs lost (both must be 0), ledger errors (jobs
+sent without deduplication), the servers it ran on and the machine's load average. The publisher,
 the workers and the provider share this process and the machine's cores.
 """
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from im_actors.config import Config, load_config  # noqa: E402
 from im_actors.push.jobs import make_job  # noqa: E402
-from im_actors.push.ledger import RedisLedger  # noqa: E402
+from im_actors.push.ledger import RedisLedger, ledger_redis  # noqa: E402
 from im_actors.push.providers import WebhookProvider  # noqa: E402
 from im_actors.push.publisher import PushPublisher  # noqa: E402
 from im_actors.push.topology import delete_topology  # noqa: E402
@@ -93,9 +94,12 @@ async def run_once(base: Config, jobs: int, rate: float, workers: int, fail: flo
     provider = FlakyProvider(fail, seed)
     await provider.start()
     redis = aioredis.from_url(config.redis_url)
-    ledger = RedisLedger(redis, config.key_prefix)
+    ledgers = [ledger_redis(config) for _ in range(workers)]  # one client per worker, as in the actors
     publisher = PushPublisher(config)
-    pool = [PushWorker(config, {"webhook": WebhookProvider(config)}, _ignore, ledger=ledger) for _ in range(workers)]
+    pool = [
+        PushWorker(config, {"webhook": WebhookProvider(config)}, _ignore, ledger=RedisLedger(client, config.key_prefix))
+        for client in ledgers
+    ]
     published_at: dict[str, float] = {}
     try:
         await publisher.start()
@@ -148,6 +152,7 @@ async def run_once(base: Config, jobs: int, rate: float, workers: int, fail: flo
             "provider_503s": provider.failures,
             "retried": sum(s["retried"] for s in stats),
             "dead": sum(s["dead"] for s in stats),
+            "ledger_errors": sum(s["ledger_errors"] for s in stats),
             "duplicates_accepted": sum(n - 1 for n in provider.accepted.values()),
             "publisher": publisher.stats(),
         }
@@ -160,6 +165,8 @@ async def run_once(base: Config, jobs: int, rate: float, workers: int, fail: flo
         if keys:
             await redis.delete(*keys)
         await redis.aclose()
+        for client in ledgers:
+            await client.aclose()
         connection = await aiormq.connect(config.rabbitmq_url)
         try:
             await delete_topology(await connection.channel(), config)
@@ -203,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start",
             flush=True,
         )
-        print("workers  rate  jobs  jobs/s  p50_ms  p95_ms  p99_ms  max_ms  503s  retried  dup  lost", flush=True)
+        print("workers  rate  jobs  jobs/s  p50_ms  p95_ms  p99_ms  max_ms  503s  retried  dup  lost  ledger_err")
         runs = []
         bad = False
         for workers in args.workers:
@@ -212,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(result)
                 lat = result["latency_ms"]
                 lost = result["jobs"] - result["accepted"]
-                bad |= lost > 0 or result["duplicates_accepted"] > 0
+                bad |= lost > 0 or result["duplicates_accepted"] > 0 or result["ledger_errors"] > 0
                 print(
                     f"{workers:7d} {rate:5.0f} {result['jobs']:5d} {result['jobs_per_s']:7.1f} {lat['p50']:7.1f} "
                     f"{lat['p95']:7.1f} {lat['p99']:7.1f} {lat['max']:7.1f} {result['provider_503s']:5d} "
-                    f"{result['retried']:8d} {result['duplicates_accepted']:4d} {lost:5d}  "
-                    f"(load {os.getloadavg()[0]:.1f})",
+                    f"{result['retried']:8d} {result['duplicates_accepted']:4d} {lost:5d} "
+                    f"{result['ledger_errors']:11d}  (load {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )
         if args.json:

@@ -27,7 +27,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-__all__ = ["ClaimState", "Claim", "Ledger", "RedisLedger", "MemoryLedger", "DONE"]
+import redis.asyncio as aioredis
+
+from im_actors.config import Config
+
+__all__ = ["ClaimState", "Claim", "Ledger", "RedisLedger", "MemoryLedger", "DONE", "ledger_redis"]
 
 #: Value of the record of a job that reached its provider.
 DONE = "done"
@@ -66,6 +70,20 @@ class Ledger(Protocol):
 
     async def release(self, job_id: str, owner: str) -> None:
         """Give back ``owner``'s claim on ``job_id`` (a transient failure: the retry will claim it again)."""
+
+
+def ledger_redis(config: Config) -> aioredis.Redis:
+    """A Redis client for one worker's ledger: a blocking pool of ``push_prefetch + 8`` connections (every
+    job in hand may wait on Redis at once; beyond the pool a call waits up to 5 s for a connection rather
+    than failing), 2 s socket timeouts."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        config.redis_url,
+        max_connections=config.push_prefetch + 8,
+        timeout=5,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 class RedisLedger:

@@ -41,7 +41,7 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from im_actors.config import Config
 from im_actors.push.amqp import Backoff, close_quietly, open_channel, wait_closed
 from im_actors.push.jobs import BadJob, PushJob, decode_job, encode_job, next_attempt
-from im_actors.push.ledger import ClaimState, Ledger, RedisLedger
+from im_actors.push.ledger import ClaimState, Ledger, RedisLedger, ledger_redis
 from im_actors.push.providers import make_providers
 from im_actors.push.providers.base import Outcome, OutcomeKind, Provider
 from im_actors.push.topology import PushNames, push_names, retry_delay_ms
@@ -426,9 +426,7 @@ class PushWorkerActor:
         self._redis: Any = None
         ledger = None
         if config.push_dedup_ttl_s > 0 and config.redis_url:
-            from im_actors.store import redis_client  # imported here: only the actor needs it
-
-            self._redis = redis_client(config)
+            self._redis = ledger_redis(config)
             ledger = RedisLedger(self._redis, config.key_prefix)
         self._worker = PushWorker(config, make_providers(config), self._remove_token, self._still_owned, ledger)
         await self._worker.start()
