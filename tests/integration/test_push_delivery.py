@@ -189,14 +189,12 @@ async def test_rabbitmq_restarted_with_2000_jobs_in_flight_each_reaches_the_prov
         await until(lambda: len(receiver.accepted) >= 300, 60, "300 jobs delivered before the restart")
         before = len(receiver.accepted)
         await loop.run_in_executor(thread, node.stop)
-        stopped = publisher.stats(), worker.stats()
         await loop.run_in_executor(thread, node.start)
         await until(lambda: len(receiver.accepted) == len(jobs), 240, "every job after the restart")
         # Quiet: everything confirmed and nothing queued, unacked or held in the retry queue.
         assert await publisher.flush(60)
         await until(lambda: _drained(worker), 60, "the queues drained")
         assert before < len(jobs), "the restart came after every job was delivered: nothing was in flight"
-        assert not stopped[0]["connected"] or not stopped[1]["connected"]
         assert worker.stats()["connects"] >= 2 and publisher.stats()["connects"] >= 2
         repeated = {job_id: n for job_id, n in receiver.accepted.items() if n != 1}
         assert repeated == {}
