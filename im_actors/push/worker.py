@@ -292,16 +292,8 @@ class PushWorker:
         self._sending.add(sending)
         sending.add_done_callback(self._sending.discard)
         outcome, again = await asyncio.shield(sending)
-        if outcome.kind is OutcomeKind.DELIVERED:
-            self._counts["delivered"] += 1
-        elif outcome.kind is OutcomeKind.INVALID_TOKEN:
-            try:
-                await self._on_invalid_token(job)
-            except Exception:
-                self._counts["invalid_cleanup_errors"] += 1
-                log.exception("removing the invalid push token of %s/%s", job["user"], job["device"])
-            self._counts["invalid"] += 1
-        elif again:
+        # DELIVERED and INVALID_TOKEN need no follow-up (_send_recorded counted them, removed the token).
+        if again:
             delay = retry_delay_ms(self._config, job["attempt"], outcome.retry_after_ms)
             await self._follow_up(
                 channel,
@@ -314,7 +306,7 @@ class PushWorker:
             self._counts["retried"] += 1
             if claimed:
                 await self._ledger_call("release", job["job_id"], owner)
-        else:
+        elif outcome.kind in (OutcomeKind.RETRY, OutcomeKind.FAILED):  # attempts used up, or permanent
             log.warning("push job %s to the dead queue: %s %s", job["job_id"], outcome.kind.value, outcome.detail)
             await self._follow_up(
                 channel,
@@ -328,10 +320,21 @@ class PushWorker:
         await channel.basic_ack(tag)
 
     async def _send_recorded(self, job: PushJob, claimed: bool) -> tuple[Outcome, bool]:
-        """Send ``job``; record it done in the ledger unless it is to be retried. Returns the outcome
-        and whether it goes to the retry queue."""
+        """Send ``job``, remove its token when the provider says it is invalid, and record the job done
+        in the ledger unless it is to be retried: everything that must happen once the provider has the
+        request, even if the handler is cancelled. Returns the outcome and whether it goes to the retry
+        queue."""
         outcome = await self._send(job)
         again = outcome.kind is OutcomeKind.RETRY and job["attempt"] + 1 < self._config.push_max_attempts
+        if outcome.kind is OutcomeKind.DELIVERED:
+            self._counts["delivered"] += 1
+        elif outcome.kind is OutcomeKind.INVALID_TOKEN:
+            try:
+                await self._on_invalid_token(job)
+            except Exception:
+                self._counts["invalid_cleanup_errors"] += 1
+                log.exception("removing the invalid push token of %s/%s", job["user"], job["device"])
+            self._counts["invalid"] += 1
         if claimed and not again:
             await self._ledger_call("done", job["job_id"], self._config.push_dedup_ttl_s)
         return outcome, again
