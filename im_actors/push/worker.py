@@ -9,7 +9,7 @@ For each delivery of ``<p>im.push.jobs`` (at most ``config.push_prefetch`` unack
     delivered         none                                                             ack
     invalid_token     await on_invalid_token(job)                                      ack
     retry             attempt+1 < push_max_attempts: the job with attempt+1 to the
-                      retry queue, expiration = max(backoff, Retry-After) ms;
+                      retry queue of delay max(backoff, Retry-After) ms;
                       else the job to the dead queue                                   ack
     failed            the job to the dead queue                                        ack
     (undecodable)     the raw bytes to the dead queue                                  ack
@@ -168,9 +168,11 @@ class PushWorker:
         channel = await connection.channel()
         while True:
             depths = {}
-            for key, queue in (("jobs", names.jobs), ("retry", names.retry), ("dead", names.dead)):
-                ok = await channel.queue_declare(queue, passive=True)
-                depths[key] = int(ok.message_count or 0)
+            for key, queues in (("jobs", (names.jobs,)), ("retry", names.retry_queues), ("dead", (names.dead,))):
+                depths[key] = 0
+                for queue in queues:
+                    ok = await channel.queue_declare(queue, passive=True)
+                    depths[key] += int(ok.message_count or 0)
             self._depths = depths
             await asyncio.sleep(DEPTH_INTERVAL_S)
 
@@ -255,7 +257,6 @@ class PushWorker:
                 names.dead,
                 message.body,
                 message.header.properties.message_id,
-                None,
                 {"x-im-outcome": OutcomeKind.FAILED.value, "x-im-error": str(exc)},
             )
             await channel.basic_ack(tag)
@@ -275,10 +276,9 @@ class PushWorker:
                 # Another worker is sending it, or died sending it: look again once its claim ends.
                 await self._follow_up(
                     channel,
-                    names.retry,
+                    names.retry_queue(max(MIN_HELD_DELAY_MS, claim.held_ms)),
                     encode_job(job),
                     job["job_id"],
-                    max(MIN_HELD_DELAY_MS, claim.held_ms),
                     {"x-im-outcome": "held", "x-im-error": "claimed by another worker"},
                 )
                 self._counts["deferred"] += 1
@@ -297,10 +297,9 @@ class PushWorker:
             delay = retry_delay_ms(self._config, job["attempt"], outcome.retry_after_ms)
             await self._follow_up(
                 channel,
-                names.retry,
+                names.retry_queue(delay),
                 encode_job(next_attempt(job)),
                 job["job_id"],
-                delay,
                 {"x-im-outcome": outcome.kind.value, "x-im-error": outcome.detail},
             )
             self._counts["retried"] += 1
@@ -313,7 +312,6 @@ class PushWorker:
                 names.dead,
                 encode_job(job),
                 job["job_id"],
-                None,
                 {"x-im-outcome": outcome.kind.value, "x-im-error": outcome.detail},
             )
             self._counts["dead"] += 1
@@ -379,7 +377,6 @@ class PushWorker:
         queue: str,
         body: bytes,
         message_id: str | None,
-        expiration_ms: int | None,
         headers: dict[str, Any],
     ) -> None:
         """Publish ``body`` to ``queue`` (default exchange), persistent, and wait for the confirm.
@@ -393,7 +390,6 @@ class PushWorker:
                 delivery_mode=2,
                 message_id=message_id,
                 content_type="application/msgpack",
-                expiration=None if expiration_ms is None else str(expiration_ms),
                 headers=headers,
             ),
             timeout=FOLLOW_UP_TIMEOUT_S,

@@ -219,8 +219,10 @@ async def queue_depths(config: Config) -> dict[str, int]:
     names = push_names(config)
     async with amqp_channel() as channel:
         out = {}
-        for queue in (names.jobs, names.retry, names.dead):
-            out[queue.rsplit(".", 1)[1]] = (await channel.queue_declare(queue, passive=True)).message_count
+        for key, queues in (("jobs", (names.jobs,)), ("retry", names.retry_queues), ("dead", (names.dead,))):
+            out[key] = 0
+            for queue in queues:
+                out[key] += (await channel.queue_declare(queue, passive=True)).message_count
         return out
 
 

@@ -100,10 +100,11 @@ async def quiet(deployment: Deployment) -> None:
         channel = await connection.channel()
 
         async def idle() -> bool:
-            jobs = await channel.queue_declare(names.jobs, passive=True)
-            retry = await channel.queue_declare(names.retry, passive=True)
+            ready = 0
+            for queue in (names.jobs, *names.retry_queues):
+                ready += (await channel.queue_declare(queue, passive=True)).message_count
             stats = await worker.stats.remote()
-            return jobs.message_count == 0 and retry.message_count == 0 and stats["in_flight"] == 0
+            return ready == 0 and stats["in_flight"] == 0
 
         async def idle_twice() -> bool:
             if not await idle():

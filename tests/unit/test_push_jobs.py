@@ -122,6 +122,11 @@ def test_names_carry_the_deployment_prefix() -> None:
         "t1.im.push.dead",
     )
     assert names.routing_key == "job"
+    assert names.retry_queue(1) == "t1.im.push.retry.16"
+    assert names.retry_queue(1000) == "t1.im.push.retry.1024"
+    assert names.retry_queue(1024) == "t1.im.push.retry.1024"
+    assert names.retry_queue(3600_000) == "t1.im.push.retry.4194304"
+    assert len(names.retry_queues) == 19 and names.retry_queues[0] == "t1.im.push.retry.16"
     assert push_names(load_config(deployment="")).jobs == "im.push.jobs"
 
 

@@ -110,19 +110,20 @@ async def test_failing_cleanup_still_acks() -> None:
 
 
 @pytest.mark.parametrize(
-    ("attempt", "retry_after_ms", "expiration"),
-    [(0, None, "50"), (1, None, "100"), (0, 3000, "3000"), (1, 10, "100")],
+    ("attempt", "retry_after_ms", "level_ms"),
+    [(0, None, 64), (1, None, 128), (0, 3000, 4096), (1, 10, 128), (0, 10**9, 4194304)],
 )
-async def test_retry_goes_to_the_retry_queue_before_the_ack(
-    attempt: int, retry_after_ms: int | None, expiration: str
+async def test_retry_goes_to_the_retry_queue_of_its_delay_before_the_ack(
+    attempt: int, retry_after_ms: int | None, level_ms: int
 ) -> None:
     worker, _, _ = _worker(Outcome.retry(retry_after_ms, "HTTP 429"))
     channel = FakeChannel()
     await worker._on_message(_message(channel, encode_job(_job(attempt))))
-    assert channel.events == [("publish", "w.im.push.retry"), ("ack", 1)]
+    # backoff 50 * 2**attempt ms or the Retry-After, rounded up to a delay level (a queue TTL)
+    assert channel.events == [("publish", f"w.im.push.retry.{level_ms}"), ("ack", 1)]
     [(_, body, props)] = channel.published
     assert decode_job(body)["attempt"] == attempt + 1
-    assert props.expiration == expiration
+    assert props.expiration is None
     assert props.delivery_mode == 2
     assert props.message_id == _job()["job_id"]
     assert worker.stats()["retried"] == 1
@@ -168,7 +169,7 @@ async def test_a_provider_that_raises_is_retried() -> None:
     worker, _, _ = _worker(ValueError("bug"))
     channel = FakeChannel()
     await worker._on_message(_message(channel, encode_job(_job())))
-    assert channel.events == [("publish", "w.im.push.retry"), ("ack", 1)]
+    assert channel.events == [("publish", "w.im.push.retry.64"), ("ack", 1)]
 
 
 async def test_no_ack_when_the_follow_up_is_not_confirmed() -> None:
@@ -214,10 +215,10 @@ async def test_a_copy_held_by_another_claim_waits_in_the_retry_queue() -> None:
     await worker._on_message(_message(channel, encode_job(_job()), 1))
     assert provider.jobs == []
     [(queue, body, properties)] = channel.published
-    assert queue == "w.im.push.retry"
+    assert queue == "w.im.push.retry.4096"  # the claim's remaining 2-3 s, rounded up to a level
     assert decode_job(body)["attempt"] == 0  # a wait, not an attempt
-    assert 2000 < int(properties.expiration) <= 3000
-    assert channel.events == [("publish", "w.im.push.retry"), ("ack", 1)]
+    assert properties.expiration is None
+    assert channel.events == [("publish", "w.im.push.retry.4096"), ("ack", 1)]
     assert worker.stats()["deferred"] == 1
 
 
