@@ -45,7 +45,13 @@ class Config(BaseSettings):
         "one Ray hop less per send)",
     )
     push_workers: int = Field(1, ge=0, description="push worker actors (0: no offline push)")
-    placement: Literal["spread", "pack"] = Field("spread", description="Ray scheduling of hubs and shards over nodes")
+    placement: Literal["spread", "pack"] = Field(
+        "spread",
+        description=(
+            "spread: the i-th hub, session and conversation shard on the i-th alive node "
+            "(soft affinity, round robin); pack: wherever Ray places them"
+        ),
+    )
 
     # --- network ---
     host: str = Field("127.0.0.1", description="address hubs and the router listen on")
