@@ -26,7 +26,17 @@ from im_actors.router import RouterActor
 from im_actors.session import SessionShardActor
 from im_actors.store import StoreWriter
 
-__all__ = ["Deployment", "deploy", "teardown", "status", "init_local_ray", "ray_env"]
+__all__ = [
+    "Deployment",
+    "deploy",
+    "teardown",
+    "status",
+    "init_local_ray",
+    "init_local_cluster",
+    "add_local_node",
+    "actor_nodes",
+    "ray_env",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,51 @@ def init_local_ray(config: Config, num_cpus: int | None = None) -> None:
         log_to_driver=True,
         configure_logging=True,
     )
+
+
+#: Object store of each node of a local multi-node cluster (bytes): frames are small, and three
+#: nodes' default stores would claim a large share of the machine's memory.
+_LOCAL_NODE_STORE_BYTES = 256 * 1024 * 1024
+
+
+def init_local_cluster(config: Config, nodes: int) -> Any:
+    """Start a local cluster of ``nodes`` Ray nodes on this machine (a head and workers, each its own
+    raylet and object store; ``ray.cluster_utils.Cluster``) and connect to it; returns the cluster.
+
+    This is how the demo and the tests lose a whole node (``cluster.remove_node``) without a second
+    machine. Each node offers one CPU (our actors ask for none). Stop it with ``ray.shutdown()``,
+    then ``cluster.shutdown()``.
+    """
+    from ray.cluster_utils import Cluster
+
+    if nodes < 2:
+        raise ConfigError("a local multi-node cluster needs at least 2 nodes")
+    os.environ.update(ray_env(config))  # the GCS and raylets read these when they start
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "object_store_memory": _LOCAL_NODE_STORE_BYTES},
+    )
+    for _ in range(nodes - 1):
+        add_local_node(cluster)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace=ids.NAMESPACE, logging_level=logging.WARNING, log_to_driver=True)
+    return cluster
+
+
+def add_local_node(cluster: Any) -> Any:
+    """Add one worker node to a cluster of :func:`init_local_cluster`; returns the node."""
+    return cluster.add_node(num_cpus=1, object_store_memory=_LOCAL_NODE_STORE_BYTES)
+
+
+def actor_nodes(config: Config) -> dict[str, str]:
+    """``{actor name: node id}`` of the deployment's alive actors, from Ray's GCS (no dashboard needed)."""
+    wanted = set(_names(config))
+    out: dict[str, str] = {}
+    for info in ray._private.state.actors().values():  # noqa: SLF001 - the one way without the dashboard
+        name = info.get("Name", "")
+        if name in wanted and info.get("State") == "ALIVE":
+            out[name] = info["Address"]["NodeID"]
+    return out
 
 
 @dataclass

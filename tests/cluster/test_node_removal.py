@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_node_removed_mid_traffic_moves_its_actors_and_loses_nothing(tmp_path: Path) -> None:
+def test_two_nodes_removed_mid_traffic_move_their_actors_and_lose_nothing(tmp_path: Path) -> None:
     out = tmp_path / "node_removal.json"
     proc = subprocess.run(
         [sys.executable, "-m", "tests.cluster.node_removal", str(out)],
@@ -34,7 +34,9 @@ def test_node_removed_mid_traffic_moves_its_actors_and_loses_nothing(tmp_path: P
     assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0)
     assert report["delivered"] == report["expected_deliveries"] > 0
     assert len(set(result["before"].values())) == 3  # hubs and shards were spread over three nodes
-    moved = result["moved"]
-    assert any("-hub-" in name for name in moved), moved
-    for name in moved:  # every actor of the removed node is alive again, on another node
-        assert result["after"].get(name) not in (None, result["removed_node"]), (name, result["after"])
+    hubs = {name: node for name, node in result["before"].items() if "-hub-" in name}
+    assert len(set(hubs.values())) == min(3, len(hubs))  # one hub per node
+    faults = result["faults"]
+    assert [f["kind"] for f in faults] == ["node", "node"]
+    # Recovered: every actor of the removed node alive on another node, and probes delivered again.
+    assert all(f["error"] is None and f["recovery_s"] is not None for f in faults), faults
