@@ -68,8 +68,14 @@ def _chaos_spec(spec: str, cfg: Config, mongo_given: bool) -> Any:
         raise typer.Exit(2) from None
     given = {"mongodb": mongo_given, "redis-restart": bool(cfg.redis_url), "rabbitmq": bool(cfg.rabbitmq_url)}
     keys = {"mongodb": "mongo_url", "redis-restart": "redis_url", "rabbitmq": "rabbitmq_url"}
+    from im_actors.services import can_start_private
+
     if spec.split(":")[0].strip() in ("", "all"):
         skip = {kind for kind, is_given in given.items() if is_given}
+        for kind, service in (("redis-restart", "redis"), ("rabbitmq", "rabbitmq")):
+            if kind not in skip and not can_start_private(service):
+                typer.echo(f"im-actors: --chaos all: no {service} server program to restart here; {kind} left out")
+                skip.add(kind)
         skip |= {"push"} if cfg.push_workers == 0 else set()
         skip |= {"store"} if cfg.store_writers == 0 else set()
         return ChaosSpec(tuple(k for k in parsed.kinds if k not in skip), parsed.interval_s)
