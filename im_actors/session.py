@@ -52,6 +52,7 @@ class UserSession:
     tokens: dict[str, tuple[str, str]] | None = None  # device -> (provider, token); None = not loaded
     last_seen_ms: int = 0
     contacts: list[str] | None = None  # accepted contacts; None = not loaded
+    contacts_version: int = 0  # bumped by each contacts_changed (a load that raced one is not kept)
     announced: bool = False  # the online state last announced to contacts
     presence_due: bool = False  # an announcement is scheduled
 
@@ -69,7 +70,7 @@ class SessionShard:
         self._events_to_hubs: Batcher[str] = Batcher(
             self._send_events_to_hub, config.fanout_batch_max, config.fanout_batch_ms
         )
-        self.stats = {"fanout_entries": 0, "deliveries": 0, "push_jobs": 0, "presence_events": 0}
+        self.stats = {"fanout_entries": 0, "deliveries": 0, "push_jobs": 0, "presence_events": 0, "presence_errors": 0}
         self._presence_tasks: set[asyncio.Task[None]] = set()
         self.index = 0  # this shard's index among the session shards (set by the actor)
 
@@ -136,10 +137,15 @@ class SessionShard:
         return out
 
     def contacts_changed(self, user: str) -> None:
-        """``user``'s accepted contacts changed: load them again at the next announcement."""
+        """``user``'s accepted contacts changed: load them again, and when the user is online
+        announce it (debounced like any change) so a new contact learns it."""
         s = self.users.get(user)
         if s is not None:
             s.contacts = None
+            s.contacts_version += 1
+            if s.devices:
+                s.announced = False
+                self._presence_touch(s)
 
     def _presence_touch(self, s: UserSession) -> None:
         """The devices of ``s`` changed: schedule one announcement at the end of the window."""
@@ -158,21 +164,32 @@ class SessionShard:
         task.add_done_callback(self._presence_tasks.discard)
 
     async def _announce(self, user: str) -> None:
+        try:
+            await self._announce_now(user)
+        except Exception:  # noqa: BLE001 - a task nobody awaits: log, never lose the error
+            self.stats["presence_errors"] += 1
+            log.exception("presence of %s not announced", user)
+
+    async def _announce_now(self, user: str) -> None:
         s = self._session(user)
         s.presence_due = False
         online = bool(s.devices)
         if online == s.announced:
             return  # flapped back within the window: nothing to tell
         s.announced = online
+        contacts = s.contacts
         try:
-            if s.contacts is None:
-                s.contacts = await accepted_contacts(self.store, user)
+            while contacts is None:
+                version = s.contacts_version
+                loaded = await accepted_contacts(self.store, user)
+                if version == s.contacts_version:  # no change arrived while loading
+                    contacts = s.contacts = loaded
         except Unavailable as exc:
             log.info("presence of %s not announced: %s", user, exc)
             return
         frame = {"t": "presence", "user": user, "online": online, "last_seen": s.last_seen_ms}
         by_shard: dict[int, list[str]] = {}
-        for contact in s.contacts:
+        for contact in contacts:
             by_shard.setdefault(self.peers.session_index(contact), []).append(contact)
         for index, contacts in by_shard.items():
             self.stats["presence_events"] += 1
