@@ -177,6 +177,7 @@ class ConversationShard:
         self.peers = peers
         self.store = store
         self.sequencers: dict[str, Sequencer] = {}
+        self._splits: dict[str, tuple[frozenset[str], dict[int, list[str]]]] = {}  # conv -> members by shard
         self._activating: dict[str, asyncio.Future[Sequencer]] = {}
         self._inflight_convs: dict[str, list[PendingSend]] = {}
         self._ready: dict[str, None] = {}  # convs with sends waiting and no commit in flight, oldest first
@@ -461,6 +462,7 @@ class ConversationShard:
             for conv in convs:
                 # The outcome is unknown: re-seed from storage before numbering again.
                 seqr = self.sequencers.pop(conv, None)
+                self._splits.pop(conv, None)
                 if seqr is not None and seqr.pending:
                     for p in seqr.pending:
                         if not p.future.done():
@@ -563,9 +565,19 @@ class ConversationShard:
     # --- fan-out -----------------------------------------------------------------------------
 
     def _fan_out(self, entry: dict[str, Any], members: frozenset[str]) -> None:
-        by_shard: dict[int, list[str]] = {}
-        for user in members:
-            by_shard.setdefault(self.peers.session_index(user), []).append(user)
+        """Queue ``entry`` for ``members``, one item per session shard (batched per shard).
+
+        The split of a member set by shard is kept per conversation until the set changes (a
+        membership change makes a new set): a large group pays it once, not per message."""
+        cached = self._splits.get(entry["conv"])
+        if cached is not None and cached[0] is members:
+            by_shard = cached[1]
+        else:
+            by_shard = {}
+            for user in members:
+                by_shard.setdefault(self.peers.session_index(user), []).append(user)
+            if entry["conv"] in self.sequencers:
+                self._splits[entry["conv"]] = (members, by_shard)
         for shard, users in by_shard.items():
             self._fanout.add(shard, (entry, users))
 
