@@ -814,6 +814,13 @@ class Client:
         st = self._convs.get(conv)
         if st is None:
             st = self._convs[conv] = _ConvState()
+            meta = frame.get("meta") or {}
+            if (
+                frame.get("kind") == "system"
+                and meta.get("event") == "added"
+                and self.user in (meta.get("users") or [])
+            ):
+                st.held = seq - 1  # a group this user just joined: the entries before its join are not theirs
         if seq <= st.held or seq in st.buffer:
             if live:
                 self.dups_dropped += 1

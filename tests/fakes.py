@@ -49,7 +49,7 @@ class FakeStore:
         self.user_convs_rows: set[tuple[str, str]] = set()
         self.cursors: dict[tuple[str, str], int] = {}
         self.gate: asyncio.Event | None = None
-        self.db: dict[str, FakeCollection] = {"groups": FakeCollection()}
+        self.db: dict[str, FakeCollection] = {"groups": FakeCollection(), "contacts": FakeCollection()}
 
     async def commit(self, entries: list[dict[str, Any]]) -> CommitResult:
         if self.gate is not None:

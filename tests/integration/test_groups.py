@@ -76,6 +76,7 @@ async def test_member_added_and_posting_at_once_is_seen_after_the_added_entry(cl
         assert got == [(1, "system"), (2, "system"), (3, "text")]
         assert inbox.msgs[1]["meta"] == {"event": "added", "users": [newcomer]}
     assert [(m["seq"], m["kind"]) for m in new_in.msgs if m["conv"] == conv] == [(2, "system"), (3, "text")]
+    assert new_client.holes_skipped == 0  # the client starts a group it just joined at its "added" entry
 
 
 async def test_removed_member_with_a_second_device_gets_nothing_more(clients: Any, uid: Any) -> None:

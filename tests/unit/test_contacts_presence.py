@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from im_actors.config import load_config
-from im_actors.contacts import transition
+from im_actors.contacts import ContactBook, transition
 from im_actors.errors import BadRequest, Forbidden
 from im_actors.session import SessionShard
+from tests.fakes import FakeStore
 
 
 @pytest.mark.parametrize(
@@ -54,6 +55,37 @@ def test_transition_refusals(op: str, mine: str | None, theirs: str | None, mess
 def test_unknown_op() -> None:
     with pytest.raises(BadRequest):
         transition("befriend", None, None)
+
+
+@pytest.mark.parametrize(
+    ("policy", "mine", "theirs", "allowed"),
+    [
+        ("anyone", None, None, True),
+        ("anyone", "pending_out", "pending_in", True),
+        ("anyone", "blocked", None, False),
+        ("anyone", None, "blocked", False),
+        ("contacts", None, None, False),
+        ("contacts", "pending_out", "pending_in", False),
+        ("contacts", "accepted", "accepted", True),
+        ("contacts", "blocked", "blocked", False),
+    ],
+)
+async def test_dm_policy(policy: str, mine: str | None, theirs: str | None, allowed: bool) -> None:
+    book = ContactBook(load_config(dm_policy=policy), None, FakeStore())  # type: ignore[arg-type]
+
+    async def states(a: str, b: str) -> tuple[str | None, str | None]:
+        return (mine, theirs) if (a, b) == ("alice", "bob") else (theirs, mine)
+
+    book._states = states  # type: ignore[method-assign]
+    assert await book.dm_allowed("alice", "bob") is allowed
+    assert await book.dm_allowed("bob", "alice") is allowed
+
+
+def test_bad_dm_policy_names_the_key() -> None:
+    from im_actors.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dm_policy"):
+        load_config(dm_policy="friends")
 
 
 class _Peers:
