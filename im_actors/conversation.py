@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 #: Recently committed cmids kept per conversation (older resends are caught by the unique index).
 RECENT_CMIDS = 4096
 
+#: Conversation ids found not to exist, remembered (least recently asked dropped first) so a probe
+#: asked again is answered from memory like a conversation that is active: the same timing class.
+ABSENT_KEPT = 10000
+
 #: The one answer to anyone who may not read or write a conversation, whether or not it exists
 #: (PROTOCOL.md section 6): the same code, message and fields on every path.
 NOT_A_MEMBER = "not a member of this conversation"
@@ -178,6 +182,7 @@ class ConversationShard:
         self.store = store
         self.sequencers: dict[str, Sequencer] = {}
         self._splits: dict[str, tuple[frozenset[str], dict[int, list[str]]]] = {}  # conv -> members by shard
+        self._absent: OrderedDict[str, None] = OrderedDict()  # made-up conversation ids, see ABSENT_KEPT
         self._activating: dict[str, asyncio.Future[Sequencer]] = {}
         self._inflight_convs: dict[str, list[PendingSend]] = {}
         self._ready: dict[str, None] = {}  # convs with sends waiting and no commit in flight, oldest first
@@ -225,6 +230,9 @@ class ConversationShard:
         seqr = self.sequencers.get(conv)
         if seqr is not None:
             return seqr
+        if conv in self._absent:
+            self._absent.move_to_end(conv)
+            return Sequencer(conv=conv)
         waiting = self._activating.get(conv)
         if waiting is not None:
             return await asyncio.shield(waiting)
@@ -234,8 +242,12 @@ class ConversationShard:
             membership, exists = await self._load_membership(conv)
             last = await self.store.last_seq(conv) if exists else 0
             seqr = Sequencer(conv=conv, last=last, membership=membership, exists=exists)
-            if exists:  # a made-up group id is answered, never kept (no memory for probes)
+            if exists:
                 self.sequencers[conv] = seqr
+            else:  # a made-up group id: only its id is kept, in a bounded set
+                self._absent[conv] = None
+                if len(self._absent) > ABSENT_KEPT:
+                    self._absent.popitem(last=False)
             fut.set_result(seqr)
             return seqr
         except BaseException as exc:
@@ -310,6 +322,7 @@ class ConversationShard:
 
     async def _enqueue(self, item: SendItem, change: bool = False) -> dict[str, Any]:
         if change:
+            self._absent.pop(item.conv, None)  # the group shard made it exist
             seqr = await self.sequencer(item.conv)
         else:
             seqr = await self._member_sequencer(item.sender, item.conv)
@@ -530,8 +543,11 @@ class ConversationShard:
                     p.future.set_result(_ack(entry["conv"], ex["seq"], ex["ts"], True))
                     # Stored by an attempt whose answer was lost (a writer or this shard died after
                     # the write): it may never have been fanned out. Delivery is at least once and
-                    # clients drop a (conv, seq) they hold, so fan it out again.
-                    fanout.append((ex, seqr.members))
+                    # clients drop a (conv, seq) they hold, so fan it out again, to the members
+                    # who may read that seq (not to anyone who joined after it).
+                    old = int(ex["seq"])
+                    readers = frozenset(u for u in seqr.members if seqr.membership.can_read(u, old))
+                    fanout.append((ex, readers))
                 else:
                     p.future.set_exception(Conflict("cmid already committed with a different body"))
             else:

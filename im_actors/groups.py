@@ -29,6 +29,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from typing import Any
 
 import ray
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 #: The one answer to a non-member, and to an id that names no group.
 NOT_A_GROUP_MEMBER = "not a member of this group"
 
+#: Group ids found not to exist, remembered (least recently asked dropped first) so a probe asked
+#: again is answered from memory like a group this shard holds: the same timing class.
+ABSENT_KEPT = 10000
+
 
 class GroupShard:
     """Plain core of a group shard: create, add, remove, leave, role, rename, info, membership."""
@@ -61,18 +66,25 @@ class GroupShard:
         self.groups = store.db["groups"]
         self._cache: dict[str, Membership] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._absent: OrderedDict[str, None] = OrderedDict()
 
     async def _load(self, gid: str) -> Membership | None:
         """The group's membership: its document, then the change entries after its checkpoint."""
         m = self._cache.get(gid)
         if m is not None:
             return m
+        if gid in self._absent:
+            self._absent.move_to_end(gid)
+            return None
         try:
             doc = await self.groups.find_one({"_id": gid})
         except PyMongoError as exc:
             raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
         if doc is None:
-            return None  # a made-up id is not cached (no memory for probes)
+            self._absent[gid] = None
+            if len(self._absent) > ABSENT_KEPT:
+                self._absent.popitem(last=False)
+            return None
         m = Membership.from_doc(doc)
         for entry in await self.store.system_entries(ids.group_conv(gid), m.seq):
             m.apply(entry["sender"], entry.get("meta") or {}, entry["seq"])
@@ -134,6 +146,7 @@ class GroupShard:
             except PyMongoError as exc:
                 raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
             self._cache[gid] = m
+            self._absent.pop(gid, None)
             await self.store.add_user_convs(conv, everyone)
             meta = {"event": "created", "name": name, "owner": owner, "users": everyone}
             await self._change(gid, m, owner, f"{owner} created {name}", meta)

@@ -117,6 +117,10 @@ class Membership:
                 out.append((max(joined, 1), hi))
         return out
 
+    def can_read(self, user: str, seq: int) -> bool:
+        """True when ``seq`` lies inside one of ``user``'s spans."""
+        return any(joined <= seq and (left == 0 or seq <= left) for joined, left in self.spans.get(user, ()))
+
     def ever(self, user: str) -> bool:
         """True when ``user`` belongs or belonged (may read what their spans cover)."""
         return user in self.spans

@@ -281,3 +281,26 @@ async def test_blocked_direct_messages_are_refused_until_the_contact_host_says_o
     peers.blocked.clear()
     shard.contact_changed(conv)
     assert (await shard.send_batch([SendItem("bob", conv, "c2", "hi")]))[0]["seq"] == 2
+
+
+async def test_resent_entry_found_in_storage_is_fanned_out_only_to_its_readers() -> None:
+    w = World()
+    await w.groups.create("alice", "team", ["bob"], gid=GID)
+    first = await w.send("alice", "c1")  # 2
+    fresh = World(w.store)  # restarted shards: no cmid cache
+    await fresh.groups.add("alice", GID, ["dave"])  # 3
+    again = await fresh.send("alice", "c1")  # the ack was lost: resent, found in storage
+    assert again == {**first, "dup": True}
+    assert await fresh.fanned_to("bob") == [3, 2]  # fanned out again (clients drop what they hold)
+    assert await fresh.fanned_to("dave") == [3]  # never an entry from before dave joined
+
+
+async def test_made_up_ids_are_remembered_so_probes_are_answered_from_memory() -> None:
+    w = World()
+    for _ in range(3):
+        with pytest.raises(Forbidden):
+            await w.conv.sync("mallory", "g:nope", 0, 10)
+        with pytest.raises(Forbidden):
+            await w.groups.info("mallory", "nope")
+    assert [args for method, args in w.peers.group_peer.calls if method == "membership"] == [("nope",)]
+    assert "g:nope" not in w.conv.sequencers
