@@ -88,7 +88,7 @@ async def test_removed_member_with_a_second_device_gets_nothing_more(clients: An
     group, conv = await owner.group_create("team", [bob_name, carol_name])
     await owner.send(conv, "before")  # 2
     await _until(lambda: bob2_in.seqs(conv) == [1, 2] and bob1_in.seqs(conv) == [1, 2])
-    await owner.request("group.remove", group=group, users=[bob_name])  # 3
+    await owner.group_remove(group, [bob_name])  # 3
     await bob1.close()  # one device goes away; the other stays connected
     for i in range(3):
         await owner.send(conv, f"after {i}")  # 4, 5, 6
@@ -178,13 +178,13 @@ async def test_roles_and_rename_over_the_wire(clients: Any, uid: Any) -> None:
     alice, _ = await clients(a)
     bob, _ = await clients(b)
     group, conv = await alice.group_create("team", [b])
-    await alice.request("group.role", group=group, user=b, role="admin")
-    await bob.request("group.rename", group=group, name="crew")
+    await alice.group_role(group, b, "admin")
+    await bob.group_rename(group, "crew")
     info = await bob.group_info(group)
     assert info == {"group": group, "name": "crew", "members": sorted([a, b]), "roles": {a: "owner", b: "admin"}}
     with pytest.raises(Forbidden, match="the owner hands over ownership"):
         await alice.request("group.leave", group=group)
-    await bob.request("group.leave", group=group)
+    await bob.group_leave(group)
     page = await alice.sync(conv, 0, 100)
     assert [(m["kind"], m["body"]) for m in page.msgs] == [
         ("system", f"{a} created team"),
@@ -238,3 +238,19 @@ async def test_presence_get_and_events_to_online_contacts(clients: Any, uid: Any
     assert answer["users"][b]["online"] is False and answer["users"][b]["last_seen"] > 0
     offline = [e for e in alice_in.events if e["t"] == "presence" and e["user"] == b and not e["online"]]
     assert offline == [{"t": "presence", "user": b, "online": False, "last_seen": answer["users"][b]["last_seen"]}]
+
+
+async def test_large_group_fan_out_and_catch_up_of_an_offline_member(clients: Any, uid: Any) -> None:
+    members = [uid(f"m{i}") for i in range(2000)]
+    owner, _ = await clients(members[0])
+    online = [await clients(m) for m in members[1:4]]
+    group, conv = await owner.group_create("large", members[1:])
+    assert len((await owner.group_info(group))["members"]) == 2000
+    acks = [await owner.send(conv, f"m{i}") for i in range(5)]
+    assert [a.seq for a in acks] == [2, 3, 4, 5, 6]
+    for _, inbox in online:
+        await _until(lambda inbox=inbox: inbox.seqs(conv) == [1, 2, 3, 4, 5, 6])
+    late, late_in = await clients(members[-1])  # offline so far: catches up from the stream
+    page = await late.sync(conv, 0, 100)
+    assert [m["seq"] for m in page.msgs] == [1, 2, 3, 4, 5, 6] and page.last == 6
+    assert {c["conv"]: c["last"] for c in await late.convs()}[conv] == 6

@@ -304,3 +304,35 @@ async def test_made_up_ids_are_remembered_so_probes_are_answered_from_memory() -
             await w.groups.info("mallory", "nope")
     assert [args for method, args in w.peers.group_peer.calls if method == "membership"] == [("nope",)]
     assert "g:nope" not in w.conv.sequencers
+
+
+async def test_large_group_ack_does_not_wait_for_fan_out_and_nothing_is_written_per_member() -> None:
+    w = World()
+    members = [f"u{i}" for i in range(1, 5000)]
+    await w.groups.create("u0", "large", members, gid=GID)
+    rows_after_create = len(w.store.user_convs_rows)
+    assert rows_after_create == 5000
+    assert sorted(await w.fanned_to("u1") + await w.fanned_to("u2") + await w.fanned_to("u3")) == [1, 1, 1]
+    assert len(w.peers.fanned) == 2  # the created entry: one call per session shard
+    stuck = asyncio.Event()
+    calls: list[list[int]] = []  # the seqs of each fan-out call
+
+    async def slow_fanout(items: Any) -> None:
+        calls.append([e["seq"] for e, _ in items])
+        await stuck.wait()  # a session shard that does not answer yet
+
+    for peer in w.peers.sessions:
+        peer.handlers["fanout"] = slow_fanout
+    acks = [await w.send("u0", f"c{i}") for i in range(100)]  # answered while every fan-out is stuck
+    assert [a["seq"] for a in acks] == list(range(2, 102))
+    assert len(w.store.entries) == 101  # one stored entry per message, none per member
+    assert len(w.store.user_convs_rows) == rows_after_create
+    assert calls == [[2], [2]]  # one call in flight per session shard; the rest wait for it
+    stuck.set()
+    for _ in range(100):
+        if len(calls) == 4:
+            break
+        await asyncio.sleep(0.01)
+    assert calls[2:] == [list(range(3, 102))] * 2  # then the other 99 entries in one call per shard
+    page = await w.conv.sync("u4999", CONV, 0, 500)  # catch-up reads the conversation stream
+    assert [m["seq"] for m in page["msgs"]] == list(range(1, 102))
