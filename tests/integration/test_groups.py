@@ -93,7 +93,7 @@ async def test_removed_member_with_a_second_device_gets_nothing_more(clients: An
     for i in range(3):
         await owner.send(conv, f"after {i}")  # 4, 5, 6
     await carol.typing(conv)
-    await _until(lambda: carol_in.seqs(conv) == [1, 2, 3, 4, 5, 6])
+    await _until(lambda: carol_in.seqs(conv) == [1, 2, 3, 4, 5, 6] and 3 in bob2_in.seqs(conv))
     await asyncio.sleep(0.5)  # anything still on its way to bob would be here by now
     assert bob2_in.seqs(conv) == [1, 2, 3]
     assert bob2_in.msgs[-1]["meta"] == {"event": "removed", "users": [bob_name]}
