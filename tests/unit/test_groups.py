@@ -336,3 +336,23 @@ async def test_large_group_ack_does_not_wait_for_fan_out_and_nothing_is_written_
     assert calls[2:] == [list(range(3, 102))] * 2  # then the other 99 entries in one call per shard
     page = await w.conv.sync("u4999", CONV, 0, 500)  # catch-up reads the conversation stream
     assert [m["seq"] for m in page["msgs"]] == list(range(1, 102))
+
+
+def test_group_role_and_rename_requests_are_validated() -> None:
+    from im_actors.protocol import Request, parse_request
+
+    assert parse_request({"t": "group.role", "id": 1, "group": "abc", "user": "bob", "role": "admin"}) == Request(
+        "group.role", 1, {"group": "abc", "user": "bob", "role": "admin"}
+    )
+    assert parse_request({"t": "group.rename", "id": 2, "group": "abc", "name": "crew"}) == Request(
+        "group.rename", 2, {"group": "abc", "name": "crew"}
+    )
+    for bad in (
+        {"t": "group.role", "id": 3, "group": "abc", "user": "bob", "role": "king"},
+        {"t": "group.role", "id": 3, "group": "abc", "user": "no spaces", "role": "admin"},
+        {"t": "group.rename", "id": 3, "group": "abc", "name": ""},
+        {"t": "group.rename", "id": 3, "group": "a:b", "name": "x"},
+    ):
+        with pytest.raises(BadRequest) as exc:
+            parse_request(bad)
+        assert exc.value.request_id == 3
