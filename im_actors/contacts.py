@@ -51,19 +51,19 @@ def transition(op: str, mine: State, theirs: State) -> tuple[State, State]:
     - block: mine ``blocked``; theirs ends unless they blocked too;
     - unblock: my block ends (no relation afterwards).
 
+    The two sides are two documents written one after the other: a resend after a failure
+    between them converges (a side already ``accepted`` completes the other side, ...).
     Raises :class:`BadRequest` for an unknown ``op``.
     """
     if op == "request":
         if mine == "blocked" or theirs == "blocked":
             raise Forbidden("not allowed to contact this user")
-        if mine == "accepted":
-            return mine, theirs
-        if mine == "pending_in":
+        if mine in ("accepted", "pending_in"):
             return "accepted", "accepted"
         return "pending_out", "pending_in"
     if op == "accept":
-        if mine == "accepted":
-            return mine, theirs
+        if mine == "accepted" and theirs != "blocked":
+            return "accepted", "accepted"
         if mine != "pending_in":
             raise Forbidden("no contact request from this user")
         return "accepted", "accepted"

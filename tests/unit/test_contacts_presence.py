@@ -23,6 +23,9 @@ from tests.fakes import FakeStore
         ("request", "accepted", "accepted", ("accepted", "accepted")),
         ("accept", "pending_in", "pending_out", ("accepted", "accepted")),
         ("accept", "accepted", "accepted", ("accepted", "accepted")),
+        ("accept", "accepted", "pending_out", ("accepted", "accepted")),  # a half-written accept completes
+        ("request", "accepted", "pending_out", ("accepted", "accepted")),
+        ("request", "pending_out", None, ("pending_out", "pending_in")),  # a half-written request completes
         ("remove", "accepted", "accepted", (None, None)),
         ("remove", "pending_out", "pending_in", (None, None)),
         ("remove", None, "blocked", (None, "blocked")),  # their block stays
