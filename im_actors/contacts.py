@@ -131,6 +131,8 @@ class ContactBook:
             try:
                 await self.contacts.bulk_write(ops, ordered=True)
             except PyMongoError as exc:
+                # Part of it may be written: the caches are told all the same.
+                await self._changed(user, other)
                 raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
         await self._changed(user, other)
 
