@@ -96,6 +96,15 @@ class Config(BaseSettings):
     )
     max_body_bytes: int = Field(65536, ge=1, description="largest message body (bytes), answered too_large above")
     max_group_members: int = Field(10000, ge=2, description="largest group (members)")
+    dm_policy: Literal["anyone", "contacts"] = Field(
+        "anyone",
+        description="who may send a direct message: anyone, or accepted contacts only; a block always refuses",
+    )
+    presence_debounce_ms: int = Field(
+        1000,
+        ge=0,
+        description="a user's presence change is announced to contacts at most once per window (ms, 0 = at once)",
+    )
     max_page_bytes: int = Field(
         1 << 20, ge=1024, description="bodies in one sync/history page (bytes); at least one entry is always sent"
     )
