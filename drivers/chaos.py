@@ -19,6 +19,9 @@ redis-     the Redis server restarted, every key lost (only a private Redis this
 restart    ``ensure_services(private=["redis"])``; the demo does so when this kind is asked for)
 rabbitmq   the RabbitMQ broker restarted on its data (only a private broker this run started,
            as for redis-restart): publishers keep jobs in their outbox, consumers reconnect
+node       a whole Ray node removed, killed without warning (only on a local multi-node cluster,
+           :func:`im_actors.cluster.init_local_cluster`): a fresh node joins first, so capacity
+           stays; Ray restarts the lost node's actors elsewhere (DESIGN.md section 4, last row)
 =========  =======================================================================================
 
 Recovery is measured by probes: a few probe clients (at least one per hub) in a probe group, one
@@ -54,7 +57,7 @@ __all__ = ["KINDS", "PRIVATE_SERVICE_KINDS", "ChaosSpec", "Fault", "ChaosMonkey"
 log = logging.getLogger(__name__)
 
 #: Every fault kind, in the order ``all`` cycles through them.
-KINDS = ("hub", "conv", "session", "store", "push", "mongodb", "redis", "redis-restart", "rabbitmq")
+KINDS = ("hub", "conv", "session", "store", "push", "mongodb", "redis", "redis-restart", "rabbitmq", "node")
 #: Kinds that need a server of this run's own (never the machine's shared one).
 PRIVATE_SERVICE_KINDS = {"mongodb": "mongodb", "redis-restart": "redis", "rabbitmq": "rabbitmq"}
 _ACTOR_KINDS = {"hub": "hub", "conv": "conv", "session": "session", "store": "store", "push": "push"}
@@ -145,6 +148,7 @@ class ChaosMonkey:
         probe_interval_s: float = 0.2,
         probes: int = 4,
         rng: random.Random | None = None,
+        cluster: Any = None,
     ) -> None:
         self.config = config
         self.router_url = router_url
@@ -154,6 +158,7 @@ class ChaosMonkey:
         self.probe_interval_s = probe_interval_s
         self.n_probes = max(2, probes)
         self.rng = rng or random.Random()
+        self.cluster = cluster  # a ray.cluster_utils.Cluster, for the node kind
         self.faults: list[Fault] = []
         self._t0 = time.monotonic()
         self._probes: dict[int, _Probe] = {}
@@ -236,6 +241,8 @@ class ChaosMonkey:
             elif kind == "redis":
                 fault.target = f"redis keys {self.config.key_prefix}*"
                 await asyncio.to_thread(self._flush_prefix)
+            elif kind == "node":
+                fault.target = await self._remove_node(fault)
             elif kind == "redis-restart":
                 server = self.services.redis if self.services else None
                 if server is None:
@@ -276,6 +283,37 @@ class ChaosMonkey:
         name = ids.actor_name(role, self.rng.randrange(count), self.config.actor_prefix)
         ray.kill(ray.get_actor(name, namespace=ids.NAMESPACE), no_restart=False)
         return name
+
+    async def _remove_node(self, fault: Fault) -> str:
+        """Add a fresh node, then remove the worker node holding the most of this deployment's
+        actors (never the head, nor the router's node: the router's URL is what clients know).
+        Sets ``fault.floor_s`` to when every actor of that node was alive on another one."""
+        from im_actors.cluster import actor_nodes, add_local_node
+
+        if self.cluster is None:
+            raise RuntimeError("the node kind needs a local multi-node cluster (im-actors demo --nodes 3)")
+        placed = await asyncio.to_thread(actor_nodes, self.config)
+        router = placed.get(ids.actor_name("router", 0, self.config.actor_prefix))
+        load = {n.node_id: sum(1 for node in placed.values() if node == n.node_id) for n in self.cluster.worker_nodes}
+        candidates = [n for n in self.cluster.worker_nodes if n.node_id != router]
+        if not candidates:
+            raise RuntimeError("no worker node without the router to remove")
+        victim = max(candidates, key=lambda n: load.get(n.node_id, 0))
+        add_local_node(self.cluster)  # on this (long-lived) thread: Ray's processes share its fate
+        moved = [name for name, node in placed.items() if node == victim.node_id]
+        fault.at_s = self.now()
+        self.cluster.remove_node(victim, allow_graceful=False)
+        deadline = self.now() + 60
+        while self.now() < deadline:
+            now = await asyncio.to_thread(actor_nodes, self.config)
+            if all(now.get(name) not in (None, victim.node_id) for name in moved):
+                fault.floor_s = self.now() - fault.at_s
+                break
+            await asyncio.sleep(0.1)
+        else:
+            fault.floor_s = math.inf
+            raise RuntimeError(f"actors of the removed node not alive elsewhere within 60 s: {moved}")
+        return f"node {victim.node_id[:12]} ({len(moved)} actors)"
 
     async def _amqp_connects(self) -> dict[str, int]:
         """``{actor name: AMQP connections opened}`` for every push publisher (in the session

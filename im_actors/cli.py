@@ -68,8 +68,14 @@ def _chaos_spec(spec: str, cfg: Config, mongo_given: bool) -> Any:
         raise typer.Exit(2) from None
     given = {"mongodb": mongo_given, "redis-restart": bool(cfg.redis_url), "rabbitmq": bool(cfg.rabbitmq_url)}
     keys = {"mongodb": "mongo_url", "redis-restart": "redis_url", "rabbitmq": "rabbitmq_url"}
+    from im_actors.services import can_start_private
+
     if spec.split(":")[0].strip() in ("", "all"):
         skip = {kind for kind, is_given in given.items() if is_given}
+        for kind, service in (("redis-restart", "redis"), ("rabbitmq", "rabbitmq")):
+            if kind not in skip and not can_start_private(service):
+                typer.echo(f"im-actors: --chaos all: no {service} server program to restart here; {kind} left out")
+                skip.add(kind)
         skip |= {"push"} if cfg.push_workers == 0 else set()
         skip |= {"store"} if cfg.store_writers == 0 else set()
         return ChaosSpec(tuple(k for k in parsed.kinds if k not in skip), parsed.interval_s)
@@ -94,12 +100,13 @@ async def _run_with_chaos(
     outage_s: float,
     processes: int,
     progress: bool,
+    cluster: Any = None,
 ) -> dict[str, Any]:
     """The workload with a :class:`drivers.chaos.ChaosMonkey` breaking things beside it."""
     from drivers.chaos import ChaosMonkey, summarize
     from drivers.run import run_workload_async
 
-    monkey = ChaosMonkey(cfg, router_url, spec, services, outage_s=outage_s)
+    monkey = ChaosMonkey(cfg, router_url, spec, services, outage_s=outage_s, cluster=cluster)
     await monkey.start()
     run = asyncio.create_task(run_workload_async(router_url, workload, processes, progress))
     setup_s = 5.0  # the driver connects its clients and creates the groups first
@@ -217,6 +224,13 @@ def demo(
             help="how long a mongodb fault keeps the server down (s); redis-restart and rabbitmq restart at once"
         ),
     ] = 10.0,
+    nodes: Annotated[
+        int,
+        typer.Option(
+            help="Ray nodes of the local cluster (more than 1: several raylets on this machine); "
+            "the node fault kind needs 3 and gets them"
+        ),
+    ] = 1,
 ) -> None:
     """Run a local cluster, carry real chat traffic through it, verify every delivery, write a report."""
     import ray
@@ -224,7 +238,7 @@ def demo(
     from drivers.replay import ReplayWorkload
     from drivers.run import run_workload
     from drivers.synthetic import SyntheticWorkload
-    from im_actors.cluster import deploy, init_local_ray
+    from im_actors.cluster import deploy, init_local_cluster, init_local_ray
     from im_actors.services import describe_services, ensure_services, purge_deployment
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -268,11 +282,17 @@ def demo(
     except ServiceError as exc:
         typer.echo(f"im-actors: {exc}", err=True)
         raise typer.Exit(3) from None
+    if chaos_spec is not None and "node" in chaos_spec.kinds and nodes < 3:
+        nodes = 3  # one to lose, one to keep the router, one for the restarted actors
     started = time.monotonic()
     result: dict[str, Any] = {}
+    cluster: Any = None
     try:
-        typer.echo(f"starting a local Ray cluster and deploying {cfg.hubs} hubs ...")
-        init_local_ray(cfg)
+        typer.echo(f"starting a local Ray cluster of {nodes} node(s) and deploying {cfg.hubs} hubs ...")
+        if nodes > 1:
+            cluster = init_local_cluster(cfg, nodes)
+        else:
+            init_local_ray(cfg)
         _sigterm_to_exit()  # ray.init installs its own SIGTERM handler, which skips our clean-up
         dep = deploy(cfg)
         typer.echo(f"router {dep.router_url}; hubs {', '.join(dep.hub_urls.values())}")
@@ -281,10 +301,20 @@ def demo(
         else:
             result = asyncio.run(
                 _run_with_chaos(
-                    cfg, dep.router_url, workload, chaos_spec, services, duration, chaos_outage, processes, progress
+                    cfg,
+                    dep.router_url,
+                    workload,
+                    chaos_spec,
+                    services,
+                    duration,
+                    chaos_outage,
+                    processes,
+                    progress,
+                    cluster,
                 )
             )
         result["hubs"] = cfg.hubs
+        result["ray_nodes"] = nodes
         result["config"] = cfg.knobs()
         result["services"] = describe_services(cfg)
         result["deploy_and_run_s"] = round(time.monotonic() - started, 1)
@@ -297,6 +327,10 @@ def demo(
                 stopper = threading.Thread(target=ray.shutdown, daemon=True)
                 stopper.start()
                 stopper.join(20)
+            if cluster is not None:
+                stopper = threading.Thread(target=cluster.shutdown, daemon=True)
+                stopper.start()
+                stopper.join(30)
             purge_deployment(cfg, drop_mongo_db=own_mongo_db)
         finally:
             services.stop()

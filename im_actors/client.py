@@ -444,6 +444,22 @@ class Client:
         answer = await self._call({"t": "group.info", "group": group}, retry_transport=True)
         return {k: v for k, v in answer.items() if k not in ("t", "id")}
 
+    async def group_remove(self, group: str, users: Iterable[str]) -> None:
+        """Remove ``users`` from ``group`` (owner and admins; a ``system`` entry is committed)."""
+        await self._call({"t": "group.remove", "group": group, "users": list(users)}, retry_transport=True)
+
+    async def group_leave(self, group: str) -> None:
+        """Leave ``group`` (the owner hands over ownership with :meth:`group_role` first)."""
+        await self._call({"t": "group.leave", "group": group}, retry_transport=True)
+
+    async def group_role(self, group: str, user: str, role: str) -> None:
+        """Make member ``user`` of ``group`` ``owner``, ``admin`` or ``member`` (the owner only)."""
+        await self._call({"t": "group.role", "group": group, "user": user, "role": role}, retry_transport=True)
+
+    async def group_rename(self, group: str, name: str) -> None:
+        """Rename ``group`` (owner and admins)."""
+        await self._call({"t": "group.rename", "group": group, "name": name}, retry_transport=True)
+
     async def push_register(self, provider: str, token: str) -> None:
         """Register this device's push ``token`` with ``provider`` (``apns``, ``fcm``, ``webhook``)."""
         await self._call({"t": "push.register", "provider": provider, "token": token}, retry_transport=True)
@@ -814,6 +830,13 @@ class Client:
         st = self._convs.get(conv)
         if st is None:
             st = self._convs[conv] = _ConvState()
+            meta = frame.get("meta") or {}
+            if (
+                frame.get("kind") == "system"
+                and meta.get("event") == "added"
+                and self.user in (meta.get("users") or [])
+            ):
+                st.held = seq - 1  # a group this user just joined: the entries before its join are not theirs
         if seq <= st.held or seq in st.buffer:
             if live:
                 self.dups_dropped += 1

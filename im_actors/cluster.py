@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from im_actors import ids
 from im_actors.config import Config
@@ -25,7 +27,17 @@ from im_actors.router import RouterActor
 from im_actors.session import SessionShardActor
 from im_actors.store import StoreWriter
 
-__all__ = ["Deployment", "deploy", "teardown", "status", "init_local_ray", "ray_env"]
+__all__ = [
+    "Deployment",
+    "deploy",
+    "teardown",
+    "status",
+    "init_local_ray",
+    "init_local_cluster",
+    "add_local_node",
+    "actor_nodes",
+    "ray_env",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +73,51 @@ def init_local_ray(config: Config, num_cpus: int | None = None) -> None:
     )
 
 
+#: Object store of each node of a local multi-node cluster (bytes): frames are small, and three
+#: nodes' default stores would claim a large share of the machine's memory.
+_LOCAL_NODE_STORE_BYTES = 256 * 1024 * 1024
+
+
+def init_local_cluster(config: Config, nodes: int) -> Any:
+    """Start a local cluster of ``nodes`` Ray nodes on this machine (a head and workers, each its own
+    raylet and object store; ``ray.cluster_utils.Cluster``) and connect to it; returns the cluster.
+
+    This is how the demo and the tests lose a whole node (``cluster.remove_node``) without a second
+    machine. Each node offers one CPU (our actors ask for none). Stop it with ``ray.shutdown()``,
+    then ``cluster.shutdown()``.
+    """
+    from ray.cluster_utils import Cluster
+
+    if nodes < 2:
+        raise ConfigError("a local multi-node cluster needs at least 2 nodes")
+    os.environ.update(ray_env(config))  # the GCS and raylets read these when they start
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "object_store_memory": _LOCAL_NODE_STORE_BYTES},
+    )
+    for _ in range(nodes - 1):
+        add_local_node(cluster)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace=ids.NAMESPACE, logging_level=logging.WARNING, log_to_driver=True)
+    return cluster
+
+
+def add_local_node(cluster: Any) -> Any:
+    """Add one worker node to a cluster of :func:`init_local_cluster`; returns the node."""
+    return cluster.add_node(num_cpus=1, object_store_memory=_LOCAL_NODE_STORE_BYTES)
+
+
+def actor_nodes(config: Config) -> dict[str, str]:
+    """``{actor name: node id}`` of the deployment's alive actors, from Ray's GCS (no dashboard needed)."""
+    wanted = set(_names(config))
+    out: dict[str, str] = {}
+    for info in ray._private.state.actors().values():  # noqa: SLF001 - the one way without the dashboard
+        name = info.get("Name", "")
+        if name in wanted and info.get("State") == "ALIVE":
+            out[name] = info["Address"]["NodeID"]
+    return out
+
+
 @dataclass
 class Deployment:
     """Handles of one deployment's actors, by name, and the router's URL."""
@@ -71,12 +128,43 @@ class Deployment:
     hub_urls: dict[str, str] = field(default_factory=dict)
 
 
-def _options(config: Config, name: str, detached: bool, spread: bool) -> dict[str, Any]:
+#: The share of a CPU each bundle of the spread placement group reserves: a token, since the actors
+#: ask for no CPU themselves; a bundle must hold some resource to be placed on a node.
+_BUNDLE_CPU = 0.001
+
+
+def _spread_group(config: Config, detached: bool) -> Any:
+    """The deployment's placement group: one bundle per alive node, strategy SPREAD (or the one
+    already made, found by name), once it is ready.
+
+    Why a placement group: Ray's SPREAD strategy and soft node affinity are best effort for actors
+    that ask for no CPU (tried here on a three-node cluster: three hubs landed on two nodes, or
+    all on one), while bundles of a SPREAD group go to distinct nodes when there are enough. When a
+    node dies, Ray places its bundle on another node and restarts the bundle's actors there
+    (about 3 s here with the fast health checks of :func:`ray_env`).
+    """
+    name = ids.placement_group_name(config.actor_prefix)
+    try:
+        group = ray.util.get_placement_group(name)
+    except ValueError:
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= _BUNDLE_CPU]
+        group = placement_group(
+            [{"CPU": _BUNDLE_CPU}] * max(1, len(nodes)),
+            strategy="SPREAD",
+            name=name,
+            lifetime="detached" if detached else None,
+        )
+    ray.get(group.ready(), timeout=_READY_TIMEOUT_S)
+    return group
+
+
+def _options(config: Config, name: str, detached: bool, group: Any, index: int) -> dict[str, Any]:
     opts: dict[str, Any] = {"name": name, "namespace": ids.NAMESPACE, "get_if_exists": True}
     if detached:
         opts["lifetime"] = "detached"
-    if spread and config.placement == "spread":
-        opts["scheduling_strategy"] = "SPREAD"
+    if group is not None:
+        bundle = index % len(group.bundle_specs)
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
     return opts
 
 
@@ -94,10 +182,13 @@ def deploy(config: Config, detached: bool = False) -> Deployment:
             raise ConfigError(f"{key} must be set (im_actors.services.ensure_services fills it for local runs)")
     p = config.actor_prefix
     dep = Deployment(config)
+    group = _spread_group(config, detached) if config.placement == "spread" else None
 
     def make(cls: Any, role: str, index: int, *args: Any, spread: bool = False) -> Any:
         name = ids.actor_name(role, index, p)
-        handle = cls.options(**_options(config, name, detached, spread)).remote(config, *args)
+        # "spread": the i-th hub (and session and conversation shard) in bundle i, round robin:
+        # on the i-th node while there are enough nodes.
+        handle = cls.options(**_options(config, name, detached, group if spread else None, index)).remote(config, *args)
         dep.actors[name] = handle
         return handle
 
@@ -160,6 +251,10 @@ def teardown(config: Config) -> list[str]:
             log.warning("%s did not stop cleanly: %s", name, exc)
         ray.kill(handle, no_restart=True)
         killed.append(name)
+    try:
+        remove_placement_group(ray.util.get_placement_group(ids.placement_group_name(config.actor_prefix)))
+    except ValueError:
+        pass  # placement "pack", or already removed
     return killed
 
 

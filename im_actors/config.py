@@ -55,7 +55,13 @@ class Config(BaseSettings):
         "one Ray hop less per send)",
     )
     push_workers: int = Field(1, ge=0, description="push worker actors (0: no offline push)")
-    placement: Literal["spread", "pack"] = Field("spread", description="Ray scheduling of hubs and shards over nodes")
+    placement: Literal["spread", "pack"] = Field(
+        "spread",
+        description=(
+            "spread: the i-th hub, session and conversation shard on the i-th alive node "
+            "(soft affinity, round robin); pack: wherever Ray places them"
+        ),
+    )
 
     # --- network ---
     host: str = Field("127.0.0.1", description="address hubs and the router listen on")
@@ -100,6 +106,15 @@ class Config(BaseSettings):
     )
     max_body_bytes: int = Field(65536, ge=1, description="largest message body (bytes), answered too_large above")
     max_group_members: int = Field(10000, ge=2, description="largest group (members)")
+    dm_policy: Literal["anyone", "contacts"] = Field(
+        "anyone",
+        description="who may send a direct message: anyone, or accepted contacts only; a block always refuses",
+    )
+    presence_debounce_ms: int = Field(
+        1000,
+        ge=0,
+        description="a user's presence change is announced to contacts at most once per window (ms, 0 = at once)",
+    )
     max_page_bytes: int = Field(
         1 << 20, ge=1024, description="bodies in one sync/history page (bytes); at least one entry is always sent"
     )

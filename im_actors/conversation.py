@@ -32,6 +32,7 @@ from im_actors import ids
 from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.errors import Conflict, Forbidden, RequestError, Unavailable
+from im_actors.membership import Membership
 from im_actors.protocol import body_size
 from im_actors.refs import Peers
 from im_actors.store import CommitResult, Store
@@ -42,6 +43,16 @@ log = logging.getLogger(__name__)
 
 #: Recently committed cmids kept per conversation (older resends are caught by the unique index).
 RECENT_CMIDS = 4096
+
+#: Conversation ids found not to exist, remembered (least recently asked dropped first) so a probe
+#: asked again is answered from memory like a conversation that is active: the same timing class.
+ABSENT_KEPT = 10000
+
+#: The one answer to anyone who may not read or write a conversation, whether or not it exists
+#: (PROTOCOL.md section 6): the same code, message and fields on every path.
+NOT_A_MEMBER = "not a member of this conversation"
+#: The answer to a direct message refused by a block or by the direct-message policy.
+DM_REFUSED = "not allowed to message this user"
 
 
 def body_digest(kind: str, body: str | bytes, meta: dict[str, Any] | None) -> bytes:
@@ -63,26 +74,37 @@ class SendItem:
 
 @dataclass
 class PendingSend:
-    """A send waiting for its seq; ``members`` set for a membership change (a system entry)."""
+    """A send waiting for its seq; ``change`` for a membership change (a system entry whose
+    ``meta`` :meth:`Membership.apply` reads)."""
 
     item: SendItem
     digest: bytes
     future: asyncio.Future[dict[str, Any]]
-    members: frozenset[str] | None = None
+    change: bool = False
 
 
 @dataclass
 class Sequencer:
-    """State of one conversation. Touched only by its shard, one step at a time."""
+    """State of one conversation. Touched only by its shard, one step at a time.
+
+    ``membership`` is exact as of ``last``: a change applies when its entry commits.
+    ``dm_allowed`` caches the contacts host's answer for a direct conversation (None: ask).
+    """
 
     conv: str
     last: int = 0
-    members: frozenset[str] = frozenset()
+    membership: Membership = field(default_factory=Membership)
     exists: bool = False
+    dm_allowed: bool | None = None
     cmids: OrderedDict[tuple[str, str], tuple[int, int, bytes]] = field(default_factory=OrderedDict)
     pending: list[PendingSend] = field(default_factory=list)
     inflight: bool = False
     indexed: bool = False  # direct conversation recorded in user_convs by this activation
+
+    @property
+    def members(self) -> frozenset[str]:
+        """The current members."""
+        return self.membership.frozen()
 
     def remember(self, sender: str, cmid: str, seq: int, ts: int, digest: bytes) -> None:
         """Record a committed cmid, forgetting the oldest beyond :data:`RECENT_CMIDS`."""
@@ -113,6 +135,37 @@ def _fit(msgs: list[dict[str, Any]], max_bytes: int, newest: bool) -> list[dict[
     return kept[::-1] if newest else kept
 
 
+def _forward(ranges: list[tuple[int, int]], after: int, limit: int) -> list[tuple[int, int]]:
+    """The first ``limit`` readable seqs above ``after``, as inclusive segments of ``ranges``."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in ranges:
+        lo = max(lo, after + 1)
+        if lo > hi or limit <= 0:
+            continue
+        hi = min(hi, lo + limit - 1)
+        out.append((lo, hi))
+        limit -= hi - lo + 1
+    return out
+
+
+def _backward(ranges: list[tuple[int, int]], top: int, limit: int) -> list[tuple[int, int]]:
+    """The newest ``limit`` readable seqs at or below ``top``, as inclusive segments, ascending."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in reversed(ranges):
+        hi = min(hi, top)
+        if lo > hi or limit <= 0:
+            continue
+        lo = max(lo, hi - limit + 1)
+        out.append((lo, hi))
+        limit -= hi - lo + 1
+    return out[::-1]
+
+
+def _visible_last(ranges: list[tuple[int, int]]) -> int:
+    """The newest seq a reader with these ranges may read (0: none yet)."""
+    return ranges[-1][1] if ranges else 0
+
+
 def _ack(conv: str, seq: int, ts: int, dup: bool) -> dict[str, Any]:
     return {"conv": conv, "seq": seq, "ts": ts, "dup": dup}
 
@@ -128,6 +181,8 @@ class ConversationShard:
         self.peers = peers
         self.store = store
         self.sequencers: dict[str, Sequencer] = {}
+        self._splits: dict[str, tuple[frozenset[str], dict[int, list[str]]]] = {}  # conv -> members by shard
+        self._absent: OrderedDict[str, None] = OrderedDict()  # made-up conversation ids, see ABSENT_KEPT
         self._activating: dict[str, asyncio.Future[Sequencer]] = {}
         self._inflight_convs: dict[str, list[PendingSend]] = {}
         self._ready: dict[str, None] = {}  # convs with sends waiting and no commit in flight, oldest first
@@ -152,14 +207,19 @@ class ConversationShard:
 
     # --- activation --------------------------------------------------------------------------
 
-    async def _load_members(self, conv: str) -> tuple[frozenset[str], bool]:
+    async def _load_membership(self, conv: str) -> tuple[Membership, bool]:
+        """The membership of ``conv`` and whether it exists: a group's document (its checkpoint)
+        from the group shard, then every change entry committed after that checkpoint."""
         if ids.conv_kind(conv) == "direct":
-            return frozenset(ids.direct_members(conv)), True
+            return Membership.direct(*ids.direct_members(conv)), True
         gid = ids.group_id_of(conv)
-        members = await self.peers.group(gid).call("members", gid)
-        if members is None:
-            return frozenset(), False
-        return frozenset(members), True
+        doc = await self.peers.group(gid).call("membership", gid)
+        if doc is None:
+            return Membership(), False
+        membership = Membership.from_doc(doc)
+        for entry in await self.store.system_entries(conv, membership.seq):
+            membership.apply(entry["sender"], entry.get("meta") or {}, entry["seq"])
+        return membership, True
 
     async def sequencer(self, conv: str) -> Sequencer:
         """The sequencer of ``conv``, activated from storage on first use.
@@ -170,17 +230,24 @@ class ConversationShard:
         seqr = self.sequencers.get(conv)
         if seqr is not None:
             return seqr
+        if conv in self._absent:
+            self._absent.move_to_end(conv)
+            return Sequencer(conv=conv)
         waiting = self._activating.get(conv)
         if waiting is not None:
             return await asyncio.shield(waiting)
         fut: asyncio.Future[Sequencer] = asyncio.get_running_loop().create_future()
         self._activating[conv] = fut
         try:
-            last = await self.store.last_seq(conv)
-            members, exists = await self._load_members(conv)
-            seqr = Sequencer(conv=conv, last=last, members=members, exists=exists)
-            if exists:  # a made-up group id is answered, never kept (no memory for probes)
+            membership, exists = await self._load_membership(conv)
+            last = await self.store.last_seq(conv) if exists else 0
+            seqr = Sequencer(conv=conv, last=last, membership=membership, exists=exists)
+            if exists:
                 self.sequencers[conv] = seqr
+            else:  # a made-up group id: only its id is kept, in a bounded set
+                self._absent[conv] = None
+                if len(self._absent) > ABSENT_KEPT:
+                    self._absent.popitem(last=False)
             fut.set_result(seqr)
             return seqr
         except BaseException as exc:
@@ -194,14 +261,43 @@ class ConversationShard:
     def _precheck(user: str, conv: str) -> None:
         """Refuse a non-member of a direct conversation before activating anything."""
         if ids.conv_kind(conv) == "direct" and user not in ids.direct_members(conv):
-            raise Forbidden("not a member of this conversation")
+            raise Forbidden(NOT_A_MEMBER)
 
     async def _member_sequencer(self, user: str, conv: str) -> Sequencer:
+        """The sequencer of ``conv`` when ``user`` is a member now (send, read, typing)."""
         self._precheck(user, conv)
         seqr = await self.sequencer(conv)
-        if user not in seqr.members:
-            raise Forbidden("not a member of this conversation")
+        if user not in seqr.membership.members:
+            raise Forbidden(NOT_A_MEMBER)
         return seqr
+
+    async def _reader_sequencer(self, user: str, conv: str) -> Sequencer:
+        """The sequencer of ``conv`` when ``user`` is or was a member (sync, history: what their
+        spans cover). A conversation that does not exist takes the same path and answer."""
+        self._precheck(user, conv)
+        seqr = await self.sequencer(conv)
+        if not seqr.membership.ever(user):
+            raise Forbidden(NOT_A_MEMBER)
+        return seqr
+
+    async def _check_dm(self, seqr: Sequencer, sender: str) -> None:
+        """Refuse a direct message that a block or the direct-message policy forbids.
+
+        The contacts host answers once per activation; it tells this shard when the pair's contact
+        state changes (:meth:`contact_changed`)."""
+        if ids.conv_kind(seqr.conv) != "direct":
+            return
+        if seqr.dm_allowed is None:
+            a, b = ids.direct_members(seqr.conv)
+            seqr.dm_allowed = bool(await self.peers.contact_host(a, b).call("dm_allowed", a, b))
+        if not seqr.dm_allowed:
+            raise Forbidden(DM_REFUSED)
+
+    def contact_changed(self, conv: str) -> None:
+        """The contact state of a direct conversation's pair changed: ask again at the next send."""
+        seqr = self.sequencers.get(conv)
+        if seqr is not None:
+            seqr.dm_allowed = None
 
     # --- sends -------------------------------------------------------------------------------
 
@@ -224,12 +320,13 @@ class ConversationShard:
                 out.append(res)
         return out
 
-    async def _enqueue(self, item: SendItem, members: frozenset[str] | None = None) -> dict[str, Any]:
-        if members is None:
-            self._precheck(item.sender, item.conv)
-        seqr = await self.sequencer(item.conv)
-        if members is None and item.sender not in seqr.members:
-            raise Forbidden("not a member of this conversation")
+    async def _enqueue(self, item: SendItem, change: bool = False) -> dict[str, Any]:
+        if change:
+            self._absent.pop(item.conv, None)  # the group shard made it exist
+            seqr = await self.sequencer(item.conv)
+        else:
+            seqr = await self._member_sequencer(item.sender, item.conv)
+            await self._check_dm(seqr, item.sender)
         seqr = self.sequencers.setdefault(item.conv, seqr)  # a membership change makes the group exist
         digest = body_digest(item.kind, item.body, item.meta)
         known = seqr.cmids.get((item.sender, item.cmid))
@@ -246,7 +343,7 @@ class ConversationShard:
             res = await asyncio.shield(queued.future)
             return {**res, "dup": True}
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        seqr.pending.append(PendingSend(item, digest, fut, members))
+        seqr.pending.append(PendingSend(item, digest, fut, change))
         if not seqr.inflight:
             self._ready[seqr.conv] = None
         self._wake.set()
@@ -258,16 +355,18 @@ class ConversationShard:
                 return p
         return None
 
-    async def append_system(
-        self, conv: str, actor: str, text: str, meta: dict[str, Any], members: list[str], cmid: str
-    ) -> dict[str, Any]:
-        """Commit a ``system`` entry that also sets the conversation's members (a membership change).
+    async def append_system(self, conv: str, actor: str, text: str, meta: dict[str, Any], cmid: str) -> dict[str, Any]:
+        """Commit a ``system`` entry that changes the group (``meta``: see :mod:`im_actors.membership`).
 
-        The new members take effect for fan-out and membership checks when the entry commits:
-        the entry itself reaches the new member set. Returns the ack; raises :class:`Unavailable`.
+        The group shard has authorized ``actor``; this is the one place the change is ordered
+        with messages. It takes effect when the entry commits: the entries after it fan out to
+        the new members, sends queued behind it are checked against it, and the entry itself
+        reaches the members before and after it (an added user sees their "added", a removed
+        user their "removed" and nothing later). Resending the same ``cmid`` answers the first
+        seq (``dup``). Returns the ack; raises :class:`Unavailable`.
         """
         item = SendItem(sender=actor, conv=conv, cmid=cmid, body=text, kind="system", meta=meta)
-        return await self._enqueue(item, frozenset(members))
+        return await self._enqueue(item, change=True)
 
     # --- the commit loop ---------------------------------------------------------------------
 
@@ -289,7 +388,9 @@ class ConversationShard:
             seqr = self.sequencers.get(conv)
             if seqr is None or not seqr.pending or seqr.inflight:
                 continue
-            take, seqr.pending = seqr.pending[:room], seqr.pending[room:]
+            take = self._admit(seqr, room)
+            if not take:
+                continue
             seqr.inflight = True
             self._inflight_convs[seqr.conv] = take
             for i, p in enumerate(take):
@@ -308,6 +409,39 @@ class ConversationShard:
                 )
                 sends.append(p)
         return entries, sends
+
+    @staticmethod
+    def _admit(seqr: Sequencer, room: int) -> list[PendingSend]:
+        """Take up to ``room`` sends off the head of ``seqr``'s queue, in order, checking each
+        sender against the membership as it will be at that send's seq: a send queued behind the
+        change that removes its sender is answered ``forbidden``, never committed after it."""
+        added: set[str] = set()
+        removed: set[str] = set()
+        group = ids.conv_kind(seqr.conv) == "group"
+        take: list[PendingSend] = []
+        i = 0
+        while i < len(seqr.pending) and len(take) < room:
+            p = seqr.pending[i]
+            i += 1
+            if p.change:
+                meta = p.item.meta or {}
+                users = {str(u) for u in meta.get("users") or []}
+                if meta.get("event") in ("created", "added"):
+                    added |= users
+                    removed -= users
+                elif meta.get("event") in ("removed", "left"):
+                    removed |= users
+                    added -= users
+                take.append(p)
+                continue
+            s = p.item.sender
+            if group and (s in removed or (s not in added and s not in seqr.membership.members)):
+                if not p.future.done():
+                    p.future.set_exception(Forbidden(NOT_A_MEMBER))
+                continue
+            take.append(p)
+        seqr.pending = seqr.pending[i:]
+        return take
 
     async def _commit_loop(self) -> None:
         while True:
@@ -341,6 +475,7 @@ class ConversationShard:
             for conv in convs:
                 # The outcome is unknown: re-seed from storage before numbering again.
                 seqr = self.sequencers.pop(conv, None)
+                self._splits.pop(conv, None)
                 if seqr is not None and seqr.pending:
                     for p in seqr.pending:
                         if not p.future.done():
@@ -384,12 +519,14 @@ class ConversationShard:
                 seqr.indexed = True  # once per activation: the upsert is idempotent
                 new_convs.append((seqr.conv, seqr.members))
             seqr.last = entry["seq"]
-            if p.members is not None:
-                seqr.members = p.members
+            recipients = seqr.members
+            if p.change:
+                seqr.membership.apply(entry["sender"], entry.get("meta") or {}, entry["seq"])
                 seqr.exists = True
+                recipients = recipients | seqr.members  # the removed see their removal, the added their add
             seqr.remember(entry["sender"], entry["cmid"], entry["seq"], entry["ts"], p.digest)
             p.future.set_result(_ack(entry["conv"], entry["seq"], entry["ts"], False))
-            fanout.append((entry, seqr.members))
+            fanout.append((entry, recipients))
         rest = list(zip(entries[result.committed :], sends[result.committed :], strict=False))
         if result.conflict is not None and rest:
             (entry, p), rest = rest[0], rest[1:]
@@ -401,11 +538,16 @@ class ConversationShard:
                     seqr.remember(ex["sender"], ex["cmid"], ex["seq"], ex["ts"], p.digest)
                     seqr.last = max(seqr.last, int(ex["seq"]))
                     self.stats["dups"] += 1
+                    if p.change:
+                        seqr.membership.apply(ex["sender"], ex.get("meta") or {}, int(ex["seq"]))
                     p.future.set_result(_ack(entry["conv"], ex["seq"], ex["ts"], True))
                     # Stored by an attempt whose answer was lost (a writer or this shard died after
                     # the write): it may never have been fanned out. Delivery is at least once and
-                    # clients drop a (conv, seq) they hold, so fan it out again.
-                    fanout.append((ex, seqr.members))
+                    # clients drop a (conv, seq) they hold, so fan it out again, to the members
+                    # who may read that seq (not to anyone who joined after it).
+                    old = int(ex["seq"])
+                    readers = frozenset(u for u in seqr.members if seqr.membership.can_read(u, old))
+                    fanout.append((ex, readers))
                 else:
                     p.future.set_exception(Conflict("cmid already committed with a different body"))
             else:
@@ -439,9 +581,19 @@ class ConversationShard:
     # --- fan-out -----------------------------------------------------------------------------
 
     def _fan_out(self, entry: dict[str, Any], members: frozenset[str]) -> None:
-        by_shard: dict[int, list[str]] = {}
-        for user in members:
-            by_shard.setdefault(self.peers.session_index(user), []).append(user)
+        """Queue ``entry`` for ``members``, one item per session shard (batched per shard).
+
+        The split of a member set by shard is kept per conversation until the set changes (a
+        membership change makes a new set): a large group pays it once, not per message."""
+        cached = self._splits.get(entry["conv"])
+        if cached is not None and cached[0] is members:
+            by_shard = cached[1]
+        else:
+            by_shard = {}
+            for user in members:
+                by_shard.setdefault(self.peers.session_index(user), []).append(user)
+            if entry["conv"] in self.sequencers:
+                self._splits[entry["conv"]] = (members, by_shard)
         for shard, users in by_shard.items():
             self._fanout.add(shard, (entry, users))
 
@@ -455,38 +607,51 @@ class ConversationShard:
     # --- reads -------------------------------------------------------------------------------
 
     async def sync(self, user: str, conv: str, after: int, limit: int) -> dict[str, Any]:
-        """Entries with seq > ``after``, ascending, at most ``limit``: ``{"msgs", "last", "more"}``.
+        """Entries with seq > ``after`` that ``user`` may read, ascending, at most ``limit``:
+        ``{"msgs", "last", "more"}``.
 
-        ``last`` is the newest committed seq when the read started: every entry up to it is in
-        storage, so a page never skips one that commits meanwhile.
+        A user reads the entries of their membership spans (:meth:`Membership.ranges`): a removed
+        member's reads stop at their removal seq (``last`` is that seq) and resume at their
+        re-join seq. ``last`` is fixed when the read starts: every entry up to it is in storage,
+        so a page never skips one that commits meanwhile. Raises :class:`Forbidden` for a user
+        who never belonged, the same whether or not the conversation exists.
         """
-        seqr = await self._member_sequencer(user, conv)
-        last = seqr.last
-        upto = min(after + limit, last)
-        msgs = _fit(await self.store.read_range(conv, after, upto), self.config.max_page_bytes, newest=False)
-        upto = msgs[-1]["seq"] if msgs else upto
-        return {"msgs": msgs, "last": last, "more": upto < last}
+        seqr = await self._reader_sequencer(user, conv)
+        ranges = seqr.membership.ranges(user, seqr.last)
+        segments = _forward(ranges, after, limit)
+        msgs = _fit(await self._read_segments(conv, segments), self.config.max_page_bytes, newest=False)
+        upto = msgs[-1]["seq"] if msgs else after
+        return {"msgs": msgs, "last": _visible_last(ranges), "more": any(hi > upto for _, hi in ranges)}
 
     async def history(self, user: str, conv: str, before: int, limit: int) -> dict[str, Any]:
-        """The newest ``limit`` entries with seq < ``before`` (0 = the newest), ascending."""
-        seqr = await self._member_sequencer(user, conv)
-        last = seqr.last
-        top = last if before == 0 else min(before - 1, last)
-        lo = max(0, top - limit)
-        msgs = _fit(await self.store.read_range(conv, lo, top), self.config.max_page_bytes, newest=True)
-        lo = msgs[0]["seq"] - 1 if msgs else lo
-        return {"msgs": msgs, "last": last, "more": lo > 0}
+        """The newest ``limit`` readable entries with seq < ``before`` (0 = the newest), ascending;
+        spans and errors as in :meth:`sync`."""
+        seqr = await self._reader_sequencer(user, conv)
+        ranges = seqr.membership.ranges(user, seqr.last)
+        visible = _visible_last(ranges)
+        top = visible if before == 0 else min(before - 1, visible)
+        segments = _backward(ranges, top, limit)
+        msgs = _fit(await self._read_segments(conv, segments), self.config.max_page_bytes, newest=True)
+        lo = msgs[0]["seq"] if msgs else 0
+        return {"msgs": msgs, "last": visible, "more": any(r_lo < lo for r_lo, _ in ranges)}
+
+    async def _read_segments(self, conv: str, segments: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for lo, hi in segments:
+            out.extend(await self.store.read_range(conv, lo - 1, hi))
+        return out
 
     async def last_seqs(self, user: str, convs: list[str]) -> dict[str, int]:
-        """The last seq of each of ``convs`` where ``user`` is a member (others are left out)."""
+        """The newest seq ``user`` may read in each of ``convs`` (a former member's is their
+        removal seq); conversations they never belonged to are left out."""
         out: dict[str, int] = {}
         for conv in convs:
             try:
                 seqr = await self.sequencer(conv)
             except Unavailable:
                 continue
-            if user in seqr.members:
-                out[conv] = seqr.last
+            if seqr.membership.ever(user):
+                out[conv] = _visible_last(seqr.membership.ranges(user, seqr.last))
         return out
 
     async def read(self, user: str, conv: str, seq: int, origin: tuple[str, int] | None = None) -> None:
@@ -503,6 +668,7 @@ class ConversationShard:
     async def typing(self, user: str, conv: str, origin: tuple[str, int] | None = None) -> None:
         """Tell the other members' online devices that ``user`` is typing; nothing is stored."""
         seqr = await self._member_sequencer(user, conv)
+        await self._check_dm(seqr, user)
         self._emit({"t": "typing", "conv": conv, "user": user}, seqr.members - {user}, origin)
 
     def _emit(self, frame: dict[str, Any], users: frozenset[str], origin: tuple[str, int] | None) -> None:
@@ -550,12 +716,14 @@ class ConversationShardActor:
         self._shard.start()
         return await self._shard.send_batch(items)
 
-    async def append_system(
-        self, conv: str, actor: str, text: str, meta: dict[str, Any], members: list[str], cmid: str
-    ) -> dict[str, Any]:
+    async def append_system(self, conv: str, actor: str, text: str, meta: dict[str, Any], cmid: str) -> dict[str, Any]:
         """See :meth:`ConversationShard.append_system`."""
         self._shard.start()
-        return await self._shard.append_system(conv, actor, text, meta, members, cmid)
+        return await self._shard.append_system(conv, actor, text, meta, cmid)
+
+    def contact_changed(self, conv: str) -> None:
+        """See :meth:`ConversationShard.contact_changed`."""
+        self._shard.contact_changed(conv)
 
     async def sync(self, user: str, conv: str, after: int, limit: int) -> dict[str, Any]:
         """See :meth:`ConversationShard.sync`."""

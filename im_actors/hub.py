@@ -339,6 +339,33 @@ class Hub:
         if req.t == "group.info":
             res = await self.peers.group(f["group"]).call("info", user, f["group"])
             return {"t": "group", "id": rid, **res}
+        if req.t == "group.remove":
+            await self.peers.group(f["group"]).call("remove", user, f["group"], f["users"])
+            return {"t": "ok", "id": rid}
+        if req.t == "group.leave":
+            await self.peers.group(f["group"]).call("leave", user, f["group"])
+            return {"t": "ok", "id": rid}
+        if req.t == "group.role":
+            await self.peers.group(f["group"]).call("role", user, f["group"], f["user"], f["role"])
+            return {"t": "ok", "id": rid}
+        if req.t == "group.rename":
+            await self.peers.group(f["group"]).call("rename", user, f["group"], f["name"])
+            return {"t": "ok", "id": rid}
+        if req.t.startswith("contact.") and req.t != "contact.list":
+            op = req.t.removeprefix("contact.")
+            await self.peers.contact_host(user, f["user"]).call("contact", op, user, f["user"])
+            return {"t": "ok", "id": rid}
+        if req.t == "contact.list":
+            contacts = await self.peers.contact_host(user, user).call("contact_list", user)
+            return {"t": "contacts", "id": rid, "contacts": contacts}
+        if req.t == "presence.get":
+            by_shard: dict[int, list[str]] = {}
+            for u in f["users"]:
+                by_shard.setdefault(self.peers.session_index(u), []).append(u)
+            answers = await asyncio.gather(
+                *(self.peers.sessions[i].call("presence", users) for i, users in by_shard.items())
+            )
+            return {"t": "presence", "id": rid, "users": {u: p for a in answers for u, p in a.items()}}
         if req.t == "push.register":
             await self.peers.session(user).call("register_push", user, conn.device, f["provider"], f["token"])
             return {"t": "ok", "id": rid}

@@ -15,6 +15,7 @@ from im_actors.errors import BadRequest
 __all__ = [
     "NAMESPACE",
     "ROLES",
+    "placement_group_name",
     "valid_id",
     "check_id",
     "direct_conv",
@@ -98,6 +99,11 @@ def actor_name(role: str, index: int = 0, prefix: str = "") -> str:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
     return f"{prefix}im-{role}-{index}"
+
+
+def placement_group_name(prefix: str = "") -> str:
+    """Name of the deployment's placement group (one bundle per node for ``placement = "spread"``)."""
+    return f"{prefix}im-placement"
 
 
 def parse_actor_name(name: str, prefix: str = "") -> tuple[str, int]:

@@ -284,6 +284,22 @@ def _group_only(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:
     return {"group": _group(frame)}
 
 
+_GROUP_ROLES = ("owner", "admin", "member")
+
+
+def _group_role(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    role = frame.get("role")
+    if role not in _GROUP_ROLES:
+        raise BadRequest(f"role must be one of {list(_GROUP_ROLES)}")
+    return {"group": _group(frame), "user": ids.check_id(frame.get("user"), "user"), "role": role}
+
+
+def _group_rename(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    name = _str(frame, "name", 128)
+    _check_storable(name, "name", 0)
+    return {"group": _group(frame), "name": name}
+
+
 def _push_register(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:
     provider = frame.get("provider")
     if provider not in _PUSH_PROVIDERS:
@@ -315,6 +331,9 @@ _VALIDATORS: dict[str, Callable[[dict[str, Any], Limits], dict[str, Any]]] = {
     "group.remove": _group_change,
     "group.leave": _group_only,
     "group.info": _group_only,
+    # Additive to PROTOCOL.md section 4 (to be listed there): change a member's role, rename.
+    "group.role": _group_role,
+    "group.rename": _group_rename,
     "contact.request": _user,
     "contact.accept": _user,
     "contact.remove": _user,

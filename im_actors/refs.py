@@ -105,6 +105,11 @@ class Peers:
         """The group shard hosting ``group_id``."""
         return self.groups[ids.shard_of(group_id, len(self.groups))]
 
+    def contact_host(self, a: str, b: str) -> Peer:
+        """The group shard hosting the contact pair ``(a, b)`` (either order)."""
+        lo, hi = sorted((a, b))
+        return self.groups[ids.shard_of(f"{lo}|{hi}", len(self.groups))]
+
     def next_store(self) -> Peer:
         """Store writers in turn (a commit that fails on one is retried once on the next)."""
         return self.stores[next(self._store_turn) % len(self.stores)]

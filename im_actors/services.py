@@ -44,6 +44,7 @@ __all__ = [
     "purge_deployment",
     "PrivateRedis",
     "PrivateRabbitMQ",
+    "can_start_private",
     "DEFAULT_REDIS_URL",
     "DEFAULT_RABBITMQ_URL",
 ]
@@ -477,6 +478,15 @@ def ensure_services(config: Config, private: Collection[str] = ()) -> tuple[Conf
 def _has_redis_program() -> bool:
     try:
         _redis_executable()
+    except ServiceError:
+        return False
+    return True
+
+
+def can_start_private(service: str) -> bool:
+    """Whether a private ``"redis"`` or ``"rabbitmq"`` server can be started here (its program is installed)."""
+    try:
+        _redis_executable() if service == "redis" else _rabbitmq_executable()
     except ServiceError:
         return False
     return True

@@ -4,6 +4,12 @@ A :class:`UserSession` knows which hub holds each connected device of one user (
 of that hub is the route: no lookup table elsewhere) and the user's push tokens.
 :class:`SessionShard` hosts many: it forwards fanned-out entries to hubs, batched per hub, and
 turns entries for devices that have a push token but no live connection into push jobs.
+
+Presence: a user is online while at least one device has a live connection (a device counts
+offline once its connection is gone: closed, missed pings, or its hub dropped). A change is
+announced as a ``presence`` event to the user's accepted contacts that are online, debounced per
+user (``presence_debounce_ms``): the state is read when the window ends and announced only if it
+differs from the last announcement, so a flapping connection costs at most one event per window.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pymongo.errors import PyMongoError
 
 from im_actors.batching import Batcher
 from im_actors.config import Config
+from im_actors.contacts import accepted_contacts
 from im_actors.errors import CLOSE_REPLACED, Unavailable
 from im_actors.push.planner import JobSink, PushPlanner
 from im_actors.refs import Peers
@@ -37,6 +44,10 @@ class UserSession:
     devices: dict[str, tuple[str, int]] = field(default_factory=dict)
     tokens: dict[str, tuple[str, str]] | None = None  # device -> (provider, token); None = not loaded
     last_seen_ms: int = 0
+    contacts: list[str] | None = None  # accepted contacts; None = not loaded
+    contacts_version: int = 0  # bumped by each contacts_changed (a load that raced one is not kept)
+    announced: bool = False  # the online state last announced to contacts
+    presence_due: bool = False  # an announcement is scheduled
 
 
 class SessionShard:
@@ -53,7 +64,9 @@ class SessionShard:
         self._events_to_hubs: Batcher[str] = Batcher(
             self._send_events_to_hub, config.fanout_batch_max, config.fanout_batch_ms
         )
-        self.stats = {"fanout_entries": 0, "deliveries": 0}
+        self.stats = {"fanout_entries": 0, "deliveries": 0, "presence_events": 0, "presence_errors": 0}
+        self._presence_tasks: set[asyncio.Task[None]] = set()
+        self.index = 0  # this shard's index among the session shards (set by the actor)
 
     def _session(self, user: str) -> UserSession:
         s = self.users.get(user)
@@ -74,6 +87,7 @@ class SessionShard:
         if self.planner is not None:
             self.planner.device_connected(user, device)  # online now: no push held for it goes out
         s.last_seen_ms = int(time.time() * 1000)
+        self._presence_touch(s)
         return old if old != (hub, conn_id) else None
 
     def disconnect(self, user: str, device: str, hub: str, conn_id: int) -> None:
@@ -82,20 +96,106 @@ class SessionShard:
         if s is not None and s.devices.get(device) == (hub, conn_id):
             del s.devices[device]
             s.last_seen_ms = int(time.time() * 1000)
+            self._presence_touch(s)
 
     def hub_gone(self, hub: str) -> int:
         """Forget every connection on ``hub`` (it died); returns how many."""
         n = 0
         for s in self.users.values():
-            for device in [d for d, (h, _) in s.devices.items() if h == hub]:
+            gone = [d for d, (h, _) in s.devices.items() if h == hub]
+            for device in gone:
                 del s.devices[device]
                 n += 1
+            if gone:
+                s.last_seen_ms = int(time.time() * 1000)
+                self._presence_touch(s)
         return n
 
     def online(self, user: str) -> dict[str, tuple[str, int]]:
         """The connected devices of ``user``."""
         s = self.users.get(user)
         return dict(s.devices) if s else {}
+
+    # --- presence ----------------------------------------------------------------------------
+
+    def presence(self, users: list[str]) -> dict[str, dict[str, Any]]:
+        """``{user: {"online", "last_seen"}}`` for ``users`` hosted here (``presence.get``).
+
+        ``last_seen``: ms of the last connect or disconnect of any device (now for an online
+        user); 0 when this shard has not seen the user since it started.
+        """
+        now = int(time.time() * 1000)
+        out: dict[str, dict[str, Any]] = {}
+        for user in users:
+            s = self.users.get(user)
+            online = bool(s and s.devices)
+            out[user] = {"online": online, "last_seen": now if online else (s.last_seen_ms if s else 0)}
+        return out
+
+    def contacts_changed(self, user: str) -> None:
+        """``user``'s accepted contacts changed: load them again, and when the user is online
+        announce it (debounced like any change) so a new contact learns it."""
+        s = self.users.get(user)
+        if s is not None:
+            s.contacts = None
+            s.contacts_version += 1
+            if s.devices:
+                s.announced = False
+                self._presence_touch(s)
+
+    def _presence_touch(self, s: UserSession) -> None:
+        """The devices of ``s`` changed: schedule one announcement at the end of the window."""
+        if s.presence_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (a synchronous caller): nothing can be announced
+        s.presence_due = True
+        loop.call_later(self.config.presence_debounce_ms / 1000, self._presence_due, s.user)
+
+    def _presence_due(self, user: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._announce(user))
+        self._presence_tasks.add(task)
+        task.add_done_callback(self._presence_tasks.discard)
+
+    async def _announce(self, user: str) -> None:
+        try:
+            await self._announce_now(user)
+        except Exception:  # noqa: BLE001 - a task nobody awaits: log, never lose the error
+            self.stats["presence_errors"] += 1
+            log.exception("presence of %s not announced", user)
+
+    async def _announce_now(self, user: str) -> None:
+        s = self._session(user)
+        s.presence_due = False
+        online = bool(s.devices)
+        if online == s.announced:
+            return  # flapped back within the window: nothing to tell
+        s.announced = online
+        contacts = s.contacts
+        try:
+            while contacts is None:
+                version = s.contacts_version
+                loaded = await accepted_contacts(self.store, user)
+                if version == s.contacts_version:  # no change arrived while loading
+                    contacts = s.contacts = loaded
+        except Unavailable as exc:
+            log.info("presence of %s not announced: %s", user, exc)
+            return
+        frame = {"t": "presence", "user": user, "online": online, "last_seen": s.last_seen_ms}
+        by_shard: dict[int, list[str]] = {}
+        for contact in contacts:
+            by_shard.setdefault(self.peers.session_index(contact), []).append(contact)
+        for index, contacts in by_shard.items():
+            self.stats["presence_events"] += 1
+            if index == self.index:
+                self.events([(frame, contacts, None)])
+                continue
+            try:
+                await self.peers.sessions[index].call("events", [(frame, contacts, None)])
+            except Unavailable as exc:
+                log.info("presence of %s to session shard %d dropped: %s", user, index, exc)
 
     # --- push tokens -------------------------------------------------------------------------
 
@@ -254,6 +354,7 @@ class SessionShardActor:
 
             self._publisher = PushPublisher(config)
         self._core = SessionShard(config, Peers(config), self._store, self._publisher)
+        self._core.index = index
 
     async def ready(self) -> bool:
         """Start the push publisher (it connects in the background) and, the first time this
@@ -277,22 +378,23 @@ class SessionShardActor:
             self._publisher_started = True
             await self._publisher.start()
 
-    def connect_many(self, conns: list[tuple[str, str, str, int]]) -> None:
+    async def connect_many(self, conns: list[tuple[str, str, str, int]]) -> None:
         """A hub re-announces its connections ``[(user, device, hub, conn id)]`` after a restart."""
         for user, device, hub, conn_id in conns:
-            self.connect(user, device, hub, conn_id)
+            await self.connect(user, device, hub, conn_id)
 
-    def connect(self, user: str, device: str, hub: str, conn_id: int) -> None:
-        """See :meth:`SessionShard.connect`; closes a replaced connection with 4409."""
+    async def connect(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """See :meth:`SessionShard.connect`; closes a replaced connection with 4409. (Async, like
+        every method that changes devices, so it runs on the event loop that announces presence.)"""
         old = self._core.connect(user, device, hub, conn_id)
         if old is not None:
             self._core.peers.hub(old[0]).notify("close_conn", old[1], CLOSE_REPLACED, "replaced by a newer connection")
 
-    def disconnect(self, user: str, device: str, hub: str, conn_id: int) -> None:
+    async def disconnect(self, user: str, device: str, hub: str, conn_id: int) -> None:
         """See :meth:`SessionShard.disconnect`."""
         self._core.disconnect(user, device, hub, conn_id)
 
-    def hub_gone(self, hub: str) -> int:
+    async def hub_gone(self, hub: str) -> int:
         """See :meth:`SessionShard.hub_gone`."""
         return self._core.hub_gone(hub)
 
@@ -304,6 +406,14 @@ class SessionShardActor:
     def events(self, items: list[tuple[dict[str, Any], list[str], tuple[str, int] | None]]) -> None:
         """See :meth:`SessionShard.events`."""
         self._core.events(items)
+
+    def presence(self, users: list[str]) -> dict[str, dict[str, Any]]:
+        """See :meth:`SessionShard.presence`."""
+        return self._core.presence(users)
+
+    def contacts_changed(self, user: str) -> None:
+        """See :meth:`SessionShard.contacts_changed`."""
+        self._core.contacts_changed(user)
 
     async def register_push(self, user: str, device: str, provider: str, token: str) -> None:
         """See :meth:`SessionShard.register_push`."""

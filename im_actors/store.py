@@ -110,6 +110,7 @@ class Store:
             await self.db["user_convs"].create_index([("user", 1)])
             await self.db["devices"].create_index([("user", 1), ("device", 1)])
             await self.db["cursors"].create_index([("user", 1)])
+            await self.db["contacts"].create_index([("user", 1)])
         except PyMongoError as exc:
             raise Unavailable(f"MongoDB: {exc}") from exc
 
@@ -265,6 +266,17 @@ class Store:
         except PyMongoError as exc:
             raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
         return max(mongo_last, redis_last)
+
+    async def system_entries(self, conv: str, after: int) -> list[dict[str, Any]]:
+        """The ``system`` entries of ``conv`` with seq > ``after``, ascending (membership changes
+        since a group document's checkpoint). Raises :class:`Unavailable` when MongoDB does not
+        answer: MongoDB is read, never Redis, since a change must never be missed."""
+        try:
+            cursor = self.messages.find({"conv": conv, "seq": {"$gt": after}, "kind": "system"})
+            docs = [_clean(d) async for d in cursor]
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
+        return sorted(docs, key=lambda d: int(d["seq"]))
 
     async def read_range(self, conv: str, after: int, upto: int) -> list[dict[str, Any]]:
         """Entries with ``after < seq <= upto``, ascending: Redis first, MongoDB for what it lacks.

@@ -6,7 +6,35 @@ import asyncio
 from typing import Any
 
 from im_actors.errors import Unavailable
+from im_actors.membership import Membership
 from im_actors.store import CommitResult
+
+
+class FakeCollection:
+    """The few MongoDB collection calls the group shard makes, on a dict keyed by ``_id``."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, dict[str, Any]] = {}
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            from pymongo.errors import AutoReconnect
+
+            raise AutoReconnect("fake MongoDB down")
+
+    async def find_one(self, query: dict[str, Any]) -> dict[str, Any] | None:
+        self._check()
+        doc = self.docs.get(query["_id"])
+        return None if doc is None else dict(doc)
+
+    async def insert_one(self, doc: dict[str, Any]) -> None:
+        self._check()
+        self.docs[doc["_id"]] = dict(doc)
+
+    async def update_one(self, query: dict[str, Any], update: dict[str, Any]) -> None:
+        self._check()
+        self.docs[query["_id"]].update(update["$set"])
 
 
 class FakeStore:
@@ -21,6 +49,7 @@ class FakeStore:
         self.user_convs_rows: set[tuple[str, str]] = set()
         self.cursors: dict[tuple[str, str], int] = {}
         self.gate: asyncio.Event | None = None
+        self.db: dict[str, FakeCollection] = {"groups": FakeCollection(), "contacts": FakeCollection()}
 
     async def commit(self, entries: list[dict[str, Any]]) -> CommitResult:
         if self.gate is not None:
@@ -49,6 +78,11 @@ class FakeStore:
 
     async def read_range(self, conv: str, after: int, upto: int) -> list[dict[str, Any]]:
         return [self.entries[(conv, s)] for s in range(after + 1, upto + 1)]
+
+    async def system_entries(self, conv: str, after: int) -> list[dict[str, Any]]:
+        if self.down:
+            raise Unavailable("MongoDB unreachable: fake")
+        return [e for (c, s), e in sorted(self.entries.items()) if c == conv and s > after and e["kind"] == "system"]
 
     async def add_user_convs(self, conv: str, users: list[str]) -> None:
         self.user_convs_rows |= {(u, conv) for u in users}
@@ -81,7 +115,16 @@ class FakePeers:
     def __init__(self, store: FakeStore, groups: dict[str, list[str]], session_shards: int = 2) -> None:
         self.store_peer = FakePeer({"commit": store.commit})
         self.stores = [self.store_peer]
-        self.group_peer = FakePeer({"members": lambda gid: groups.get(gid)})
+        self.group_peer = FakePeer(
+            {
+                "members": lambda gid: groups.get(gid),
+                "membership": lambda gid: Membership.fixed(groups[gid]).to_doc() if gid in groups else None,
+            }
+        )
+        self.groups = [self.group_peer]
+        self.blocked: set[tuple[str, str]] = set()  # (a, b) sorted pairs whose direct messages are refused
+        self.contacts_peer = FakePeer({"dm_allowed": lambda a, b: (min(a, b), max(a, b)) not in self.blocked})
+        self.conv_peer: FakePeer | None = None
         self.fanned: list[tuple[int, list[tuple[dict[str, Any], list[str]]]]] = []
         self.sessions = [FakePeer({"fanout": self._fanout(i)}) for i in range(session_shards)]
 
@@ -90,6 +133,13 @@ class FakePeers:
             self.fanned.append((index, items))
 
         return handler
+
+    def contact_host(self, a: str, b: str) -> FakePeer:
+        return self.contacts_peer
+
+    def conv(self, conv: str) -> FakePeer:
+        assert self.conv_peer is not None, "bind a conversation shard first"
+        return self.conv_peer
 
     def next_store(self) -> FakePeer:
         return self.store_peer

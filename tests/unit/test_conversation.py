@@ -151,7 +151,7 @@ async def test_fan_out_goes_to_every_member_once_per_session_shard() -> None:
 async def test_system_entry_sets_members_when_it_commits() -> None:
     store = FakeStore()
     shard, _ = make_shard(store, {"g1": ["alice"]})
-    ack = await shard.append_system("g:g1", "alice", "alice added bob", {"event": "added"}, ["alice", "bob"], "sys-1")
+    ack = await shard.append_system("g:g1", "alice", "alice added bob", {"event": "added", "users": ["bob"]}, "sys-1")
     assert ack["seq"] == 1
     answer = await shard.send_batch([item("c1", sender="bob", conv="g:g1")])
     assert answer[0]["seq"] == 2

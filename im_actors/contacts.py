@@ -1,0 +1,166 @@
+"""The contact book (friend list): requests, acceptance, removal, blocks (DESIGN.md section 1).
+
+Hosted in the group shards. The pair ``(a, b)`` lives on one shard, chosen from the pair
+(:meth:`im_actors.refs.Peers.contact_host`), where its changes run one at a time; each user's side
+is one document in MongoDB ``contacts``: ``{_id: "<user>|<other>", user, other, state, ms}``.
+
+States of ``user``'s side (PROTOCOL.md section 4, ``contact.list``):
+
+- ``pending_out``: user asked other; ``pending_in``: other asked user;
+- ``accepted``: both sides agreed; ``blocked``: user blocked other (one-sided, hidden from other).
+
+:func:`transition` is the whole rule set, as a pure function. A direct message between a pair is
+refused (``forbidden``) when either side blocked the other, and, under ``dm_policy = "contacts"``,
+unless both sides are ``accepted``. After each change the pair's direct conversation is told to ask
+again (:meth:`im_actors.conversation.ConversationShard.contact_changed`) and both users' session
+shards forget their cached contact lists (presence goes to accepted contacts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pymongo
+from pymongo.errors import PyMongoError
+
+from im_actors import ids
+from im_actors.config import Config
+from im_actors.errors import BadRequest, Forbidden, Unavailable
+from im_actors.refs import Peers
+from im_actors.store import Store
+
+__all__ = ["ContactBook", "transition", "accepted_contacts", "STATES", "OPS"]
+
+#: States of one side of a pair; None (no document) means no relation.
+STATES = ("pending_out", "pending_in", "accepted", "blocked")
+#: Operations, named after the requests ``contact.<op>``.
+OPS = ("request", "accept", "remove", "block", "unblock")
+
+State = str | None
+
+
+def transition(op: str, mine: State, theirs: State) -> tuple[State, State]:
+    """The pair's new ``(mine, theirs)`` after ``op`` by the user whose side is ``mine``.
+
+    - request: both ``pending`` (or ``accepted`` when the other had asked already; a no-op when
+      accepted); :class:`Forbidden` when either side blocked the other;
+    - accept: both ``accepted``; :class:`Forbidden` without a request from the other;
+    - remove: the relation ends on both sides, blocks stay;
+    - block: mine ``blocked``; theirs ends unless they blocked too;
+    - unblock: my block ends (no relation afterwards).
+
+    The two sides are two documents written one after the other: a resend after a failure
+    between them converges (a side already ``accepted`` completes the other side, ...).
+    Raises :class:`BadRequest` for an unknown ``op``.
+    """
+    if op == "request":
+        if mine == "blocked" or theirs == "blocked":
+            raise Forbidden("not allowed to contact this user")
+        if mine in ("accepted", "pending_in"):
+            return "accepted", "accepted"
+        return "pending_out", "pending_in"
+    if op == "accept":
+        if mine == "accepted" and theirs != "blocked":
+            return "accepted", "accepted"
+        if mine != "pending_in":
+            raise Forbidden("no contact request from this user")
+        return "accepted", "accepted"
+    if op == "remove":
+        return (mine if mine == "blocked" else None), (theirs if theirs == "blocked" else None)
+    if op == "block":
+        return "blocked", (theirs if theirs == "blocked" else None)
+    if op == "unblock":
+        return (None if mine == "blocked" else mine), theirs
+    raise BadRequest(f"unknown contact operation {op!r}")
+
+
+async def accepted_contacts(store: Store, user: str) -> list[str]:
+    """The users whose contact request ``user`` accepted or who accepted theirs (both sides
+    ``accepted``). Raises :class:`Unavailable` when MongoDB does not answer."""
+    try:
+        return [d["other"] async for d in store.db["contacts"].find({"user": user, "state": "accepted"})]
+    except PyMongoError as exc:
+        raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+
+
+class ContactBook:
+    """Plain core of the contact book hosted by one group shard."""
+
+    def __init__(self, config: Config, peers: Peers, store: Store) -> None:
+        self.config = config
+        self.peers = peers
+        self.contacts = store.db["contacts"]
+        self.store = store
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    async def _states(self, a: str, b: str) -> tuple[State, State]:
+        try:
+            docs = [d async for d in self.contacts.find({"_id": {"$in": [f"{a}|{b}", f"{b}|{a}"]}})]
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        by_id = {d["_id"]: d.get("state") for d in docs}
+        return by_id.get(f"{a}|{b}"), by_id.get(f"{b}|{a}")
+
+    async def change(self, op: str, user: str, other: str) -> None:
+        """Apply ``contact.<op>`` by ``user`` on ``other`` (see :func:`transition`).
+
+        Raises :class:`BadRequest` for oneself or an unknown op, :class:`Forbidden` as
+        :func:`transition` says, :class:`Unavailable` when MongoDB does not answer (a resend
+        converges: every operation is idempotent).
+        """
+        if user == other:
+            raise BadRequest("a contact is another user")
+        key = (min(user, other), max(user, other))
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            mine, theirs = await self._states(user, other)
+            new_mine, new_theirs = transition(op, mine, theirs)
+            ops: list[Any] = []
+            now = int(time.time() * 1000)
+            for a, b, old, new in ((user, other, mine, new_mine), (other, user, theirs, new_theirs)):
+                if old == new:
+                    continue
+                if new is None:
+                    ops.append(pymongo.DeleteOne({"_id": f"{a}|{b}"}))
+                else:
+                    doc = {"user": a, "other": b, "state": new, "ms": now}
+                    ops.append(pymongo.UpdateOne({"_id": f"{a}|{b}"}, {"$set": doc}, upsert=True))
+            if not ops:
+                return
+            try:
+                await self.contacts.bulk_write(ops, ordered=True)
+            except PyMongoError as exc:
+                # Part of it may be written: the caches are told all the same.
+                await self._changed(user, other)
+                raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        await self._changed(user, other)
+
+    async def _changed(self, a: str, b: str) -> None:
+        """Tell the pair's direct conversation before answering, so a send after the answer sees
+        the change; a shard that does not answer is restarting and will ask afresh anyway."""
+        conv = ids.direct_conv(a, b)
+        for u in (a, b):
+            self.peers.session(u).notify("contacts_changed", u)
+        try:
+            await self.peers.conv(conv).call("contact_changed", conv)
+        except Unavailable:
+            pass
+
+    async def list(self, user: str) -> list[dict[str, str]]:
+        """``[{"user", "state"}]`` of ``user``'s side, sorted by user (``contact.list``)."""
+        try:
+            docs = [d async for d in self.contacts.find({"user": user})]
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        return sorted(({"user": d["other"], "state": d["state"]} for d in docs), key=lambda c: c["user"])
+
+    async def dm_allowed(self, a: str, b: str) -> bool:
+        """May ``a`` and ``b`` send each other direct messages? False when either blocked the
+        other; under ``dm_policy = "contacts"`` only when both sides are ``accepted``."""
+        mine, theirs = await self._states(a, b)
+        if "blocked" in (mine, theirs):
+            return False
+        if self.config.dm_policy == "contacts":
+            return mine == theirs == "accepted"
+        return True
