@@ -95,8 +95,11 @@ class ServiceApp:
 
 
 @contextlib.asynccontextmanager
-async def running(app: ServiceApp) -> AsyncIterator[str]:
-    """Serve ``app`` on a free loopback port (HTTP/1.1 and h2c); yields its base URL ``http://127.0.0.1:P``."""
+async def running(app: ServiceApp, certfile: str = "", keyfile: str = "") -> AsyncIterator[str]:
+    """Serve ``app`` on a free loopback port (HTTP/1.1 and h2c); yields its base URL ``http://127.0.0.1:P``.
+
+    With ``certfile`` and ``keyfile`` it serves TLS instead (ALPN ``h2`` and ``http/1.1``) and yields
+    ``https://127.0.0.1:P``."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
@@ -107,6 +110,9 @@ async def running(app: ServiceApp) -> AsyncIterator[str]:
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 0.5
+    if certfile:
+        config.certfile = certfile
+        config.keyfile = keyfile
     stop = asyncio.Event()
     task = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
     try:
@@ -116,7 +122,7 @@ async def running(app: ServiceApp) -> AsyncIterator[str]:
                 writer.close()
                 break
             await asyncio.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if certfile else 'http'}://127.0.0.1:{port}"
     finally:
         stop.set()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):

@@ -271,3 +271,53 @@ def test_missing_configuration_names_the_key_only_when_enabled(tmp_path: Path) -
     )
     with pytest.raises(ConfigError, match="apns_key_file.*ES256"):
         ApnsProvider(_config("http://127.0.0.1:1", wrong))
+
+
+async def test_https_negotiates_http2_with_alpn(tmp_path: Path, key: tuple[Path, ec.EllipticCurvePublicKey]) -> None:
+    """The production path: TLS to the APNs stand-in (a self-signed certificate for 127.0.0.1), HTTP/2
+    chosen by ALPN, as with api.push.apple.com."""
+    import datetime
+    import ipaddress
+    import ssl
+
+    import httpx
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    tls_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(tls_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(tls_key, hashes.SHA256())
+    )
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        tls_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    trust = ssl.create_default_context(cafile=str(certfile))
+    app = ServiceApp(Apns())
+    async with running(app, str(certfile), str(keyfile)) as url:
+        assert url.startswith("https://")
+        client = httpx.AsyncClient(http1=False, http2=True, verify=trust)  # as ApnsProvider makes it
+        provider = ApnsProvider(_config(url, key[0]), client=client)
+        try:
+            outcome = await provider.send(_job(OK))
+        finally:
+            await client.aclose()
+    assert outcome.kind is OutcomeKind.DELIVERED
+    [request] = app.requests
+    assert request.http_version == "2"
+    assert request.path == f"/3/device/{OK}" and request.headers["apns-topic"] == TOPIC
