@@ -114,6 +114,12 @@ class Config(BaseSettings):
     ping_timeout_s: float = Field(
         20.0, gt=0, description="WebSocket pong timeout (s); the peer is closed and counted offline after it"
     )
+    socket_send_buffer_bytes: int = Field(
+        0,
+        ge=0,
+        description="SO_SNDBUF of each client socket at a hub (bytes; 0 = the kernel's autotuned default, up to "
+        "net.ipv4.tcp_wmem's max per connection): bounds the kernel memory a client that never reads can pin",
+    )
     max_frame_items: int = Field(
         10000, ge=16, description="entries of any one map or list in a client frame; 4400 above (>= max_group_members)"
     )

@@ -25,6 +25,7 @@ import ipaddress
 import itertools
 import logging
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -207,6 +208,10 @@ class Hub:
             self._addresses.closed(address)
 
     async def _serve(self, ws: ServerConnection) -> None:
+        if self.config.socket_send_buffer_bytes:
+            sock = ws.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_send_buffer_bytes)
         sub = ws.subprotocol
         if sub not in protocol.SUBPROTOCOLS:
             await ws.close(CLOSE_PROTOCOL, "subprotocol must be im.v1.msgpack or im.v1.json")
@@ -279,7 +284,7 @@ class Hub:
                     frame = protocol.decode(data, conn.subprotocol, self._limits)
                     request = protocol.parse_request(frame, self._limits)
                 except CloseConnection as exc:
-                    await self._close(conn, exc.close_code, exc.reason)
+                    await self._close_and_drain(conn, exc.close_code, exc.reason)
                     return
                 except RequestError as exc:
                     self._push(conn, exc.frame(exc.request_id))
@@ -310,7 +315,7 @@ class Hub:
         self.stats["rate_limited"] += 1
         if conn.refusals is not None and conn.refusals.refused(now):
             self.stats["rate_closed"] += 1
-            await self._close(conn, CLOSE_RATE, "rate limit abused")
+            await self._close_and_drain(conn, CLOSE_RATE, "rate limit abused")
             return "closed"
         if req.id is not None:
             self._push(conn, RateLimited(f"over the {req.t} rate", retry_after_ms=wait_ms).frame(req.id))
@@ -339,6 +344,18 @@ class Hub:
             task = asyncio.get_running_loop().create_task(self._close(conn, CLOSE_SLOW, "send queue overflow"))
             conn.tasks.add(task)
             task.add_done_callback(conn.tasks.discard)
+
+    async def _close_and_drain(self, conn: Connection, code: int, reason: str) -> None:
+        """Close from the read loop: send the close frame and discard what the client still sends,
+        so that its close reply is read (the WebSocket layer stops reading while its queue of
+        unread frames is full, which would hold the connection for its whole close timeout)."""
+        closing = asyncio.ensure_future(self._close(conn, code, reason))
+        try:
+            async for _data in conn.ws:
+                pass
+        except ConnectionClosed:
+            pass
+        await closing
 
     async def _close(self, conn: Connection, code: int, reason: str) -> None:
         conn.closing = True

@@ -9,6 +9,7 @@ the hub's hostile-client tests and by ``benchmarks/hostile.py``; no Ray, no stor
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any
@@ -17,7 +18,7 @@ from im_actors import ids
 from im_actors.auth import issue_token
 from im_actors.config import Config, load_config
 from im_actors.conversation import SendItem
-from im_actors.errors import Forbidden
+from im_actors.errors import CLOSE_REPLACED, Forbidden
 from im_actors.hub import Hub
 from im_actors.session import SessionShard
 from tests.fakes import FakePeer
@@ -30,6 +31,23 @@ def hub_config(**overrides: Any) -> Config:
     return load_config(**base)
 
 
+class RunningPeer(FakePeer):
+    """A fake peer whose ``notify`` runs the handler too (a fire-and-forget call that happens)."""
+
+    def notify(self, method: str, *args: Any) -> None:
+        super().notify(method, *args)
+        handler = self.handlers.get(method)
+        if handler is not None:
+            result = handler(*args)
+            if asyncio.iscoroutine(result):
+                task = asyncio.get_running_loop().create_task(result)
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
 class KitPeers:
     """The hub's peers: a session shard core, one conversation shard, a router that ignores calls."""
 
@@ -40,9 +58,9 @@ class KitPeers:
         self.entries: dict[str, list[dict[str, Any]]] = {}
         self.cmids: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.hub: Hub | None = None
-        self.session_peer = FakePeer(
+        self.session_peer = RunningPeer(
             {
-                "connect": self.sessions_core.connect,
+                "connect": self._connect,
                 "disconnect": self.sessions_core.disconnect,
                 "convs": lambda user: [],
             }
@@ -50,6 +68,12 @@ class KitPeers:
         self.conv_peer = FakePeer({"send_batch": self._send_batch, "sync": self._sync})
         self.convs = [self.conv_peer]
         self.router = FakePeer({})
+
+    async def _connect(self, user: str, device: str, hub: str, conn_id: int, max_connections: int = 0) -> None:
+        """As SessionShardActor.connect: a replaced connection is closed with 4409."""
+        old = self.sessions_core.connect(user, device, hub, conn_id, max_connections)
+        if old is not None and self.hub is not None:
+            await self.hub.close_conn(old[1], CLOSE_REPLACED, "replaced by a newer connection")
 
     def session(self, user: str) -> FakePeer:
         return self.session_peer

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import os
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlparse
 
 import jwt
 import msgpack
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
 from im_actors import ids
@@ -308,3 +311,163 @@ async def test_a_token_for_one_user_never_acts_as_another(make_kit: Any) -> None
     sync = {"t": "sync", "id": 3, "conv": ids.direct_conv("bob", "carol"), "after": 0, "user": "bob"}
     assert (await ask(alice, sync))["code"] == "forbidden"
     assert kit.peers.entries.get(ids.direct_conv("bob", "carol")) is None
+
+
+# --- 3. rate limits ---------------------------------------------------------------------------------
+
+
+async def test_sends_over_the_user_rate_answer_rate_limited_with_retry_after(make_kit: Any) -> None:
+    kit = await make_kit(rate_send_per_s=2.0, rate_send_burst=3, rate_refusals_max=0)
+    ws = await authed(kit, "alice")
+    conv = ids.direct_conv("alice", "bob")
+    answers = [await ask(ws, {"t": "send", "id": i, "conv": conv, "cmid": f"c{i}", "body": "x"}) for i in range(4)]
+    assert [a["t"] for a in answers] == ["ack", "ack", "ack", "err"]
+    refused = answers[3]
+    assert (refused["code"], refused["retry"]) == ("rate_limited", True)
+    assert 1 <= refused["retry_after_ms"] <= 500  # 2 sends/s: the next token within 500 ms
+    # The same user on a second connection of this hub shares the bucket.
+    ws2 = await authed(kit, "alice", "d2")
+    again = await ask(ws2, {"t": "send", "id": 9, "conv": conv, "cmid": "c9", "body": "x"})
+    assert again["code"] == "rate_limited"
+    # Other requests have their own bucket; another user is not affected.
+    assert (await ask(ws, {"t": "sync", "id": 10, "conv": conv, "after": 0}))["t"] == "msgs"
+    assert (await ask(await authed(kit, "bob"), {"t": "send", "id": 1, "conv": conv, "cmid": "b", "body": "x"}))[
+        "t"
+    ] == "ack"
+    await asyncio.sleep(refused["retry_after_ms"] / 1000)
+    assert (await ask(ws, {"t": "send", "id": 11, "conv": conv, "cmid": "c3", "body": "x"}))["t"] == "ack"
+
+
+async def test_all_requests_bucket(make_kit: Any) -> None:
+    kit = await make_kit(rate_request_per_s=1.0, rate_request_burst=2, rate_refusals_max=0)
+    ws = await authed(kit, "alice")
+    conv = ids.direct_conv("alice", "bob")
+    kinds = [await ask(ws, {"t": "sync", "id": i, "conv": conv, "after": 0}) for i in range(3)]
+    assert [a["t"] for a in kinds] == ["msgs", "msgs", "err"]
+    assert kinds[2]["code"] == "rate_limited" and 1 <= kinds[2]["retry_after_ms"] <= 1000
+
+
+async def test_a_client_that_keeps_going_is_closed_4429(make_kit: Any) -> None:
+    kit = await make_kit(rate_request_per_s=0.5, rate_request_burst=1, rate_refusals_max=5)
+    ws = await authed(kit, "alice")
+    conv = ids.direct_conv("alice", "bob")
+    for i in range(10):  # 1 admitted, 5 refused, the 6th refusal closes
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(encode({"t": "sync", "id": i, "conv": conv, "after": 0}, MP))
+    assert await close_code(ws) == 4429
+    assert kit.hub.stats["rate_closed"] == 1
+    await still_serves(kit)
+
+
+async def test_new_connections_per_address_are_refused_429_in_the_handshake(make_kit: Any) -> None:
+    kit = await make_kit(conn_rate_per_address_per_s=0.5, conn_burst_per_address=3)
+    for _ in range(3):
+        await (await raw(kit)).close()
+    with pytest.raises(InvalidStatus) as info:
+        await raw(kit)
+    assert info.value.response.status_code == 429
+    assert int(info.value.response.headers["Retry-After"]) >= 1
+
+
+async def test_open_connections_per_address_are_bounded(make_kit: Any) -> None:
+    kit = await make_kit(max_conns_per_address=2)
+    first, second = await authed(kit, "alice"), await authed(kit, "bob")
+    with pytest.raises(InvalidStatus) as info:
+        await raw(kit)
+    assert info.value.response.status_code == 429
+    await first.close()
+    await asyncio.wait_for(_until(lambda: kit.hub._addresses.open.get("127.0.0.1", 0) < 2), 10)
+    await (await authed(kit, "carol")).close()
+    await second.close()
+
+
+async def _until(pred: Callable[[], bool]) -> None:
+    while not pred():
+        await asyncio.sleep(0.01)
+
+
+async def test_connections_per_user_are_bounded_and_the_extra_one_closed_4429(make_kit: Any) -> None:
+    kit = await make_kit(max_connections_per_user=2)
+    d1, d2 = await authed(kit, "alice", "d1"), await authed(kit, "alice", "d2")
+    ws = await raw(kit)
+    await ws.send(encode({"t": "auth", "token": kit.token("alice"), "device": "d3", "proto": 1}, MP))
+    assert await close_code(ws) == 4429
+    d1_again = await authed(kit, "alice", "d1")  # the same device replaces its old connection: allowed
+    assert await close_code(d1) == 4409
+    await d2.close()
+    await asyncio.wait_for(_until(lambda: len(kit.peers.sessions_core.online("alice")) < 2), 10)
+    await (await authed(kit, "alice", "d3")).close()
+    await d1_again.close()
+
+
+# --- 4. slow consumers ------------------------------------------------------------------------------
+
+
+async def stalled(kit: HubKit, user: str) -> ClientConnection:
+    """An authenticated client that never reads again: a 4 KiB receive buffer, one frame queued."""
+    u = urlparse(kit.url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((u.hostname, u.port))
+    sock.setblocking(False)
+    ws = await connect(kit.url, sock=sock, subprotocols=[Subprotocol(MP)], max_queue=1, compression=None)
+    await ws.send(encode({"t": "auth", "token": kit.token(user), "device": "d1", "proto": 1}, MP))
+    assert decode(await ws.recv(), MP)["t"] == "ready"
+    return ws
+
+
+async def test_a_client_that_never_reads_in_a_busy_group_is_closed_4508_and_the_others_get_everything(
+    make_kit: Any,
+) -> None:
+    members, messages = 100, 300
+    kit = await make_kit(
+        send_queue_bytes=64 << 10,
+        socket_send_buffer_bytes=16 << 10,
+        rate_send_per_s=0,
+        rate_request_per_s=0,
+    )
+    users = [f"u{i}" for i in range(members)]
+    kit.peers.groups["g:busy"] = users
+    got: dict[str, list[int]] = {u: [] for u in users[1:-1]}
+
+    async def reader(user: str, ws: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for data in ws:
+                frame = decode(data, MP)
+                if frame["t"] == "msg":
+                    got[user].append(frame["seq"])
+
+    readers = [await authed(kit, u) for u in users[1:-1]]
+    tasks = [asyncio.create_task(reader(u, ws)) for u, ws in zip(users[1:-1], readers, strict=True)]
+    slow = await stalled(kit, users[-1])
+    sender = await authed(kit, users[0])
+    peak = 0
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max([peak, *(c.queued_bytes for c in kit.hub.conns.values())])
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    body = b"x" * 1024
+    for start in range(0, messages, 25):  # 25 sends in flight at a time
+        for i in range(start, start + 25):
+            await sender.send(encode({"t": "send", "id": i, "conv": "g:busy", "cmid": f"c{i}", "body": body}, MP))
+        acks = 0
+        async with asyncio.timeout(30):
+            while acks < 25:
+                acks += decode(await sender.recv(), MP)["t"] == "ack"
+    async with asyncio.timeout(60):
+        while any(len(seqs) < messages for seqs in got.values()):
+            await asyncio.sleep(0.05)
+    sampler.cancel()
+    assert all(seqs == list(range(1, messages + 1)) for seqs in got.values())
+    assert kit.hub.stats["slow_closed"] == 1
+    assert peak <= 64 << 10  # no connection's queue ever went over its bound
+    slow_close = await close_code(slow, timeout=30)
+    assert slow_close == 4508
+    await asyncio.wait_for(_until(lambda: users[-1] not in {c.user for c in kit.hub.conns.values()}), 15)
+    for ws in readers:
+        await ws.close()
+    await asyncio.gather(*tasks)
