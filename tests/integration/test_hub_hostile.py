@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import socket
+import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,12 +24,16 @@ from urllib.parse import urlparse
 import jwt
 import msgpack
 import pytest
+from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.typing import Subprotocol
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
+from websockets.typing import Origin, Subprotocol
 
 from im_actors import ids
+from im_actors.client import Client, ConnectFailed
 from im_actors.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, decode, encode
+from im_actors.router import HubTable, make_app
+from im_actors.tls import server_context
 from tests.hubkit import HubKit, hub_config
 
 pytestmark = pytest.mark.integration
@@ -471,3 +476,87 @@ async def test_a_client_that_never_reads_in_a_busy_group_is_closed_4508_and_the_
     for ws in readers:
         await ws.close()
     await asyncio.gather(*tasks)
+
+
+# --- 5. TLS and browser origins ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for localhost / 127.0.0.1 and its key (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "im-actors test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(cert_file), str(key_file)
+
+
+async def test_wss_hub_and_https_router_with_the_client_library(make_kit: Any, tls_files: tuple[str, str]) -> None:
+    cert_file, key_file = tls_files
+    kit = await make_kit(tls_cert_file=cert_file, tls_key_file=key_file, dev_login=True)
+    assert kit.url.startswith("wss://127.0.0.1:")
+    table = HubTable()
+    table.register(kit.hub.name, kit.url)
+    runner = web.AppRunner(make_app(kit.config, table))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(kit.config))
+    await site.start()
+    router_url = f"https://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        inbox: list[dict[str, Any]] = []
+        client = Client(router_url, "alice", ssl=cert_file, on_msg=inbox.append)  # dev login over HTTPS too
+        await client.connect()
+        ack = await client.send(ids.direct_conv("alice", "bob"), "over TLS")
+        assert ack.seq == 1
+        await client.close()
+        # Without trusting the certificate, neither the router nor the hub is believed.
+        untrusting = Client(router_url, "alice", connect_timeout_s=0.5)
+        with pytest.raises(ConnectFailed):
+            await untrusting.connect()
+        await untrusting.close()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await connect(kit.url, subprotocols=[Subprotocol(MP)])
+        # Plain ws:// to the TLS port gets no WebSocket.
+        with pytest.raises((InvalidMessage, ConnectionError, OSError)):
+            await connect(kit.url.replace("wss://", "ws://"), subprotocols=[Subprotocol(MP)], open_timeout=5)
+    finally:
+        await runner.cleanup()
+
+
+async def test_origin_allow_list(make_kit: Any) -> None:
+    kit = await make_kit(allowed_origins=["https://chat.example.com"])
+    with pytest.raises(InvalidStatus) as info:
+        await raw(kit, origin=Origin("https://evil.example.com"))
+    assert info.value.response.status_code == 403
+    await (await authed(kit, "alice", origin=Origin("https://chat.example.com"))).close()
+    await (await authed(kit, "bob")).close()  # no Origin: not a browser, accepted
+    open_kit = await make_kit()  # no allow-list: any Origin
+    await (await authed(open_kit, "carol", origin=Origin("https://anything.example"))).close()
