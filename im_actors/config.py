@@ -11,6 +11,7 @@ Every field's unit is in its description; ``0`` means "none" or "off" where it s
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -157,6 +158,11 @@ class Config(BaseSettings):
     max_conns_per_address: int = Field(
         0, ge=0, description="open connections from one IP address at one hub (0 = no limit); HTTP 429 above"
     )
+    conn_limit_exempt: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="networks (CIDR) the per-address connection limits do not apply to: by default loopback, "
+        "where local load drivers and a local reverse proxy connect from",
+    )
     max_connections_per_user: int = Field(
         16,
         ge=0,
@@ -216,6 +222,11 @@ class Config(BaseSettings):
             raise ValueError("jwt_public_key is required when jwt_algorithm is RS256")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        for net in self.conn_limit_exempt:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"conn_limit_exempt: {net!r} is not a network such as 10.0.0.0/8") from None
         if self.max_frame_items < self.max_group_members:
             raise ValueError("max_frame_items must be at least max_group_members")
         return self

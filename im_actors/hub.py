@@ -131,6 +131,7 @@ class Hub:
         self._addresses = AddressRates(
             config.conn_rate_per_address_per_s, config.conn_burst_per_address, config.max_conns_per_address
         )
+        self._exempt = [ipaddress.ip_network(net, strict=False) for net in config.conn_limit_exempt]
         self.stats: dict[str, float] = {
             "frames_in": 0,
             "frames_out": 0,
@@ -177,7 +178,10 @@ class Hub:
         """Handshake checks: the path (404), then the per-address connection limits (429)."""
         if request.path.split("?", 1)[0] != WS_PATH:
             return conn.respond(404, f"WebSocket endpoint is {WS_PATH}\n")
-        wait = self._addresses.admit(_address_key(conn), time.monotonic())
+        address = _address_key(conn)
+        if self._is_exempt(address):
+            return None
+        wait = self._addresses.admit(address, time.monotonic())
         if wait > 0:
             self.stats["handshakes_refused"] += 1
             response = conn.respond(429, "too many connections from this address\n")
@@ -199,13 +203,23 @@ class Hub:
 
     # --- one connection ----------------------------------------------------------------------
 
+    def _is_exempt(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            return False
+        return any(ip.version == net.version and ip.subnet_of(net) for net in self._exempt)  # type: ignore[arg-type]
+
     async def _handler(self, ws: ServerConnection) -> None:
         address = _address_key(ws)
-        self._addresses.opened(address)
+        counted = not self._is_exempt(address)
+        if counted:
+            self._addresses.opened(address)
         try:
             await self._serve(ws)
         finally:
-            self._addresses.closed(address)
+            if counted:
+                self._addresses.closed(address)
 
     async def _serve(self, ws: ServerConnection) -> None:
         if self.config.socket_send_buffer_bytes:
