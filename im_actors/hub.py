@@ -282,7 +282,11 @@ class Hub:
             data = await asyncio.wait_for(ws.recv(), self.config.auth_timeout_s)
         except TimeoutError:
             raise CloseConnection(CLOSE_AUTH_TIMEOUT, "no auth frame in time") from None
-        token, device = protocol.parse_auth(protocol.decode(data, sub, self._limits))
+        try:
+            frame = protocol.decode(data, sub, self._limits)
+        except RequestError as exc:  # e.g. a bad {"b64"} body: before auth, any bad frame closes
+            raise CloseConnection(CLOSE_PROTOCOL, f"bad auth frame: {exc.msg}") from None
+        token, device = protocol.parse_auth(frame)
         return verify_token(self.config, token), device
 
     async def _read_loop(self, conn: Connection) -> None:

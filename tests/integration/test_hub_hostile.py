@@ -248,6 +248,12 @@ async def test_forged_malformed_and_expired_tokens_are_closed_4401(make_kit: Any
 
 async def test_malformed_auth_frame_is_closed_4400(make_kit: Any) -> None:
     kit = await make_kit()
+    # Found by the end-to-end fuzzer: a JSON auth frame whose body is a map but not {"b64"} crashed
+    # the connection handler (1011) instead of closing with 4400.
+    for text in ('{"t":"auth","body":{"x":1}}', '{"t":"auth","body":{"b64":"***"}}'):
+        ws = await raw(kit, JS)
+        await ws.send(text)
+        assert await close_code(ws) == 4400
     for frame in (
         {"t": "send", "id": 1},
         {"t": "auth", "token": kit.token("alice"), "device": "d1", "proto": 2},
