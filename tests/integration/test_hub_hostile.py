@@ -569,3 +569,14 @@ async def test_origin_allow_list(make_kit: Any) -> None:
     await (await authed(kit, "bob")).close()  # no Origin: not a browser, accepted
     open_kit = await make_kit()  # no allow-list: any Origin
     await (await authed(open_kit, "carol", origin=Origin("https://anything.example"))).close()
+
+
+async def test_reserved_opcode_and_unmasked_frame_are_closed_1002(make_kit: Any) -> None:
+    kit = await make_kit()
+    ws = await authed(kit, "alice")
+    ws.transport.write(masked_frame(0x3, b"xx"))  # opcode 3 is reserved (RFC 6455 section 5.2)
+    assert await close_code(ws) == 1002
+    ws = await authed(kit, "alice")
+    ws.transport.write(bytes([0x82, 2]) + b"xx")  # client frames must be masked (section 5.3)
+    assert await close_code(ws) == 1002
+    await still_serves(kit)
