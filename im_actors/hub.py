@@ -586,5 +586,12 @@ class HubActor:
         await self._hub.stop()
 
     def stats(self) -> dict[str, Any]:
-        """Counters: frames in and out, sends, slow consumers closed, connections."""
-        return {**self._hub.stats, "connections": len(self._hub.conns)}
+        """Counters: frames in and out, sends, slow consumers closed, rate refusals, connections, and
+        the bytes now queued for sending (in all, and on the fullest connection)."""
+        queued = [c.queued_bytes for c in self._hub.conns.values()]
+        return {
+            **self._hub.stats,
+            "connections": len(self._hub.conns),
+            "queued_bytes": sum(queued),
+            "queued_bytes_max": max(queued, default=0),
+        }

@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import os
 import random
+import socket
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
+from urllib.parse import urlparse
 
 import msgpack
 import pytest
@@ -21,10 +23,11 @@ from websockets.typing import Subprotocol
 from im_actors import ids
 from im_actors.auth import issue_token
 from im_actors.client import Client
-from im_actors.cluster import Deployment
+from im_actors.cluster import Deployment, deploy, teardown
 from im_actors.config import Config
 from im_actors.errors import Forbidden
 from im_actors.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, decode, encode
+from im_actors.services import purge_deployment
 
 pytestmark = pytest.mark.integration
 
@@ -273,3 +276,73 @@ async def test_connections_per_user_are_bounded_over_both_hubs(
     finally:
         for ws in opened:
             await ws.close()
+
+
+@pytest.fixture(scope="module")
+def small_queue_deployment(base_config: Config, local_ray: None) -> Iterator[Deployment]:
+    """A second, small deployment (1 hub) whose hubs have small send queues and socket buffers, so a
+    reader that never reads overflows within a few hundred KiB instead of ~20 MiB."""
+    cfg = base_config.model_copy(
+        update={
+            "deployment": f"{base_config.deployment}sq",
+            "hubs": 1,
+            "session_shards": 1,
+            "conv_shards": 1,
+            "store_writers": 0,
+            "push_workers": 0,
+            "send_queue_bytes": 256 << 10,
+            "socket_send_buffer_bytes": 64 << 10,
+        }
+    )
+    dep = deploy(cfg)
+    try:
+        yield dep
+    finally:
+        teardown(cfg)
+        purge_deployment(cfg)
+
+
+async def test_a_member_that_never_reads_in_a_busy_group_on_the_deployment(
+    small_queue_deployment: Deployment, base_config: Config, uid: Any, made: list[Client]
+) -> None:
+    dep = small_queue_deployment
+    members = [uid(f"m{i}") for i in range(50)]
+    inboxes: dict[str, list[int]] = {m: [] for m in members[:-1]}
+    for m in members[:-1]:
+        client = Client(dep.router_url, m, on_msg=lambda msg, m=m: inboxes[m].append(msg["seq"]))
+        await client.connect()
+        made.append(client)
+    (hub_url,) = dep.hub_urls.values()
+    u = urlparse(hub_url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((u.hostname, u.port))
+    sock.setblocking(False)
+    slow = await connect(hub_url, sock=sock, subprotocols=[Subprotocol(MP)], max_queue=1, compression=None)
+    await slow.send(
+        encode({"t": "auth", "token": issue_token(base_config, members[-1]), "device": "d", "proto": 1}, MP)
+    )
+    assert decode(await slow.recv(), MP)["t"] == "ready"
+    sender = made[0]
+    group, conv = await sender.group_create("busy", members[1:])
+    body = "x" * 4096
+    n = 150
+    for start in range(0, n, 10):
+        await asyncio.gather(*(sender.send(conv, body, cmid=f"c{i}") for i in range(start, start + 10)))
+    hub = ray.get_actor(next(iter(dep.hub_urls)), namespace="im")
+    deadline = asyncio.get_running_loop().time() + 60
+    while any(len([s for s in seqs if s > 1]) < n for seqs in inboxes.values()):
+        assert asyncio.get_running_loop().time() < deadline, {m: len(s) for m, s in inboxes.items()}
+        await asyncio.sleep(0.1)
+    stats = await hub.stats.remote()
+    assert stats["slow_closed"] == 1
+    assert stats["queued_bytes_max"] <= 256 << 10
+    for seqs in inboxes.values():  # seq 1 is the group's creation entry; then every message, once, in order
+        assert seqs == list(range(1, n + 2))
+    for client in made:
+        assert client.stats()["reconnects"] == 0
+    with contextlib.suppress(ConnectionClosed, TimeoutError):
+        async with asyncio.timeout(20):
+            async for _ in slow:
+                pass
+    assert slow.close_code == 4508, slow.close_code
