@@ -205,7 +205,13 @@ async def test_fuzzing_a_live_hub_costs_a_chatting_client_nothing(
     handle = ray.get_actor(hub, namespace="im")
     stats = await handle.stats.remote()  # the hub is up and answering
     assert stats["frames_in"] > sent
-    # ... and handed out by the router again (under CPU contention a busy hub may miss a heartbeat)
+    # ... releases every fuzzing connection (under CPU contention it takes the hub some seconds to
+    # work through their closes) and keeps only the two chatting clients ...
+    deadline = loop.time() + 60
+    while (await handle.stats.remote())["connections"] != 2:
+        assert loop.time() < deadline, await handle.stats.remote()
+        await asyncio.sleep(0.2)
+    # ... and is handed out by the router again (under CPU contention a busy hub may miss a heartbeat)
     deadline = loop.time() + 30
     while hub not in await _hub_urls(deployment.router_url):
         assert loop.time() < deadline, "the fuzzed hub is not handed out again"
