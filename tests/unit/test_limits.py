@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -138,3 +139,22 @@ def test_dev_login_under_rs256_needs_the_private_key() -> None:
     cfg = load_config(jwt_algorithm="RS256", jwt_public_key="pem")
     with pytest.raises(ConfigError, match="jwt_private_key"):
         issue_token(cfg, "alice")
+
+
+@pytest.mark.parametrize(
+    "remote, key",
+    [
+        (("203.0.113.7", 5000), "203.0.113.7"),
+        (("2001:db8:1:2:aaaa::1", 5000, 0, 0), "2001:db8:1:2::/64"),
+        (("2001:db8:1:2:bbbb::9", 5000, 0, 0), "2001:db8:1:2::/64"),  # same /64: same subscriber
+        (("::ffff:198.51.100.4", 5000, 0, 0), "198.51.100.4"),  # IPv4-mapped counts as the IPv4 address
+        (None, "?"),
+    ],
+)
+def test_hub_counts_ipv4_whole_and_ipv6_per_64(remote: Any, key: str) -> None:
+    from im_actors.hub import _address_key
+
+    class Conn:
+        remote_address = remote
+
+    assert _address_key(Conn()) == key  # type: ignore[arg-type]
