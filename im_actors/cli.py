@@ -368,7 +368,13 @@ def up(
         redis_url=redis_url,
         rabbitmq_url=rabbitmq_url,
     )
-    missing = [k for k in ("mongo_url", "redis_url", "rabbitmq_url", "jwt_secret") if not getattr(cfg, k)]
+    needed = (
+        "mongo_url",
+        "redis_url",
+        "rabbitmq_url",
+        "jwt_secret" if cfg.jwt_algorithm == "HS256" else "jwt_public_key",
+    )
+    missing = [k for k in needed if not getattr(cfg, k)]
     if missing:
         typer.echo(f"im-actors: a cluster deployment needs {', '.join(missing)} (TOML, IM_* or flags)", err=True)
         raise typer.Exit(2)

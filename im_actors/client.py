@@ -36,9 +36,11 @@ import inspect
 import itertools
 import logging
 import random
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from typing import Any
 
 import aiohttp
@@ -60,7 +62,7 @@ from im_actors.errors import (
     Unauthorized,
     error_from_frame,
 )
-from im_actors.protocol import PROTO_VERSION, SUBPROTOCOL_MSGPACK, SUBPROTOCOLS, decode, encode
+from im_actors.protocol import PROTO_VERSION, SERVER_LIMITS, SUBPROTOCOL_MSGPACK, SUBPROTOCOLS, decode, encode
 
 __all__ = [
     "Ack",
@@ -172,6 +174,13 @@ class _Connection:
         self.lost: ConnectionLost | None = None
 
 
+def _ssl_context(value: ssl.SSLContext | str | None) -> ssl.SSLContext | None:
+    """An SSL context from a context (as is) or a PEM CA file path (trusting that CA)."""
+    if value is None or isinstance(value, ssl.SSLContext):
+        return value
+    return ssl.create_default_context(cafile=value)
+
+
 def _close_info(exc: ConnectionClosed) -> tuple[int, str]:
     if exc.rcvd is not None:
         return exc.rcvd.code, exc.rcvd.reason
@@ -200,6 +209,8 @@ class Client:
         ping_interval_s: client-side WebSocket pings (None: only answer the server's pings).
         held: ``{conv: seq}`` a device restored from its own storage (what it had delivered before it
             went away): those conversations are caught up from there instead of from "now".
+        ssl: TLS for ``https://`` routers and ``wss://`` hubs: an :class:`ssl.SSLContext`, or the path
+            of a PEM CA file to trust (a self-signed deployment); None: the system's CAs.
     """
 
     def __init__(
@@ -221,6 +232,7 @@ class Client:
         sync_limit: int = 500,
         ping_interval_s: float | None = 20.0,
         held: Mapping[str, int] | None = None,
+        ssl: SSLContext | str | None = None,
     ) -> None:
         if subprotocol not in SUBPROTOCOLS:
             raise ValueError(f"subprotocol must be one of {SUBPROTOCOLS}")
@@ -241,6 +253,7 @@ class Client:
         self._backoff_max_s = backoff_max_s
         self._sync_limit = sync_limit
         self._ping_interval_s = ping_interval_s
+        self._ssl: SSLContext | None = _ssl_context(ssl)
 
         self._ids = itertools.count(1)
         self._conn: _Connection | None = None
@@ -602,7 +615,10 @@ class Client:
         params = [("exclude", h) for h in exclude]
         try:
             async with self._http.get(
-                f"{self.router_url}/v1/hub", params=params, timeout=aiohttp.ClientTimeout(total=10)
+                f"{self.router_url}/v1/hub",
+                params=params,
+                timeout=aiohttp.ClientTimeout(total=10),
+                ssl=self._ssl if self._ssl is not None else True,
             ) as resp:
                 if resp.status == 503:
                     raise _NoHub("router: no live hub")
@@ -618,7 +634,10 @@ class Client:
         assert self._http is not None
         try:
             async with self._http.post(
-                f"{self.router_url}/v1/login", json={"user": self.user}, timeout=aiohttp.ClientTimeout(total=10)
+                f"{self.router_url}/v1/login",
+                json={"user": self.user},
+                timeout=aiohttp.ClientTimeout(total=10),
+                ssl=self._ssl if self._ssl is not None else True,
             ) as resp:
                 if 400 <= resp.status < 500:
                     raise Unauthorized(f"dev login refused ({resp.status})")
@@ -646,6 +665,7 @@ class Client:
                     ping_timeout=self._ping_interval_s,
                     close_timeout=2,
                     max_size=64 * 2**20,
+                    ssl=self._ssl if url.startswith("wss:") else None,
                 )
             except (OSError, TimeoutError, WebSocketException) as exc:
                 raise ConnectFailed(f"{hub}: {exc!r}", hub=hub) from exc
@@ -668,7 +688,7 @@ class Client:
         try:
             await ws.send(encode(auth, subprotocol))
             while True:
-                frame = decode(await asyncio.wait_for(ws.recv(), self._request_timeout_s), subprotocol)
+                frame = decode(await asyncio.wait_for(ws.recv(), self._request_timeout_s), subprotocol, SERVER_LIMITS)
                 if frame.get("t") == "ready":
                     return frame
                 if frame.get("t") == "err":
@@ -695,7 +715,7 @@ class Client:
         try:
             async for data in conn.ws:
                 try:
-                    frame = decode(data, conn.subprotocol)
+                    frame = decode(data, conn.subprotocol, SERVER_LIMITS)
                 except CloseConnection:
                     self.bad_frames += 1
                     continue

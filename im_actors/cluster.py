@@ -175,7 +175,7 @@ def deploy(config: Config, detached: bool = False) -> Deployment:
     Raises :class:`ConfigError` for a missing secret or service URL, and
     ``ray.exceptions.GetTimeoutError`` when an actor is not ready within 120 s.
     """
-    if len(config.jwt_secret) < 16:
+    if config.jwt_algorithm == "HS256" and len(config.jwt_secret) < 16:
         raise ConfigError("jwt_secret must be set (at least 16 characters): it signs every client token")
     for key in ("mongo_url", "redis_url", "rabbitmq_url"):
         if not getattr(config, key):

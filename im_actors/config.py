@@ -11,6 +11,7 @@ Every field's unit is in its description; ``0`` means "none" or "off" where it s
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -93,14 +94,26 @@ class Config(BaseSettings):
     fanout_batch_max: int = Field(256, ge=1, description="entries per fan-out call (to a session shard, to a hub)")
     fanout_batch_ms: float = Field(1.0, ge=0, description="window of a fan-out batch (ms)")
 
-    # --- connections and auth ---
+    # --- connections and auth (docs/security.md) ---
     jwt_secret: str = Field(
         "",
         description="HS256 secret of client tokens; the demo generates one per run when empty",
     )
+    jwt_algorithm: Literal["HS256", "RS256"] = Field(
+        "HS256",
+        description="signature of client tokens: HS256 with jwt_secret, or RS256 with jwt_public_key; "
+        "tokens signed any other way (none, the other algorithm) are refused with 4401",
+    )
+    jwt_public_key: str = Field("", description="PEM public key verifying RS256 tokens (required with RS256)")
+    jwt_private_key: str = Field(
+        "", description="PEM private key signing RS256 tokens of development login (only used with dev_login)"
+    )
+    jwt_audience: str = Field("", description="required aud claim of client tokens (empty: not checked)")
+    jwt_issuer: str = Field("", description="required iss claim of client tokens (empty: not checked)")
+    jwt_leeway_s: int = Field(0, ge=0, le=300, description="clock skew allowed when checking exp (s)")
     jwt_ttl_s: int = Field(24 * 3600, ge=1, description="lifetime of tokens issued by development login (s)")
-    dev_login: bool = Field(False, description="enable POST /v1/login (development only)")
-    auth_timeout_s: float = Field(5.0, gt=0, description="time a connection has to send auth (s)")
+    dev_login: bool = Field(False, description="enable POST /v1/login (development only; 404 otherwise)")
+    auth_timeout_s: float = Field(5.0, gt=0, description="time a connection has to send auth (s); 4408 after")
     max_frame_bytes: int = Field(
         1 << 20, ge=1024, description="largest WebSocket frame accepted (bytes), closed 1009 above"
     )
@@ -126,6 +139,71 @@ class Config(BaseSettings):
     ping_interval_s: float = Field(20.0, gt=0, description="WebSocket ping interval (s)")
     ping_timeout_s: float = Field(
         20.0, gt=0, description="WebSocket pong timeout (s); the peer is closed and counted offline after it"
+    )
+    socket_send_buffer_bytes: int = Field(
+        0,
+        ge=0,
+        description="SO_SNDBUF of each client socket at a hub (bytes; 0 = the kernel's autotuned default, up to "
+        "net.ipv4.tcp_wmem's max per connection): bounds the kernel memory a client that never reads can pin",
+    )
+    max_frame_items: int = Field(
+        10000, ge=16, description="entries of any one map or list in a client frame; 4400 above (>= max_group_members)"
+    )
+    max_frame_depth: int = Field(16, ge=11, description="nesting of maps and lists in a client frame; 4400 above")
+    read_queue_frames: int = Field(
+        4,
+        ge=1,
+        description="frames the WebSocket layer buffers per connection before it stops reading the socket; "
+        "with max_frame_bytes it bounds a connection's read memory",
+    )
+
+    # --- rate limits (per user per hub; docs/security.md) ---
+    rate_send_per_s: float = Field(
+        50.0, ge=0, description="sends per second per user on one hub (token bucket refill; 0 = no limit)"
+    )
+    rate_send_burst: int = Field(200, ge=1, description="sends a user may make at once on one hub (bucket size)")
+    rate_request_per_s: float = Field(
+        100.0, ge=0, description="requests of any kind per second per user on one hub (0 = no limit)"
+    )
+    rate_request_burst: int = Field(400, ge=1, description="requests a user may make at once on one hub")
+    rate_refusals_max: int = Field(
+        100,
+        ge=0,
+        description="rate_limited answers one connection may get within rate_refusals_window_s; "
+        "one more closes it with 4429 (0 = never close)",
+    )
+    rate_refusals_window_s: float = Field(10.0, gt=0, description="window of rate_refusals_max (s)")
+    conn_rate_per_address_per_s: float = Field(
+        20.0,
+        ge=0,
+        description="new WebSocket connections per second from one IP address at one hub (0 = no limit); "
+        "refused in the handshake with HTTP 429 above",
+    )
+    conn_burst_per_address: int = Field(100, ge=1, description="new connections one IP address may open at once")
+    max_conns_per_address: int = Field(
+        0, ge=0, description="open connections from one IP address at one hub (0 = no limit); HTTP 429 above"
+    )
+    conn_limit_exempt: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="networks (CIDR) the per-address connection limits do not apply to: by default loopback, "
+        "where local load drivers and a local reverse proxy connect from",
+    )
+    max_connections_per_user: int = Field(
+        16,
+        ge=0,
+        description="devices of one user connected at once over all hubs, counted by the user's session "
+        "shard; a new device above it is closed with 4429 (0 = no limit)",
+    )
+
+    # --- TLS and browsers ---
+    tls_cert_file: str = Field(
+        "", description="PEM certificate chain: the router serves HTTPS and hubs WSS (with tls_key_file)"
+    )
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file")
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="browser Origins a hub accepts (e.g. https://chat.example.com); empty = any; "
+        "clients that send no Origin (not browsers) are always accepted; others get HTTP 403",
     )
 
     # --- router ---
@@ -229,6 +307,21 @@ class Config(BaseSettings):
                     raise ValueError(f"{key} (IM_{key.upper()}) must be set: push_providers includes {provider}")
         return self
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.jwt_algorithm == "RS256" and not self.jwt_public_key:
+            raise ValueError("jwt_public_key is required when jwt_algorithm is RS256")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        for net in self.conn_limit_exempt:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"conn_limit_exempt: {net!r} is not a network such as 10.0.0.0/8") from None
+        if self.max_frame_items < self.max_group_members:
+            raise ValueError("max_frame_items must be at least max_group_members")
+        return self
+
     @field_validator("deployment")
     @classmethod
     def _deployment_chars(cls, value: str) -> str:
@@ -270,7 +363,7 @@ class Config(BaseSettings):
     def knobs(self) -> dict[str, Any]:
         """Every knob as plain data, secrets masked (for reports)."""
         out = self.model_dump()
-        for key in ("jwt_secret", "webhook_secret", "huawei_client_secret", "xiaomi_app_secret"):
+        for key in ("jwt_secret", "jwt_private_key", "webhook_secret", "huawei_client_secret", "xiaomi_app_secret"):
             if out.get(key):
                 out[key] = "***"
         for key in ("redis_url", "rabbitmq_url", "mongo_url"):

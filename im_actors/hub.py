@@ -9,19 +9,28 @@ target connection.
 Backpressure is visible (STYLE.md rule 9): each connection has a send queue bounded in frames
 (``send_queue_frames``) and bytes (``send_queue_bytes``); a connection that overflows it is
 closed with 4508 and catches up with ``sync`` when it returns.
+
+Hostile clients (docs/security.md) cost at most their own connection: frames over
+``max_frame_bytes`` are refused by the WebSocket layer from their header (1009) and at most
+``read_queue_frames`` are buffered per connection; frames are decoded within ``max_frame_items``
+and ``max_frame_depth`` (4400 above); every request passes the user's token buckets
+(:mod:`im_actors.limits`, ``rate_limited``, 4429 for a connection that keeps going); handshakes pass
+a per-address bucket (HTTP 429) and, when configured, an ``Origin`` allow-list (HTTP 403).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import ray
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -38,14 +47,18 @@ from im_actors.errors import (
     CLOSE_AUTH_TIMEOUT,
     CLOSE_GOING_AWAY,
     CLOSE_PROTOCOL,
+    CLOSE_RATE,
     CLOSE_SLOW,
     BadRequest,
     CloseConnection,
     Internal,
+    RateLimited,
     RequestError,
     Unavailable,
 )
+from im_actors.limits import AddressRates, RefusalWindow, UserRates
 from im_actors.refs import Peers
+from im_actors.tls import server_context
 
 __all__ = ["Connection", "Hub", "HubActor", "WS_PATH"]
 
@@ -72,6 +85,7 @@ class Connection:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     pending: int = 0  # requests read and not answered yet
     room: asyncio.Event = field(default_factory=asyncio.Event)  # set while pending is under the bound
+    refusals: RefusalWindow | None = None  # rate_limited answers in the current window
 
     def answered(self) -> None:
         """One request got its answer: reading may go on if it had stopped."""
@@ -105,12 +119,27 @@ class Hub:
         self._ids = itertools.count(secrets.randbits(52) << 10)
         self._server: Server | None = None
         self._sends: Batcher[int] = Batcher(self._send_batch, config.hub_batch_max, config.hub_batch_ms)
-        self._limits = protocol.Limits(max_body_bytes=config.max_body_bytes, max_members=config.max_group_members)
+        self._limits = protocol.Limits(
+            max_body_bytes=config.max_body_bytes,
+            max_members=config.max_group_members,
+            max_items=config.max_frame_items,
+            max_depth=config.max_frame_depth,
+        )
+        self._rates = UserRates(
+            config.rate_send_per_s, config.rate_send_burst, config.rate_request_per_s, config.rate_request_burst
+        )
+        self._addresses = AddressRates(
+            config.conn_rate_per_address_per_s, config.conn_burst_per_address, config.max_conns_per_address
+        )
+        self._exempt = [ipaddress.ip_network(net, strict=False) for net in config.conn_limit_exempt]
         self.stats: dict[str, float] = {
             "frames_in": 0,
             "frames_out": 0,
             "sends": 0,
             "slow_closed": 0,
+            "rate_limited": 0,
+            "rate_closed": 0,
+            "handshakes_refused": 0,
             "connections_total": 0,
             "send_batches": 0,
             "send_batch_ms_total": 0.0,
@@ -119,26 +148,45 @@ class Hub:
     # --- server ------------------------------------------------------------------------------
 
     async def start(self, port: int) -> str:
-        """Listen on ``config.host:port`` (0 = any free port); returns the hub's WebSocket URL."""
+        """Listen on ``config.host:port`` (0 = any free port); returns the hub's WebSocket URL
+        (``wss://`` when TLS is configured). Raises :class:`ConfigError` for unusable TLS files."""
+        ssl_context = server_context(self.config)
+        origins: list[Any] | None = None
+        if self.config.allowed_origins:
+            origins = [*self.config.allowed_origins, None]  # None: clients that send no Origin
         self._server = await serve(
             self._handler,
             self.config.host,
             port,
             subprotocols=[protocol.SUBPROTOCOL_MSGPACK, protocol.SUBPROTOCOL_JSON],  # type: ignore[list-item]
+            # websockets refuses a frame from its header alone when it claims more (1009), and
+            # stops reading the socket while read_queue_frames frames wait to be handled.
             max_size=self.config.max_frame_bytes,
+            max_queue=self.config.read_queue_frames,
             ping_interval=self.config.ping_interval_s,
             ping_timeout=self.config.ping_timeout_s,
-            process_request=self._check_path,
+            process_request=self._check_request,
+            origins=origins,
+            ssl=ssl_context,
         )
         sock_port = self._server.sockets[0].getsockname()[1]
         host = self.config.advertise_host or self.config.host
-        self.url = f"ws://{host}:{sock_port}{WS_PATH}"
+        self.url = f"{'wss' if ssl_context else 'ws'}://{host}:{sock_port}{WS_PATH}"
         return self.url
 
-    @staticmethod
-    def _check_path(conn: ServerConnection, request: HttpRequest) -> HttpResponse | None:
+    def _check_request(self, conn: ServerConnection, request: HttpRequest) -> HttpResponse | None:
+        """Handshake checks: the path (404), then the per-address connection limits (429)."""
         if request.path.split("?", 1)[0] != WS_PATH:
             return conn.respond(404, f"WebSocket endpoint is {WS_PATH}\n")
+        address = _address_key(conn)
+        if self._is_exempt(address):
+            return None
+        wait = self._addresses.admit(address, time.monotonic())
+        if wait > 0:
+            self.stats["handshakes_refused"] += 1
+            response = conn.respond(429, "too many connections from this address\n")
+            response.headers["Retry-After"] = str(max(1, round(wait + 0.5)))
+            return response
         return None
 
     async def stop(self) -> None:
@@ -155,7 +203,29 @@ class Hub:
 
     # --- one connection ----------------------------------------------------------------------
 
+    def _is_exempt(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            return False
+        return any(ip.version == net.version and ip.subnet_of(net) for net in self._exempt)  # type: ignore[arg-type]
+
     async def _handler(self, ws: ServerConnection) -> None:
+        address = _address_key(ws)
+        counted = not self._is_exempt(address)
+        if counted:
+            self._addresses.opened(address)
+        try:
+            await self._serve(ws)
+        finally:
+            if counted:
+                self._addresses.closed(address)
+
+    async def _serve(self, ws: ServerConnection) -> None:
+        if self.config.socket_send_buffer_bytes:
+            sock = ws.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_send_buffer_bytes)
         sub = ws.subprotocol
         if sub not in protocol.SUBPROTOCOLS:
             await ws.close(CLOSE_PROTOCOL, "subprotocol must be im.v1.msgpack or im.v1.json")
@@ -175,15 +245,25 @@ class Hub:
             subprotocol=sub,
             max_frames=self.config.send_queue_frames,
             max_bytes=self.config.send_queue_bytes,
+            refusals=RefusalWindow(self.config.rate_refusals_max, self.config.rate_refusals_window_s),
         )
         self.conns[conn.id] = conn
         self.stats["connections_total"] += 1
+        now = time.monotonic()
+        if len(self._rates.users) > 2 * len(self.conns) + 1000:
+            self._rates.prune(now)
+        self._rates.opened(user, now)
         writer = asyncio.get_running_loop().create_task(self._writer(conn))
         try:
             try:
-                await self.peers.session(user).call("connect", user, device, self.name, conn.id)
+                await self.peers.session(user).call(
+                    "connect", user, device, self.name, conn.id, self.config.max_connections_per_user
+                )
             except Unavailable:
                 await ws.close(CLOSE_GOING_AWAY, "session unavailable, reconnect")
+                return
+            except CloseConnection as exc:  # over max_connections_per_user
+                await ws.close(exc.close_code, exc.reason)
                 return
             ready = {"t": "ready", "user": user, "device": device, "hub": self.name, "server_ms": _now_ms()}
             self._push(conn, ready)
@@ -191,6 +271,7 @@ class Hub:
         finally:
             conn.closing = True
             self.conns.pop(conn.id, None)
+            self._rates.closed(user)
             writer.cancel()
             for task in list(conn.tasks):
                 task.cancel()
@@ -201,7 +282,11 @@ class Hub:
             data = await asyncio.wait_for(ws.recv(), self.config.auth_timeout_s)
         except TimeoutError:
             raise CloseConnection(CLOSE_AUTH_TIMEOUT, "no auth frame in time") from None
-        token, device = protocol.parse_auth(protocol.decode(data, sub))
+        try:
+            frame = protocol.decode(data, sub, self._limits)
+        except RequestError as exc:  # e.g. a bad {"b64"} body: before auth, any bad frame closes
+            raise CloseConnection(CLOSE_PROTOCOL, f"bad auth frame: {exc.msg}") from None
+        token, device = protocol.parse_auth(frame)
         return verify_token(self.config, token), device
 
     async def _read_loop(self, conn: Connection) -> None:
@@ -214,10 +299,10 @@ class Hub:
                     conn.room.clear()
                     await conn.room.wait()
                 try:
-                    frame = protocol.decode(data, conn.subprotocol)
+                    frame = protocol.decode(data, conn.subprotocol, self._limits)
                     request = protocol.parse_request(frame, self._limits)
                 except CloseConnection as exc:
-                    await self._close(conn, exc.close_code, exc.reason)
+                    await self._close_and_drain(conn, exc.close_code, exc.reason)
                     return
                 except RequestError as exc:
                     self._push(conn, exc.frame(exc.request_id))
@@ -226,9 +311,33 @@ class Hub:
                     log.exception("frame from %s/%s not handled", conn.user, conn.device)
                     self._push(conn, Internal("frame not handled").frame(None))
                     continue
-                self._dispatch(conn, request)
+                admitted = await self._admit(conn, request)
+                if admitted == "closed":
+                    return
+                if admitted == "dispatch":
+                    self._dispatch(conn, request)
         except ConnectionClosed:
             pass
+
+    async def _admit(self, conn: Connection, req: protocol.Request) -> Literal["dispatch", "refused", "closed"]:
+        """Pass ``req`` through the user's token buckets.
+
+        ``"dispatch"``: go on. ``"refused"``: answered ``rate_limited`` with ``retry_after_ms`` (a
+        ``typing`` without id is dropped unanswered). ``"closed"``: the refusal was one over
+        ``rate_refusals_max`` in the window, and the connection is closed with 4429.
+        """
+        now = time.monotonic()
+        wait_ms = self._rates.check(conn.user, req.t, now)
+        if not wait_ms:
+            return "dispatch"
+        self.stats["rate_limited"] += 1
+        if conn.refusals is not None and conn.refusals.refused(now):
+            self.stats["rate_closed"] += 1
+            await self._close_and_drain(conn, CLOSE_RATE, "rate limit abused")
+            return "closed"
+        if req.id is not None:
+            self._push(conn, RateLimited(f"over the {req.t} rate", retry_after_ms=wait_ms).frame(req.id))
+        return "refused"
 
     async def _writer(self, conn: Connection) -> None:
         try:
@@ -253,6 +362,18 @@ class Hub:
             task = asyncio.get_running_loop().create_task(self._close(conn, CLOSE_SLOW, "send queue overflow"))
             conn.tasks.add(task)
             task.add_done_callback(conn.tasks.discard)
+
+    async def _close_and_drain(self, conn: Connection, code: int, reason: str) -> None:
+        """Close from the read loop: send the close frame and discard what the client still sends,
+        so that its close reply is read (the WebSocket layer stops reading while its queue of
+        unread frames is full, which would hold the connection for its whole close timeout)."""
+        closing = asyncio.ensure_future(self._close(conn, code, reason))
+        try:
+            async for _data in conn.ws:
+                pass
+        except ConnectionClosed:
+            pass
+        await closing
 
     async def _close(self, conn: Connection, code: int, reason: str) -> None:
         conn.closing = True
@@ -426,6 +547,18 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _address_key(conn: ServerConnection) -> str:
+    """The client's IP address as the per-address limits count it: IPv4 whole, IPv6 as its /64."""
+    try:
+        host = str(conn.remote_address[0])
+        addr = ipaddress.ip_address(host)
+    except (TypeError, IndexError, ValueError, OSError):
+        return "?"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr.ipv4_mapped or addr) if isinstance(addr, ipaddress.IPv6Address) else str(addr)
+
+
 @ray.remote(num_cpus=0, max_restarts=-1)
 class HubActor:
     """Ray shell of :class:`Hub`: starts the WebSocket server and registers with the router."""
@@ -480,5 +613,12 @@ class HubActor:
         await self._hub.stop()
 
     def stats(self) -> dict[str, Any]:
-        """Counters: frames in and out, sends, slow consumers closed, connections."""
-        return {**self._hub.stats, "connections": len(self._hub.conns)}
+        """Counters: frames in and out, sends, slow consumers closed, rate refusals, connections, and
+        the bytes now queued for sending (in all, and on the fullest connection)."""
+        queued = [c.queued_bytes for c in self._hub.conns.values()]
+        return {
+            **self._hub.stats,
+            "connections": len(self._hub.conns),
+            "queued_bytes": sum(queued),
+            "queued_bytes_max": max(queued, default=0),
+        }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "SUBPROTOCOL_JSON",
     "SUBPROTOCOLS",
     "Limits",
+    "SERVER_LIMITS",
     "Request",
     "encode",
     "decode",
@@ -50,11 +52,24 @@ _PUSH_PROVIDERS = frozenset({"apns", "fcm", "webhook", "huawei", "xiaomi", "log"
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds applied while decoding and validating (bytes, counts)."""
+    """Bounds applied while decoding and validating.
+
+    ``max_body_bytes`` (bytes, ``too_large`` above), ``max_members`` (user ids in one list,
+    ``bad_request`` above), ``max_meta_keys`` (keys of ``meta``, ``bad_request`` above) are checked
+    by :func:`parse_request`. ``max_items`` (entries of any one map or list) and ``max_depth``
+    (nesting of maps and lists, the frame itself being depth 1) are checked by :func:`decode`,
+    which closes with 4400 above them: only a hostile client gets near them.
+    """
 
     max_body_bytes: int = 65536
     max_members: int = 10000
     max_meta_keys: int = 32
+    max_items: int = 10000
+    max_depth: int = 16
+
+
+#: Limits for frames coming from the server (client side): as wide as any answer can be.
+SERVER_LIMITS = Limits(max_items=1 << 24, max_depth=64)
 
 
 @dataclass(frozen=True)
@@ -82,35 +97,75 @@ def encode(frame: dict[str, Any], subprotocol: str) -> bytes | str:
     return json.dumps(frame, default=_json_default, separators=(",", ":"), ensure_ascii=False)
 
 
-def decode(data: bytes | str, subprotocol: str) -> dict[str, Any]:
+def decode(data: bytes | str, subprotocol: str, limits: Limits = Limits()) -> dict[str, Any]:
     """Decode one frame into a map.
 
     Raises :class:`CloseConnection` 4400 for undecodable data, a frame of the wrong kind (text on
-    MessagePack, binary on JSON) or a frame that is not a map, and 1007 for invalid UTF-8.
+    MessagePack, binary on JSON), a frame that is not a map, MessagePack extension types, JSON
+    ``NaN``/``Infinity``, or a map or list over ``limits.max_items`` entries or nested deeper than
+    ``limits.max_depth``; 1007 for invalid UTF-8 in a text frame; :class:`BadRequest` for a JSON
+    binary body that is not ``{"b64": "<base64>"}``. Nothing else (property-tested).
     """
     if subprotocol == SUBPROTOCOL_MSGPACK:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise CloseConnection(CLOSE_PROTOCOL, "text frame on im.v1.msgpack")
         try:
-            frame = msgpack.unpackb(data, raw=False, strict_map_key=True)
+            frame = msgpack.unpackb(
+                data,
+                raw=False,
+                strict_map_key=True,
+                max_array_len=limits.max_items,
+                max_map_len=limits.max_items,
+                max_ext_len=0,  # extension types are not part of the protocol
+            )
         except UnicodeDecodeError as exc:
             raise CloseConnection(CLOSE_PROTOCOL, "invalid UTF-8 in a MessagePack string") from exc
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
             raise CloseConnection(CLOSE_PROTOCOL, "undecodable MessagePack frame") from exc
-    else:
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            raise CloseConnection(CLOSE_PROTOCOL, "binary frame on im.v1.json")
-        try:
-            frame = json.loads(data)
-        except UnicodeError as exc:
-            raise CloseConnection(CLOSE_INVALID_UTF8, "invalid UTF-8") from exc
-        except ValueError as exc:
-            raise CloseConnection(CLOSE_PROTOCOL, "undecodable JSON frame") from exc
-        if isinstance(frame, dict) and isinstance(frame.get("body"), dict):
-            frame["body"] = _from_b64(frame["body"])
+        if not isinstance(frame, dict):
+            raise CloseConnection(CLOSE_PROTOCOL, "a frame must be a map")
+        _check_shape(frame, limits)
+        return frame
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raise CloseConnection(CLOSE_PROTOCOL, "binary frame on im.v1.json")
+    try:
+        frame = json.loads(data, parse_constant=_no_constant)
+    except UnicodeError as exc:
+        raise CloseConnection(CLOSE_INVALID_UTF8, "invalid UTF-8") from exc
+    except RecursionError as exc:
+        raise CloseConnection(CLOSE_PROTOCOL, f"frame nested deeper than {limits.max_depth}") from exc
+    except ValueError as exc:
+        raise CloseConnection(CLOSE_PROTOCOL, "undecodable JSON frame") from exc
     if not isinstance(frame, dict):
         raise CloseConnection(CLOSE_PROTOCOL, "a frame must be a map")
+    _check_shape(frame, limits)
+    if isinstance(frame.get("body"), dict):
+        frame["body"] = _from_b64(frame["body"])
     return frame
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_shape(frame: dict[str, Any], limits: Limits) -> None:
+    """Walk a decoded frame (iteratively: a deep frame cannot exhaust the stack) and close with 4400
+    when a map or list has more than ``limits.max_items`` entries or nests deeper than
+    ``limits.max_depth``. Its cost is linear in the frame, whose size the WebSocket layer bounds."""
+    stack: list[tuple[object, int]] = [(frame, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limits.max_depth:
+            raise CloseConnection(CLOSE_PROTOCOL, f"frame nested deeper than {limits.max_depth}")
+        if len(children) > limits.max_items:
+            raise CloseConnection(CLOSE_PROTOCOL, f"a map or list in the frame has over {limits.max_items} entries")
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def _from_b64(value: dict[str, Any]) -> bytes:
@@ -217,12 +272,16 @@ _MAX_META_ITEMS = 256
 
 
 def _check_storable(value: object, field: str, depth: int) -> None:
-    """Refuse what the history store cannot keep exactly (BSON): non-string map keys, integers
-    outside int64, strings that are not valid Unicode (lone surrogates), extension types, deep or
-    wide nesting. Raises :class:`BadRequest` naming ``field``."""
+    """Refuse what the history store cannot keep exactly (BSON) or JSON clients cannot receive:
+    non-string map keys, integers outside int64, Infinity and NaN, strings that are not valid
+    Unicode (lone surrogates), extension types, deep or wide nesting. Raises :class:`BadRequest` naming ``field``."""
     if depth > _MAX_META_DEPTH:
         raise BadRequest(f"{field} is nested more than {_MAX_META_DEPTH} deep")
-    if value is None or isinstance(value, (bool, float, bytes)):
+    if value is None or isinstance(value, (bool, bytes)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise BadRequest(f"{field} holds Infinity or NaN, which JSON clients cannot receive")
         return
     if isinstance(value, int):
         if value not in _INT64:

@@ -17,7 +17,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from im_actors import ids
 from im_actors.config import Config
-from im_actors.errors import RequestError, Unavailable
+from im_actors.errors import CloseConnection, RequestError, Unavailable
 
 __all__ = ["Peer", "Peers", "DEFAULT_CALL_TIMEOUT_S"]
 
@@ -44,8 +44,8 @@ class Peer:
     async def call(self, method: str, *args: Any, timeout: float = DEFAULT_CALL_TIMEOUT_S) -> Any:
         """Call ``method`` on the actor and await its result.
 
-        Our own :class:`RequestError` raised by the actor passes through unchanged; Ray's errors
-        (actor dead or restarting, timeout) become :class:`Unavailable`.
+        Our own :class:`RequestError` and :class:`CloseConnection` raised by the actor pass through
+        unchanged; Ray's errors (actor dead or restarting, timeout) become :class:`Unavailable`.
         """
         handle = self.handle()
         try:
@@ -53,10 +53,10 @@ class Peer:
             return await asyncio.wait_for(ref, timeout)
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
-            if isinstance(cause, RequestError):
+            if isinstance(cause, (RequestError, CloseConnection)):
                 raise cause from None
             raise Unavailable(f"{self.name}.{method} failed: {type(cause or exc).__name__}") from exc
-        except RequestError:
+        except (RequestError, CloseConnection):
             raise
         except (TimeoutError, RayActorError, GetTimeoutError, RayError) as exc:
             if isinstance(exc, RayActorError):

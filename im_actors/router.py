@@ -23,8 +23,9 @@ from aiohttp import web
 from im_actors import ids
 from im_actors.auth import issue_token
 from im_actors.config import Config
-from im_actors.errors import Unavailable
+from im_actors.errors import ConfigError, Unavailable
 from im_actors.refs import Peers
+from im_actors.tls import server_context
 
 __all__ = ["HubInfo", "HubTable", "make_app", "RouterActor"]
 
@@ -86,8 +87,14 @@ class HubTable:
 
 
 def make_app(config: Config, table: HubTable, health: Any = None) -> web.Application:
-    """The router's aiohttp application over ``table``; ``health()`` gives the health summary."""
-    app = web.Application()
+    """The router's aiohttp application over ``table``; ``health()`` gives the health summary.
+
+    ``POST /v1/login`` is routed only when ``dev_login`` is on (404 otherwise). Raises
+    :class:`ConfigError` when development login is on under RS256 without ``jwt_private_key``.
+    """
+    if config.dev_login and config.jwt_algorithm == "RS256" and not config.jwt_private_key:
+        raise ConfigError("dev_login under RS256 needs jwt_private_key to sign its tokens")
+    app = web.Application(client_max_size=64 * 1024)
 
     async def get_hub(request: web.Request) -> web.Response:
         exclude = set(request.query.getall("exclude", []))
@@ -143,15 +150,17 @@ class RouterActor:
         self.url = ""
 
     async def ready(self) -> str:
-        """Start serving (once); returns the router's base URL, e.g. ``http://127.0.0.1:8080``."""
+        """Start serving (once); returns the router's base URL, e.g. ``http://127.0.0.1:8080``
+        (``https://`` when TLS is configured)."""
         if self._runner is None:
+            ssl_context = server_context(self._config)
             self._runner = web.AppRunner(make_app(self._config, self._table, self._health), access_log=None)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self._config.host, self._config.router_port)
+            site = web.TCPSite(self._runner, self._config.host, self._config.router_port, ssl_context=ssl_context)
             await site.start()
             port = self._runner.addresses[0][1]
             host = self._config.advertise_host or self._config.host
-            self.url = f"http://{host}:{port}"
+            self.url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
             self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
             self._sessions_beat = asyncio.get_running_loop().create_task(self._supervise())
         return self.url

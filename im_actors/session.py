@@ -26,7 +26,7 @@ from pymongo.errors import PyMongoError
 from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.contacts import accepted_contacts
-from im_actors.errors import CLOSE_REPLACED, Unavailable
+from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, CloseConnection, Unavailable
 from im_actors.push.planner import JobSink, PushPlanner
 from im_actors.refs import Peers
 from im_actors.store import Store
@@ -76,13 +76,19 @@ class SessionShard:
 
     # --- connections -------------------------------------------------------------------------
 
-    def connect(self, user: str, device: str, hub: str, conn_id: int) -> tuple[str, int] | None:
+    def connect(
+        self, user: str, device: str, hub: str, conn_id: int, max_connections: int = 0
+    ) -> tuple[str, int] | None:
         """Record that ``device`` of ``user`` is connected on ``hub`` as ``conn_id``.
 
-        Returns the connection it replaces, if any; the caller closes that one with 4409.
+        Returns the connection it replaces, if any; the caller closes that one with 4409. Raises
+        :class:`CloseConnection` 4429 when ``max_connections`` (> 0) other devices of the user are
+        connected already, over all hubs (``max_connections_per_user``, docs/security.md).
         """
         s = self._session(user)
         old = s.devices.get(device)
+        if max_connections and old is None and len(s.devices) >= max_connections:
+            raise CloseConnection(CLOSE_RATE, f"over {max_connections} connected devices for this user")
         s.devices[device] = (hub, conn_id)
         if self.planner is not None:
             self.planner.device_connected(user, device)  # online now: no push held for it goes out
@@ -383,10 +389,10 @@ class SessionShardActor:
         for user, device, hub, conn_id in conns:
             await self.connect(user, device, hub, conn_id)
 
-    async def connect(self, user: str, device: str, hub: str, conn_id: int) -> None:
+    async def connect(self, user: str, device: str, hub: str, conn_id: int, max_connections: int = 0) -> None:
         """See :meth:`SessionShard.connect`; closes a replaced connection with 4409. (Async, like
         every method that changes devices, so it runs on the event loop that announces presence.)"""
-        old = self._core.connect(user, device, hub, conn_id)
+        old = self._core.connect(user, device, hub, conn_id, max_connections)
         if old is not None:
             self._core.peers.hub(old[0]).notify("close_conn", old[1], CLOSE_REPLACED, "replaced by a newer connection")
 
