@@ -15,9 +15,9 @@ import jwt
 
 from im_actors import ids
 from im_actors.config import Config
-from im_actors.errors import CLOSE_AUTH, CloseConnection, ConfigError
+from im_actors.errors import CLOSE_AUTH, TOKEN_EXPIRED, CloseConnection, ConfigError
 
-__all__ = ["issue_token", "verify_token"]
+__all__ = ["issue_token", "verify_token", "verify_token_expiry"]
 
 
 def _signing_key(config: Config) -> str:
@@ -41,7 +41,12 @@ def issue_token(config: Config, user: str, ttl_s: int | None = None) -> str:
 
 
 def verify_token(config: Config, token: str) -> str:
-    """The user id a token was issued to.
+    """The user id a token was issued to; see :func:`verify_token_expiry` for what is raised."""
+    return verify_token_expiry(config, token)[0]
+
+
+def verify_token_expiry(config: Config, token: str) -> tuple[str, float]:
+    """``(user id, exp)``: who a token was issued to and when it runs out (s since the epoch).
 
     Raises :class:`CloseConnection` 4401 for a forged, malformed or expired token, one signed with
     another algorithm than ``jwt_algorithm``, one missing ``sub`` or ``exp`` (or a configured
@@ -62,11 +67,11 @@ def verify_token(config: Config, token: str) -> str:
             options={"require": required, "verify_aud": bool(config.jwt_audience)},
         )
     except jwt.ExpiredSignatureError:
-        raise CloseConnection(CLOSE_AUTH, "token expired") from None
+        raise CloseConnection(CLOSE_AUTH, TOKEN_EXPIRED) from None
     except (jwt.PyJWTError, ValueError, TypeError):
         raise CloseConnection(CLOSE_AUTH, "invalid token") from None
     user = claims.get("sub")
     if not ids.valid_id(user):
         raise CloseConnection(CLOSE_AUTH, "token subject is not a valid user id")
     assert isinstance(user, str)
-    return user
+    return user, float(claims["exp"])

@@ -56,6 +56,7 @@ from im_actors.errors import (
     CLOSE_RATE,
     CLOSE_REPLACED,
     CLOSE_TOO_BIG,
+    TOKEN_EXPIRED,
     CloseConnection,
     ImError,
     RateLimited,
@@ -751,7 +752,9 @@ class Client:
         self._ready.clear()
         if self._closing:
             return
-        if code in NO_RECONNECT_CLOSE_CODES:
+        if code == CLOSE_AUTH and reason == TOKEN_EXPIRED and self._own_token:
+            self._token = None  # our development-login token ran out: log in again and reconnect
+        elif code in NO_RECONNECT_CLOSE_CODES:
             log.warning("%s/%s: closed with %s (%s), not reconnecting", self.user, self.device, code, reason)
             self._fatal = CloseConnection(code, reason or "closed by the server")
             self._ready.set()

@@ -41,6 +41,7 @@ __all__ = [
     "CLOSE_TOO_BIG",
     "CLOSE_PROTOCOL",
     "CLOSE_AUTH",
+    "TOKEN_EXPIRED",
     "CLOSE_AUTH_TIMEOUT",
     "CLOSE_REPLACED",
     "CLOSE_RATE",
@@ -55,6 +56,9 @@ CLOSE_INVALID_UTF8 = 1007
 CLOSE_TOO_BIG = 1009
 CLOSE_PROTOCOL = 4400
 CLOSE_AUTH = 4401
+#: The reason of a 4401 close for a token that ran out during the connection: a client holding a
+#: development-login token logs in again and reconnects; other clients bring a fresh token.
+TOKEN_EXPIRED = "token expired"
 CLOSE_AUTH_TIMEOUT = 4408
 CLOSE_REPLACED = 4409
 CLOSE_RATE = 4429

@@ -39,16 +39,18 @@ from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response as HttpResponse
 
 from im_actors import ids, protocol
-from im_actors.auth import verify_token
+from im_actors.auth import verify_token_expiry
 from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.conversation import SendItem
 from im_actors.errors import (
+    CLOSE_AUTH,
     CLOSE_AUTH_TIMEOUT,
     CLOSE_GOING_AWAY,
     CLOSE_PROTOCOL,
     CLOSE_RATE,
     CLOSE_SLOW,
+    TOKEN_EXPIRED,
     BadRequest,
     CloseConnection,
     Internal,
@@ -137,6 +139,7 @@ class Hub:
             "frames_out": 0,
             "sends": 0,
             "slow_closed": 0,
+            "tokens_expired": 0,
             "rate_limited": 0,
             "rate_closed": 0,
             "handshakes_refused": 0,
@@ -231,7 +234,7 @@ class Hub:
             await ws.close(CLOSE_PROTOCOL, "subprotocol must be im.v1.msgpack or im.v1.json")
             return
         try:
-            user, device = await self._authenticate(ws, sub)
+            user, device, expires = await self._authenticate(ws, sub)
         except CloseConnection as exc:
             await ws.close(exc.close_code, exc.reason)
             return
@@ -253,7 +256,11 @@ class Hub:
         if len(self._rates.users) > 2 * len(self.conns) + 1000:
             self._rates.prune(now)
         self._rates.opened(user, now)
-        writer = asyncio.get_running_loop().create_task(self._writer(conn))
+        loop = asyncio.get_running_loop()
+        writer = loop.create_task(self._writer(conn))
+        # The token's lifetime is the connection's: past exp (and the configured leeway) it is closed
+        # 4401 "token expired", and the client comes back with a fresh token (PROTOCOL.md section 7).
+        expiry = loop.call_later(max(0.0, expires + self.config.jwt_leeway_s - time.time()), self._expire, conn)
         try:
             try:
                 await self.peers.session(user).call(
@@ -272,12 +279,24 @@ class Hub:
             conn.closing = True
             self.conns.pop(conn.id, None)
             self._rates.closed(user)
+            expiry.cancel()
             writer.cancel()
             for task in list(conn.tasks):
                 task.cancel()
             self.peers.session(user).notify("disconnect", user, device, self.name, conn.id)
 
-    async def _authenticate(self, ws: ServerConnection, sub: str) -> tuple[str, str]:
+    def _expire(self, conn: Connection) -> None:
+        """The connection's token ran out: close it 4401 (unless it is closing already)."""
+        if conn.closing:
+            return
+        self.stats["tokens_expired"] += 1
+        task = asyncio.get_running_loop().create_task(self._close(conn, CLOSE_AUTH, TOKEN_EXPIRED))
+        conn.tasks.add(task)
+        task.add_done_callback(conn.tasks.discard)
+
+    async def _authenticate(self, ws: ServerConnection, sub: str) -> tuple[str, str, float]:
+        """``(user, device, token exp in s since the epoch)`` from the auth frame; raises
+        :class:`CloseConnection` 4408 (no auth in time), 4400 (bad frame) or 4401 (bad token)."""
         try:
             data = await asyncio.wait_for(ws.recv(), self.config.auth_timeout_s)
         except TimeoutError:
@@ -287,7 +306,8 @@ class Hub:
         except RequestError as exc:  # e.g. a bad {"b64"} body: before auth, any bad frame closes
             raise CloseConnection(CLOSE_PROTOCOL, f"bad auth frame: {exc.msg}") from None
         token, device = protocol.parse_auth(frame)
-        return verify_token(self.config, token), device
+        user, expires = verify_token_expiry(self.config, token)
+        return user, device, expires
 
     async def _read_loop(self, conn: Connection) -> None:
         try:

@@ -580,3 +580,52 @@ async def test_reserved_opcode_and_unmasked_frame_are_closed_1002(make_kit: Any)
     ws.transport.write(bytes([0x82, 2]) + b"xx")  # client frames must be masked (section 5.3)
     assert await close_code(ws) == 1002
     await still_serves(kit)
+
+
+async def test_a_connection_offering_neither_subprotocol_is_refused_in_the_handshake(make_kit: Any) -> None:
+    kit = await make_kit()
+    for offered in (None, [Subprotocol("im.v2.msgpack")], [Subprotocol("chat")]):
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(kit.url, subprotocols=offered)
+        assert refused.value.response.status_code == 400, offered
+    ws = await authed(kit, "still-served")  # the hub serves the next client as usual
+    await ws.close()
+
+
+async def test_a_connection_is_closed_4401_when_its_token_runs_out(make_kit: Any) -> None:
+    kit = await make_kit()
+    ws = await raw(kit)
+    await ws.send(encode({"t": "auth", "token": kit.token("brief", ttl_s=2), "device": "d1", "proto": 1}, MP))
+    assert decode(await asyncio.wait_for(ws.recv(), 5), MP)["t"] == "ready"
+    started = time.monotonic()
+    with pytest.raises(ConnectionClosed) as closed:
+        async with asyncio.timeout(10):
+            while True:
+                await ws.recv()
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4401, "token expired")
+    assert time.monotonic() - started < 4  # at exp (about 2 s after issue), not at some later sweep
+    assert kit.hub.stats["tokens_expired"] == 1
+
+
+async def test_the_client_library_logs_in_again_when_its_dev_login_token_runs_out(make_kit: Any) -> None:
+    kit = await make_kit(dev_login=True, jwt_ttl_s=2)
+    table = HubTable()
+    table.register(kit.hub.name, kit.url)
+    runner = web.AppRunner(make_app(kit.config, table))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        client = Client(f"http://127.0.0.1:{runner.addresses[0][1]}", "renewing")
+        await client.connect()
+        conv = ids.direct_conv("renewing", "other")
+        assert (await client.send(conv, "before")).seq == 1
+        async with asyncio.timeout(15):
+            while client.reconnects == 0:  # closed 4401 "token expired", then back with a new token
+                await asyncio.sleep(0.05)
+        assert (await client.send(conv, "after")).seq == 2
+        assert kit.hub.stats["tokens_expired"] >= 1
+        await client.close()
+    finally:
+        await runner.cleanup()
