@@ -99,7 +99,7 @@ class Sequencer:
     cmids: OrderedDict[tuple[str, str], tuple[int, int, bytes]] = field(default_factory=OrderedDict)
     pending: list[PendingSend] = field(default_factory=list)
     inflight: bool = False
-    indexed: bool = False  # direct conversation recorded in user_convs by this activation
+    indexed: bool = False  # direct conversation recorded in user_convs by this activation (before its commit)
 
     @property
     def members(self) -> frozenset[str]:
@@ -461,6 +461,7 @@ class ConversationShard:
         convs = list(dict.fromkeys(e["conv"] for e in entries))
         started = time.perf_counter()
         try:
+            await self._index_direct(convs)
             result = await self._commit_with_retry(entries)
             self.stats["commit_ms_total"] += (time.perf_counter() - started) * 1000
         except Exception as exc:  # noqa: BLE001 - every send must be answered, whatever failed
@@ -493,6 +494,18 @@ class ConversationShard:
         if result is not None:
             await self._settle(entries, sends, result)
 
+    async def _index_direct(self, convs: list[str]) -> None:
+        """Record new direct conversations in ``user_convs`` *before* their first commit, once per
+        activation (the upsert is idempotent). Written after the commit, a shard dying between the
+        two (a node lost, seen in the node-removal test) left an acked entry in a conversation that
+        ``convs`` never listed to its recipient: one whose live delivery was lost too could not
+        catch up. Raises :class:`Unavailable` (the commit is then answered unavailable)."""
+        for conv in convs:
+            seqr = self.sequencers.get(conv)
+            if seqr is not None and not seqr.indexed and ids.conv_kind(conv) == "direct":
+                await self.store.add_user_convs(conv, sorted(seqr.members))
+                seqr.indexed = True
+
     async def _commit_with_retry(self, entries: list[dict[str, Any]]) -> CommitResult:
         """Commit on one writer; if that writer is gone, once more on the next (DESIGN.md section 4).
 
@@ -511,13 +524,9 @@ class ConversationShard:
         committed = entries[: result.committed]
         self.stats["commits"] += 1
         self.stats["committed"] += len(committed)
-        new_convs: list[tuple[str, frozenset[str]]] = []
         fanout: list[tuple[dict[str, Any], frozenset[str]]] = []
         for entry, p in zip(committed, sends, strict=False):
             seqr = self.sequencers[entry["conv"]]
-            if not seqr.indexed and ids.conv_kind(seqr.conv) == "direct":
-                seqr.indexed = True  # once per activation: the upsert is idempotent
-                new_convs.append((seqr.conv, seqr.members))
             seqr.last = entry["seq"]
             recipients = seqr.members
             if p.change:
@@ -569,14 +578,6 @@ class ConversationShard:
             self._wake.set()
         for entry, members in fanout:
             self._fan_out(entry, members)
-        for conv, members in new_convs:
-            try:
-                await self.store.add_user_convs(conv, sorted(members))
-            except Unavailable as exc:
-                log.warning("%s: user_convs not written (retried with the next commit): %s", conv, exc)
-                active = self.sequencers.get(conv)
-                if active is not None:
-                    active.indexed = False
 
     # --- fan-out -----------------------------------------------------------------------------
 

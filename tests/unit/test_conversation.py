@@ -9,6 +9,7 @@ import pytest
 
 from im_actors.config import load_config
 from im_actors.conversation import ConversationShard, SendItem
+from im_actors.errors import Unavailable
 from tests.fakes import FakePeers, FakeStore
 
 CONV = "d:alice:bob"
@@ -179,3 +180,36 @@ async def test_pages_are_cut_to_max_page_bytes_without_skipping() -> None:
     await big.send_batch([item("huge", body="y" * 5000)])
     page = await big.sync("bob", CONV, 5, 100)
     assert [m["seq"] for m in page["msgs"]] == [6] and not page["more"]  # one entry always goes
+
+
+async def test_a_direct_conversation_is_listed_for_both_users_before_its_first_commit() -> None:
+    store = FakeStore()
+    shard, peers = make_shard(store)
+    order: list[str] = []
+    commit, index = store.commit, store.add_user_convs
+
+    async def counted_commit(entries: list[dict[str, Any]]) -> Any:
+        order.append("commit")
+        return await commit(entries)
+
+    async def counted_index(conv: str, users: list[str]) -> None:
+        order.append("index")
+        await index(conv, users)
+
+    async def failing_index(conv: str, users: list[str]) -> None:
+        raise Unavailable("MongoDB unreachable: fake")
+
+    peers.store_peer.handlers["commit"] = counted_commit
+    store.add_user_convs = failing_index  # type: ignore[method-assign]
+    # Not listed, not committed: a shard dying after the commit would leave an entry that `convs`
+    # never shows its recipient (found by removing Ray nodes mid-traffic).
+    assert await shard.send_batch([item("c1")]) == [
+        {"err": "unavailable", "msg": "MongoDB unreachable: fake", "retry": True}
+    ]
+    assert store.entries == {} and order == []
+    store.add_user_convs = counted_index  # type: ignore[method-assign]
+    assert (await shard.send_batch([item("c1")]))[0]["seq"] == 1
+    assert order == ["index", "commit"]
+    assert store.user_convs_rows == {("alice", CONV), ("bob", CONV)}
+    await shard.send_batch([item("c2")])
+    assert order == ["index", "commit", "commit"]  # once per activation
