@@ -172,15 +172,23 @@ class Partial:
 
     def report(self) -> dict[str, Any]:
         """The oracle's numbers: sent, acked, unacked, expected_deliveries, delivered, lost, duplicates,
-        order_violations, unexpected_deliveries (by devices that are not members), delivered_unacked
+        lost_entries (up to 20 acked entries some expected device never got: conv, seq, devices that
+        got it, devices expected), order_violations, unexpected_deliveries (by devices that are not
+        members), delivered_unacked
         (deliveries of entries whose ack the driver never got), ack_latency_ms, delivery_latency_ms."""
         acked = sum(len(seqs) for seqs in self.acked.values())
         expected = delivered = 0
+        short: list[dict[str, Any]] = []  # entries some expected device never got, for diagnosis
         for conv, seqs in self.acked.items():
             n = self.recipients.get(conv, 0)
             expected += n * len(seqs)
             by_seq = self.received.get(conv, {})
             delivered += sum(min(by_seq.get(seq, 0), n) for seq in seqs)
+            short += [
+                {"conv": conv, "seq": seq, "devices": by_seq.get(seq, 0), "expected_devices": n}
+                for seq in sorted(seqs)
+                if by_seq.get(seq, 0) < n and len(short) < _LOST_EXAMPLES
+            ]
         delivered_unacked = sum(
             n
             for conv, by_seq in self.received.items()
@@ -194,6 +202,7 @@ class Partial:
             "expected_deliveries": expected,
             "delivered": delivered,
             "lost": expected - delivered,
+            "lost_entries": short[:_LOST_EXAMPLES],
             "duplicates": self.duplicates,
             "order_violations": self.order_violations,
             "unexpected_deliveries": self.unexpected,
@@ -201,6 +210,10 @@ class Partial:
             "ack_latency_ms": latency_summary(self.ack_hist),
             "delivery_latency_ms": latency_summary(self.delivery_hist),
         }
+
+
+#: How many short entries a report lists (``lost_entries``).
+_LOST_EXAMPLES = 20
 
 
 def _decode_hist(encoded: str | bytes) -> HdrHistogram:

@@ -31,7 +31,7 @@ def test_two_nodes_removed_mid_traffic_move_their_actors_and_lose_nothing(tmp_pa
     result = json.loads(out.read_text())
     report = result["report"]
     assert report["sent"] == report["acked"] > 0, report.get("send_errors")
-    assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0)
+    assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0), report["lost_entries"]
     assert report["delivered"] == report["expected_deliveries"] > 0
     assert len(set(result["before"].values())) == 3  # hubs and shards were spread over three nodes
     hubs = {name: node for name, node in result["before"].items() if "-hub-" in name}

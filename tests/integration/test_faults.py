@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 def _clean(report: dict[str, Any]) -> None:
     assert report["sent"] == report["acked"], report.get("send_errors")
-    assert report["lost"] == 0
+    assert report["lost"] == 0, report["lost_entries"]
     assert report["duplicates"] == 0
     assert report["order_violations"] == 0
     assert report["delivered"] == report["expected_deliveries"] > 0

@@ -161,7 +161,7 @@ async def test_chaos_redis_and_rabbitmq_restarted_twice_loses_nothing(
     report = await run
     faults = await monkey.finish()
     assert report["sent"] == report["acked"], report.get("send_errors")
-    assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0)
+    assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0), report["lost_entries"]
     assert report["delivered"] == report["expected_deliveries"] > 0
     assert sorted(f["kind"] for f in faults) == ["rabbitmq", "rabbitmq", "redis-restart", "redis-restart"]
     assert all(f["error"] is None and f["recovery_s"] is not None for f in faults), faults

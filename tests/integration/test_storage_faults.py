@@ -165,7 +165,7 @@ async def test_storage_outage_mid_traffic_loses_nothing(stack: PrivateStack, ser
     else:
         report = await _fault_during_run(stack, stack.stop_redis, stack.start_redis, 3.0)
     assert report["sent"] == report["acked"], report.get("send_errors")
-    assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0)
+    assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0), report["lost_entries"]
     assert report["delivered"] == report["expected_deliveries"] > 0
     if service == "mongodb":  # the outage was felt: sends were answered unavailable and resent
         assert report["client_counters"]["resends"] > 0

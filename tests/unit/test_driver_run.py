@@ -58,7 +58,7 @@ async def test_synthetic_run_is_clean(fake: FakeServer) -> None:
     plan = w.build("")
     assert (report["sent"], report["acked"], report["unacked"]) == (100, 100, 0)
     assert report["expected_deliveries"] == report["delivered"] == _expected(plan)
-    assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0)
+    assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0), report["lost_entries"]
     assert report["clients"] == 8 and report["processes"] == 1 and report["drained"]
     assert report["ack_latency_ms"]["count"] == 100
     assert report["delivery_latency_ms"]["count"] == report["delivered"]
@@ -107,7 +107,7 @@ async def test_replay_in_two_processes(fake: FakeServer, tmp_path: Path) -> None
     assert report["processes"] == 2 and report["clients"] == 5
     assert (report["sent"], report["acked"]) == (60, 60)
     assert report["expected_deliveries"] == report["delivered"] == _expected(plan)
-    assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0)
+    assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0), report["lost_entries"]
     # each sender's sends reach the server in corpus order (senders in two processes interleave freely)
     by_sender: dict[str, list[int]] = {}
     for user, _, cmid in fake.send_log:
@@ -163,6 +163,6 @@ async def test_hub_kills_during_a_run_lose_nothing() -> None:
         await task
     assert report["acked"] == report["sent"] == 400
     assert report["expected_deliveries"] == report["delivered"] == _expected(w.build(""))
-    assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0)
+    assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0), report["lost_entries"]
     assert report["reconnects"] >= 12
     assert report["client_counters"]["resends"] >= 13

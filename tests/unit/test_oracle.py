@@ -49,6 +49,10 @@ def test_counts_are_exact() -> None:
     assert r["expected_deliveries"] == 3 * 3 + 2 * 2
     assert r["delivered"] == 5 + 5 + 1
     assert r["lost"] == 2
+    assert r["lost_entries"] == [
+        {"conv": "c1", "seq": 2, "devices": 2, "expected_devices": 3},
+        {"conv": "c1", "seq": 3, "devices": 2, "expected_devices": 3},
+    ]
     assert r["duplicates"] == 1
     assert r["order_violations"] == 2
     assert r["unexpected_deliveries"] == 0
