@@ -49,7 +49,7 @@ import redis
 
 from im_actors import ids
 from im_actors.client import Client
-from im_actors.config import Config
+from im_actors.config import Config, mask_url
 from im_actors.services import LocalServices
 
 __all__ = ["KINDS", "PRIVATE_SERVICE_KINDS", "ChaosSpec", "Fault", "ChaosMonkey", "summarize"]
@@ -247,7 +247,7 @@ class ChaosMonkey:
                 server = self.services.redis if self.services else None
                 if server is None:
                     raise RuntimeError("this run uses a shared Redis, which is never restarted")
-                fault.target = server.url
+                fault.target = mask_url(server.url)
                 await asyncio.to_thread(server.stop)
                 server.start(wait=False)  # from this long-lived thread, see PrivateRedis
                 await asyncio.to_thread(server.wait)
@@ -255,7 +255,7 @@ class ChaosMonkey:
                 broker = self.services.rabbitmq if self.services else None
                 if broker is None:
                     raise RuntimeError("this run uses a shared RabbitMQ, which is never restarted")
-                fault.target = broker.url
+                fault.target = mask_url(broker.url)
                 before = await self._amqp_connects()
                 await asyncio.to_thread(broker.stop)
                 broker.start(wait=False)

@@ -27,7 +27,12 @@ from im_actors.errors import ConfigError, ServiceError
 
 __all__ = ["app", "main", "verdict", "DEFAULT_CORPUS"]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="im-actors: an IM backend on Ray actors.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,  # option help says "[default: ...]" literally; rich would drop it as markup
+    help="im-actors: an IM backend on Ray actors.",
+)
 log = logging.getLogger("im_actors")
 
 #: Where the demo looks for the chat corpus when ``--corpus`` is not given (read in place, never copied):
@@ -186,7 +191,7 @@ def _summary(report: dict[str, Any]) -> str:
     ]
     for kind, row in report.get("faults_summary", {}).items():
         lines.append(
-            f"  fault {kind:8} injected {row['injected']}  recovered {row['recovered']}  "
+            f"  fault {kind:13} injected {row['injected']}  recovered {row['recovered']}  "
             f"recovery median {row['median_recovery_s']} s  worst {row['worst_recovery_s']} s"
         )
     return "\n".join(lines)
@@ -216,7 +221,10 @@ def demo(
     progress: Annotated[bool | None, typer.Option(help="progress bar [default: when stderr is a terminal]")] = None,
     chaos: Annotated[
         str | None,
-        typer.Option(help="inject faults during the run: all, a list like hub,conv,mongodb, optionally :INTERVAL_S"),
+        typer.Option(
+            help="inject faults during the run: all, or a comma list of hub, conv, session, store, push, "
+            "mongodb, redis, redis-restart, rabbitmq, node; optionally :INTERVAL_S"
+        ),
     ] = None,
     chaos_outage: Annotated[
         float,

@@ -12,12 +12,19 @@ from __future__ import annotations
 
 import contextvars
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 from im_actors.errors import ConfigError
 
@@ -367,11 +374,12 @@ class Config(BaseSettings):
             if out.get(key):
                 out[key] = "***"
         for key in ("redis_url", "rabbitmq_url", "mongo_url"):
-            out[key] = _mask_url(out[key])
+            out[key] = mask_url(out[key])
         return out
 
 
-def _mask_url(url: str) -> str:
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for reports, logs and errors)."""
     if "@" not in url or "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
@@ -402,6 +410,13 @@ def load_config(toml_file: str | Path | None = None, **overrides: Any) -> Config
         return Config(**{k: v for k, v in overrides.items() if v is not None})
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+    except SettingsError as exc:  # an IM_* value that is not even parseable, e.g. a list not in JSON
+        field = re.search(r'field "([a-z0-9_]+)"', str(exc))
+        key = field.group(1) if field else "?"
+        raise ConfigError(
+            f"{key} (IM_{key.upper()}): cannot parse the environment value; lists and maps are JSON there, "
+            f'e.g. IM_{key.upper()}=\'["a", "b"]\''
+        ) from None
     except ValidationError as exc:
         problems = "; ".join(_problem(err) for err in exc.errors())
         where = f" (config file {path}, IM_* environment, flags)" if path else ""

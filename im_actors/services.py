@@ -32,7 +32,7 @@ import aiormq
 import pymongo
 import redis
 
-from im_actors.config import Config
+from im_actors.config import Config, mask_url
 from im_actors.errors import ServiceError
 
 __all__ = [
@@ -453,7 +453,7 @@ def ensure_services(config: Config, private: Collection[str] = ()) -> tuple[Conf
             else:
                 updates["redis_url"] = DEFAULT_REDIS_URL
         elif not _redis_answers(config.redis_url):
-            raise ServiceError(f"Redis: {config.redis_url} does not answer (key redis_url)")
+            raise ServiceError(f"Redis: {mask_url(config.redis_url)} does not answer (key redis_url)")
         if not config.rabbitmq_url:
             if "rabbitmq" in private:
                 services.rabbitmq = PrivateRabbitMQ()
@@ -466,7 +466,7 @@ def ensure_services(config: Config, private: Collection[str] = ()) -> tuple[Conf
             else:
                 updates["rabbitmq_url"] = DEFAULT_RABBITMQ_URL
         elif not _rabbitmq_answers(config.rabbitmq_url):
-            raise ServiceError(f"RabbitMQ: {config.rabbitmq_url} does not answer (key rabbitmq_url)")
+            raise ServiceError(f"RabbitMQ: {mask_url(config.rabbitmq_url)} does not answer (key rabbitmq_url)")
         if not config.mongo_url:
             updates["mongo_url"] = start_secantus(services)
     except BaseException:

@@ -53,6 +53,10 @@ def test_bad_config_names_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ConfigError, match="hubs"):
         load_config()
     monkeypatch.delenv("IM_HUBS")
+    monkeypatch.setenv("IM_PUSH_PROVIDERS", "apns")  # a list not in JSON: unparseable, still named
+    with pytest.raises(ConfigError, match=r"push_providers \(IM_PUSH_PROVIDERS\): .*JSON"):
+        load_config()
+    monkeypatch.delenv("IM_PUSH_PROVIDERS")
     toml = tmp_path / "im.toml"
     toml.write_text("hub_count = 2\n")
     with pytest.raises(ConfigError, match="hub_count"):
