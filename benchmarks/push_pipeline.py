@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         push_retry_base_ms=args.retry_base_ms,
         push_max_attempts=10,
         push_timeout_s=5.0,
+        webhook_allow_private=True,  # the benchmark's provider listens on loopback
     )
     base, services = ensure_services(base)
     try:

@@ -229,6 +229,12 @@ class Config(BaseSettings):
     )
     push_timeout_s: float = Field(10.0, gt=0, description="provider call timeout (s)")
     webhook_secret: str = Field("", description="HMAC-SHA256 key of the webhook signature header (empty: unsigned)")
+    webhook_allow_private: bool = Field(
+        False,
+        description="let webhook tokens (URLs that clients register) reach loopback, private, link-local and other "
+        "non-public addresses; off, such a job goes to the dead queue (the demo and tests, whose receivers are "
+        "local, turn it on)",
+    )
     push_providers: tuple[str, ...] = Field(
         ("webhook", "log"),
         description="providers a push worker serves (apns, fcm, huawei, xiaomi, webhook, log); jobs for any other "

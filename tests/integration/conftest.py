@@ -43,6 +43,7 @@ def base_config() -> Iterator[Config]:
         push_retry_base_ms=100,
         heartbeat_s=0.5,
         webhook_secret="test-secret",
+        webhook_allow_private=True,  # the tests' webhook receivers listen on loopback
     )
     cfg, services = ensure_services(cfg)
     try:

@@ -71,6 +71,7 @@ async def config(mongo_url: str) -> AsyncIterator[Config]:
         mongo_db="im_push_test",
         push_retry_base_ms=50,
         push_timeout_s=5,
+        webhook_allow_private=True,
     )
     yield cfg
     connection = await aiormq.connect(RABBIT_URL)

@@ -161,6 +161,7 @@ async def make_config() -> AsyncIterator[Callable[..., Config]]:
             mongo_url="mongodb://127.0.0.1:1",
             push_retry_base_ms=50,
             push_timeout_s=5,
+            webhook_allow_private=True,
         )
         fields.update(over)
         config = load_config(**fields)

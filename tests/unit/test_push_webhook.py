@@ -20,7 +20,14 @@ from im_actors.errors import ConfigError
 from im_actors.push.jobs import make_job
 from im_actors.push.providers import PROVIDERS, LogProvider, WebhookProvider, make_provider
 from im_actors.push.providers.base import Outcome, OutcomeKind
-from im_actors.push.providers.webhook import WEBHOOK_FIELDS, classify_status, parse_retry_after, sign, webhook_body
+from im_actors.push.providers.webhook import (
+    WEBHOOK_FIELDS,
+    classify_status,
+    is_public_address,
+    parse_retry_after,
+    sign,
+    webhook_body,
+)
 
 SECRET = "s3cret"
 
@@ -91,7 +98,7 @@ def _job(token: str, **over: object) -> dict:
 
 async def test_delivered_with_signed_exact_body(hook: tuple[Hook, TestServer]) -> None:
     receiver, server = hook
-    provider = WebhookProvider(load_config(webhook_secret=SECRET, push_timeout_s=2))
+    provider = WebhookProvider(load_config(webhook_allow_private=True, webhook_secret=SECRET, push_timeout_s=2))
     try:
         job = _job(str(server.make_url("/ok")))
         outcome = await provider.send(job)
@@ -124,7 +131,7 @@ async def test_delivered_with_signed_exact_body(hook: tuple[Hook, TestServer]) -
 
 async def test_unsigned_without_secret(hook: tuple[Hook, TestServer]) -> None:
     receiver, server = hook
-    provider = WebhookProvider(load_config(webhook_secret="", push_timeout_s=2))
+    provider = WebhookProvider(load_config(webhook_allow_private=True, webhook_secret="", push_timeout_s=2))
     try:
         assert (await provider.send(_job(str(server.make_url("/created"))))).kind is OutcomeKind.DELIVERED
     finally:
@@ -151,7 +158,7 @@ async def test_classification(
     hook: tuple[Hook, TestServer], path: str, kind: OutcomeKind, retry_after_ms: int | None
 ) -> None:
     receiver, server = hook
-    provider = WebhookProvider(load_config(webhook_secret=SECRET, push_timeout_s=2))
+    provider = WebhookProvider(load_config(webhook_allow_private=True, webhook_secret=SECRET, push_timeout_s=2))
     try:
         outcome = await provider.send(_job(str(server.make_url(path))))
     finally:
@@ -163,7 +170,7 @@ async def test_classification(
 
 async def test_slow_answer_is_a_timeout_and_retried(hook: tuple[Hook, TestServer]) -> None:
     _, server = hook
-    provider = WebhookProvider(load_config(push_timeout_s=0.2))
+    provider = WebhookProvider(load_config(webhook_allow_private=True, push_timeout_s=0.2))
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
@@ -179,7 +186,7 @@ async def test_connection_refused_is_retried() -> None:
     with socket.socket() as sock:  # a loopback port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    provider = WebhookProvider(load_config(push_timeout_s=2))
+    provider = WebhookProvider(load_config(webhook_allow_private=True, push_timeout_s=2))
     try:
         outcome = await provider.send(_job(f"http://127.0.0.1:{port}/hook"))
     finally:
@@ -189,7 +196,7 @@ async def test_connection_refused_is_retried() -> None:
 
 @pytest.mark.parametrize("token", ["not a url", "ftp://127.0.0.1/x", "/relative/path", "http://"])
 async def test_unusable_token_is_invalid(token: str) -> None:
-    provider = WebhookProvider(load_config())
+    provider = WebhookProvider(load_config(webhook_allow_private=True))
     try:
         assert (await provider.send(_job(token))).kind is OutcomeKind.INVALID_TOKEN
     finally:
@@ -234,3 +241,36 @@ def test_registry() -> None:
     assert isinstance(make_provider("webhook", load_config()), WebhookProvider)
     with pytest.raises(ConfigError):
         make_provider("carrier-pigeon", load_config())
+
+
+def test_public_addresses_are_told_from_internal_ones() -> None:
+    internal = ["127.0.0.1", "10.1.2.3", "172.16.0.9", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0"]
+    internal += ["224.0.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1"]
+    assert [a for a in internal if is_public_address(a)] == []
+    assert all(is_public_address(a) for a in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+
+
+async def test_webhook_urls_into_the_deployments_network_are_refused_without_a_request(
+    hook: tuple[Hook, TestServer],
+) -> None:
+    receiver, server = hook
+    provider = WebhookProvider(load_config(push_timeout_s=2))  # webhook_allow_private off: the default
+    try:
+        for url in (
+            f"http://127.0.0.1:{server.port}/ok",  # a literal loopback address
+            f"http://localhost:{server.port}/ok",  # a name that resolves to loopback
+            "http://169.254.169.254/latest/meta-data/",  # the cloud metadata address
+            f"http://[::ffff:127.0.0.1]:{server.port}/ok",
+        ):
+            outcome = await provider.send(_job(url))
+            assert outcome.kind is OutcomeKind.FAILED, (url, outcome)  # dead queue, never retried
+            assert "not a public address" in outcome.detail or "non-public" in outcome.detail, outcome
+    finally:
+        await provider.close()
+    assert receiver.requests == []
+    allowed = WebhookProvider(load_config(push_timeout_s=2, webhook_allow_private=True))
+    try:
+        assert (await allowed.send(_job(f"http://localhost:{server.port}/ok"))).kind is OutcomeKind.DELIVERED
+    finally:
+        await allowed.close()
+    assert len(receiver.requests) == 1

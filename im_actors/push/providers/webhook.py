@@ -17,8 +17,14 @@ the whole exchange) or a connection error retry, honouring ``Retry-After`` (seco
 any other status (3xx, since redirects are not followed, and the remaining 4xx) failed. A token that is
 not an absolute http(s) URL is an invalid token.
 
-Security: the URL comes from a client (``push.register``), so the worker will POST wherever clients
-point it; deployments that care restrict egress of push workers.
+Security: the URL comes from a client (``push.register``), which must not be able to make the push
+workers POST into the deployment's own network (server-side request forgery). Unless
+``config.webhook_allow_private`` is set, a URL whose host is, or resolves to, an address that is not
+globally routable (loopback, private, link-local such as 169.254.169.254, multicast, reserved) is
+refused: the job fails (dead queue) without a request. Names are checked by the resolver the
+connection itself uses (:class:`PublicOnlyResolver`), so a name cannot pass the check and then
+connect elsewhere. A caller-supplied ``session`` is the caller's choice: only literal addresses are
+checked then.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import hmac
+import ipaddress
 import json
+import socket
 import time
+from typing import Any
 
 import aiohttp
 from yarl import URL
@@ -36,7 +45,16 @@ from im_actors.config import Config
 from im_actors.push.jobs import PushJob
 from im_actors.push.providers.base import Outcome, Provider
 
-__all__ = ["WebhookProvider", "WEBHOOK_FIELDS", "webhook_body", "sign", "parse_retry_after", "classify_status"]
+__all__ = [
+    "WebhookProvider",
+    "PublicOnlyResolver",
+    "WEBHOOK_FIELDS",
+    "webhook_body",
+    "sign",
+    "parse_retry_after",
+    "classify_status",
+    "is_public_address",
+]
 
 #: Job keys sent in the webhook body.
 WEBHOOK_FIELDS = ("user", "device", "conv", "seq", "sender", "preview", "badge", "collapse_key", "job_id")
@@ -83,6 +101,39 @@ def classify_status(status: int, retry_after: str | None = None) -> Outcome:
     return Outcome.failed(detail)
 
 
+def is_public_address(address: str) -> bool:
+    """Whether ``address`` (an IPv4 or IPv6 literal) is globally routable: not loopback, private,
+    link-local, multicast, reserved or unspecified (Python's ``ipaddress`` ``is_global``, which
+    follows the IANA special-purpose registries); IPv4-mapped IPv6 addresses are judged as IPv4."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return bool(ip.is_global) and not ip.is_multicast
+
+
+class NotPublic(OSError):
+    """A webhook host that is, or resolves to, an address that is not public."""
+
+
+class PublicOnlyResolver(aiohttp.abc.AbstractResolver):
+    """An aiohttp resolver that refuses a name resolving to any non-public address (:class:`NotPublic`)."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        """Resolve like aiohttp's threaded resolver; raise :class:`NotPublic` if any answer is not public."""
+        results = await self._inner.resolve(host, port, family)
+        private = [r["host"] for r in results if not is_public_address(r["host"])]
+        if private:
+            raise NotPublic(f"{host} resolves to a non-public address ({private[0]})")
+        return list(results)
+
+    async def close(self) -> None:
+        """Close the inner resolver."""
+        await self._inner.close()
+
+
 class WebhookProvider(Provider):
     """POSTs jobs to their token URL with aiohttp (one session per provider, made on first use).
 
@@ -96,6 +147,7 @@ class WebhookProvider(Provider):
         self._timeout = aiohttp.ClientTimeout(total=config.push_timeout_s)
         self._session = session
         self._own_session = session is None
+        self._allow_private = config.webhook_allow_private
 
     def _headers(self, job: PushJob, body: bytes) -> dict[str, str]:
         headers = {
@@ -116,9 +168,17 @@ class WebhookProvider(Provider):
             return Outcome.invalid_token("token is not a URL")
         if url.scheme not in ("http", "https") or not url.host:
             return Outcome.invalid_token("token is not an absolute http(s) URL")
+        if not self._allow_private:
+            try:
+                literal = is_public_address(url.host)
+            except ValueError:
+                literal = True  # a name: the resolver of our session checks what it resolves to
+            if not literal:
+                return Outcome.failed(f"webhook host {url.host} is not a public address")
         body = webhook_body(job)
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            resolver = None if self._allow_private else PublicOnlyResolver()
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver))
         try:
             async with self._session.post(
                 url, data=body, headers=self._headers(job, body), timeout=self._timeout, allow_redirects=False
@@ -127,6 +187,10 @@ class WebhookProvider(Provider):
                 return classify_status(response.status, response.headers.get("Retry-After"))
         except aiohttp.InvalidURL:
             return Outcome.invalid_token("token is not a usable URL")
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, NotPublic):
+                return Outcome.failed(f"webhook host {url.host}: {exc.os_error}")
+            return Outcome.retry(None, f"{type(exc).__name__}: {exc}")
         except TimeoutError:
             return Outcome.retry(None, "timeout")
         except (aiohttp.ClientError, OSError) as exc:
