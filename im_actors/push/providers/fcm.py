@@ -44,7 +44,7 @@ from im_actors.push.providers.http import (
     Answer,
     TokenCache,
     TokenError,
-    json_body,
+    fetch_access_token,
     post,
     retry_after_of,
     transient_status,
@@ -162,23 +162,12 @@ class FcmProvider(Provider):
         return jwt.encode(claims, self._account["private_key"], algorithm="RS256", headers=headers)
 
     async def _fetch_token(self) -> tuple[str, float]:
-        answer = await post(
+        return await fetch_access_token(
             self._client,
             self._account["token_uri"],
             self._timeout_s,
-            data={"grant_type": JWT_BEARER_GRANT, "assertion": self.assertion()},
+            {"grant_type": JWT_BEARER_GRANT, "assertion": self.assertion()},
         )
-        if isinstance(answer, Outcome):
-            raise TokenError(Outcome.retry(None, f"access token: {answer.detail}"))
-        body = json_body(answer.body)
-        token = body.get("access_token")
-        if answer.status != 200 or not isinstance(token, str):
-            detail = f"access token: HTTP {answer.status} {body.get('error', '')}".strip()
-            if transient_status(answer.status):
-                raise TokenError(Outcome.retry(retry_after_of(answer), detail))
-            raise TokenError(Outcome.failed(detail))
-        expires_in = body.get("expires_in", 3600)
-        return token, float(expires_in) if isinstance(expires_in, int | float) else 3600.0
 
     async def send(self, job: PushJob) -> Outcome:
         """POST ``job`` to FCM and classify the answer; never raises except ``CancelledError``."""

@@ -19,7 +19,16 @@ import httpx
 from im_actors.push.providers.base import Outcome
 from im_actors.push.providers.webhook import parse_retry_after
 
-__all__ = ["Answer", "TokenCache", "TokenError", "post", "json_body", "transient_status", "retry_after_of"]
+__all__ = [
+    "Answer",
+    "TokenCache",
+    "TokenError",
+    "post",
+    "json_body",
+    "transient_status",
+    "retry_after_of",
+    "fetch_access_token",
+]
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,27 @@ async def post(client: httpx.AsyncClient, url: str, timeout_s: float, **kwargs: 
     except (httpx.TransportError, OSError) as exc:
         return Outcome.retry(None, f"{type(exc).__name__}: {exc}")
     return Answer(response.status_code, response.headers, body)
+
+
+async def fetch_access_token(
+    client: httpx.AsyncClient, url: str, timeout_s: float, form: dict[str, str]
+) -> tuple[str, float]:
+    """An OAuth 2.0 access token from the token endpoint ``url`` (RFC 6749 section 5.1: the form
+    ``form`` POSTed, ``{"access_token", "expires_in"}`` answered): ``(token, lifetime_s)``, the
+    lifetime 3600 s when not given. Raises :class:`TokenError`: retry for a network failure, 429 or
+    5xx (honouring ``Retry-After``), failed for any other refusal."""
+    answer = await post(client, url, timeout_s, data=form)
+    if isinstance(answer, Outcome):
+        raise TokenError(Outcome.retry(None, f"access token: {answer.detail}"))
+    body = json_body(answer.body)
+    token = body.get("access_token")
+    if answer.status != 200 or not isinstance(token, str):
+        detail = f"access token: HTTP {answer.status} {body.get('error', '')}".strip()
+        if transient_status(answer.status):
+            raise TokenError(Outcome.retry(retry_after_of(answer), detail))
+        raise TokenError(Outcome.failed(detail))
+    expires_in = body.get("expires_in", 3600)
+    return token, float(expires_in) if isinstance(expires_in, int | float) else 3600.0
 
 
 class TokenCache:
