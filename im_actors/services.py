@@ -313,6 +313,20 @@ def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
         pass
 
 
+def _wait_up(
+    proc: subprocess.Popen[bytes] | None, answers: Callable[[], bool], what: str, timeout_s: float, poll_s: float = 0.05
+) -> None:
+    """Poll ``answers()`` until True; :class:`ServiceError` naming ``what`` if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is None or proc.poll() is not None:
+            raise ServiceError(f"{what} exited")
+        if answers():
+            return
+        time.sleep(poll_s)
+    raise ServiceError(f"{what} did not answer in {timeout_s:.0f} s")
+
+
 @dataclass
 class PrivateRedis:
     """A Redis server of this run's own on a free loopback port, keeping nothing on disk.
@@ -341,14 +355,9 @@ class PrivateRedis:
 
     def wait(self, timeout_s: float = 15.0) -> None:
         """Wait until it answers PING; raises :class:`ServiceError` if it exits or stays silent."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise ServiceError(f"Redis: the private server on port {self.port} exited")
-            if _redis_answers(self.url):
-                return
-            time.sleep(0.05)
-        raise ServiceError(f"Redis: the private server on port {self.port} did not answer in {timeout_s:.0f} s")
+        _wait_up(
+            self.proc, lambda: _redis_answers(self.url), f"Redis: the private server on port {self.port}", timeout_s
+        )
 
     def stop(self) -> None:
         """Stop it (SIGTERM, then SIGKILL); its keys are gone."""
@@ -406,14 +415,8 @@ class PrivateRabbitMQ:
 
     def wait(self, timeout_s: float = 60.0) -> None:
         """Wait until it accepts an AMQP login; raises :class:`ServiceError` if it exits or stays silent."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise ServiceError(f"RabbitMQ: the private node exited; see {self.folder}/server.log")
-            if _rabbitmq_answers(self.url):
-                return
-            time.sleep(0.25)
-        raise ServiceError(f"RabbitMQ: the private node on port {self.port} did not answer in {timeout_s:.0f} s")
+        what = f"RabbitMQ: the private node on port {self.port} (log: {self.folder}/server.log)"
+        _wait_up(self.proc, lambda: _rabbitmq_answers(self.url), what, timeout_s, poll_s=0.25)
 
     def stop(self) -> None:
         """Stop it gracefully (SIGTERM to its process group), keeping its data."""
