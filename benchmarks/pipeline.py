@@ -31,16 +31,20 @@ from im_actors.config import load_config  # noqa: E402
 from im_actors.services import describe_services, ensure_services, purge_deployment  # noqa: E402
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the sweep; exit status 1 when any run failed the oracle."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     ap.add_argument("--rate", type=float, nargs="+", default=[200.0], help="offered load (msgs/s)")
-    ap.add_argument("--users", type=int, default=100)
+    ap.add_argument("--users", type=int, default=100, help="simulated users (one client each)")
     ap.add_argument("--group-size", type=int, nargs="+", default=[0], help="0: direct messages only")
     ap.add_argument("--duration", type=float, default=20.0, help="send phase per run (s)")
-    ap.add_argument("--store-writers", type=int, nargs="+", default=[2])
-    ap.add_argument("--hubs", type=int, nargs="+", default=[2])
-    ap.add_argument("--shards", type=int, nargs="+", default=[2], help="session and conversation shards")
+    ap.add_argument("--store-writers", type=int, nargs="+", default=[1], help="store writer actors")
+    ap.add_argument("--hubs", type=int, nargs="+", default=[2], help="hub actors")
+    ap.add_argument("--shards", type=int, nargs="+", default=[1], help="session and conversation shards")
     ap.add_argument("--batch-ms", type=float, nargs="+", default=[1.0], help="hub and fan-out batch windows (ms)")
     ap.add_argument("--processes", type=int, default=1, help="driver processes")
     ap.add_argument("--json", type=Path, help="write every report here")

@@ -149,6 +149,10 @@ WritersOpt = Annotated[int | None, typer.Option(help="store writer actors")]
 MongoOpt = Annotated[str | None, typer.Option(help="MongoDB URL (default: start SecantusDB for the run)")]
 RedisOpt = Annotated[str | None, typer.Option(help="Redis URL (default: redis://127.0.0.1:6379/0)")]
 AmqpOpt = Annotated[str | None, typer.Option(help="RabbitMQ URL (default: amqp://guest:guest@127.0.0.1:5672/)")]
+# A cluster deployment starts no services: its URLs are required (TOML, IM_* or these flags).
+ClusterMongoOpt = Annotated[str | None, typer.Option("--mongo-url", help="MongoDB URL (required)")]
+ClusterRedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis URL (required)")]
+ClusterAmqpOpt = Annotated[str | None, typer.Option("--rabbitmq-url", help="RabbitMQ URL (required)")]
 
 
 def _config(path: Path | None, **flags: Any) -> Config:
@@ -358,9 +362,9 @@ def up(
     hubs: HubsOpt = None,
     shards: ShardsOpt = None,
     store_writers: WritersOpt = None,
-    mongo_url: MongoOpt = None,
-    redis_url: RedisOpt = None,
-    rabbitmq_url: AmqpOpt = None,
+    mongo_url: ClusterMongoOpt = None,
+    redis_url: ClusterRedisOpt = None,
+    rabbitmq_url: ClusterAmqpOpt = None,
 ) -> None:
     """Deploy im-actors onto a running Ray cluster as detached actors (stays up after this command)."""
 
@@ -384,7 +388,14 @@ def up(
     )
     missing = [k for k in needed if not getattr(cfg, k)]
     if missing:
-        typer.echo(f"im-actors: a cluster deployment needs {', '.join(missing)} (TOML, IM_* or flags)", err=True)
+        typer.echo(
+            f"im-actors: a cluster deployment needs {', '.join(missing)} (in the TOML file or IM_* environment; "
+            "the URLs also as flags; jwt_secret at least 16 characters)",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if len(cfg.jwt_secret) < 16 and cfg.jwt_algorithm == "HS256":
+        typer.echo("im-actors: jwt_secret must be at least 16 characters: it signs every client token", err=True)
         raise typer.Exit(2)
     _connect_ray(address)
     try:
