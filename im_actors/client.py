@@ -9,12 +9,24 @@ Typical use::
     await client.close()
 
 What the library guarantees to the application (PROTOCOL.md section 5): every committed entry of every
-conversation the user belongs to is handed over once, in seq order, per conversation. It keeps, per
-conversation, ``held[conv]``: the highest seq delivered. A ``msg`` at or below it is a duplicate and is
-dropped; the next one is delivered; one further ahead is a gap, buffered and filled with ``sync``
-(one fill at a time per conversation). A conversation the user already had when the client first
-connected starts at the ``last`` that ``convs`` reported then (older entries are history, not news);
-one that appears later starts at 0, so it is delivered from its first entry.
+conversation the user belongs to is handed over once, in seq order, per conversation. The ordering is
+decided by :class:`~im_actors.delivery.Delivery` (no I/O; its docstring has the rules): a ``msg`` at
+or below the highest seq delivered is a duplicate and is dropped; the next one is delivered; one
+further ahead is a gap, buffered and filled with ``sync`` (one fill at a time per conversation). A
+conversation the user already had when the client first connected starts at the ``last`` that
+``convs`` reported then (older entries are history, not news); one that appears later starts at 0, so
+it is delivered from its first entry. This module is the I/O around it: the WebSocket, requests and
+their answers, reconnects, and the tasks that fill gaps.
+
+The connection goes through the states of :class:`ConnState`, changed in one method
+(``Client._set_state``) and logged on every change (logger ``im_actors.client``)::
+
+    NEW --connect()--> CONNECTING --ready--> OPEN <----- ready from another hub -----+
+                           |                  |                                       |
+                           |                  +--- lost, the code allows it ---> RECONNECTING
+                           |                  |                                       |
+                           +- connect failed -+- final close code -> FAILED <- reconnect refused
+    any state but CLOSED --close()--> CLOSED
 
 Failures: a retryable error answer (``unavailable``, ``internal``, ``rate_limited``), a request timeout
 or a lost connection make :meth:`Client.send` resend *the same cmid* (after reconnecting when needed)
@@ -24,6 +36,10 @@ socket closed with a code other than :data:`NO_RECONNECT_CLOSE_CODES` is reopene
 for every conversation whose ``last`` is ahead). A code in :data:`NO_RECONNECT_CLOSE_CODES` is final:
 pending and later calls raise :class:`~im_actors.errors.CloseConnection`.
 
+Every background task (the reader of each connection, the reconnect loop, the catch-up after a
+reconnect, gap fills, the dispatcher of coroutine callbacks) is started by ``Client._spawn``; an
+error that escapes one is logged, and :meth:`Client.close` cancels and awaits all of them.
+
 Times are seconds (``*_s``) for timeouts and delays, integer milliseconds since the epoch for server
 times (``ts``), as in PROTOCOL.md.
 """
@@ -32,14 +48,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import inspect
 import itertools
 import logging
 import random
 import ssl
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
 from ssl import SSLContext
 from typing import Any
 
@@ -49,13 +66,12 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.typing import Subprotocol
 
+from im_actors.delivery import Delivery, FillNext, Step
 from im_actors.errors import (
     CLOSE_AUTH,
-    CLOSE_INVALID_UTF8,
-    CLOSE_PROTOCOL,
     CLOSE_RATE,
-    CLOSE_REPLACED,
-    CLOSE_TOO_BIG,
+    NO_RECONNECT_CLOSE_CODES,
+    RECONNECT_CLOSE_CODES,
     TOKEN_EXPIRED,
     CloseConnection,
     ImError,
@@ -78,15 +94,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Close codes after which the client does not reconnect (PROTOCOL.md section 7): invalid UTF-8,
-#: frame too big, protocol violation, authentication failed, replaced by a newer connection of the
-#: same device. Every other code (1001, 1006, 1011, 4408, 4429, 4508, ...) and every transport error
-#: leads to a reconnect.
-NO_RECONNECT_CLOSE_CODES = frozenset({CLOSE_INVALID_UTF8, CLOSE_TOO_BIG, CLOSE_PROTOCOL, CLOSE_AUTH, CLOSE_REPLACED})
-
 _ABNORMAL = 1006
 _ANSWER_TYPES = frozenset({"ack", "msgs", "convs", "ok", "group", "err", "contacts", "presence"})
 _EVENT_TYPES = frozenset({"receipt", "typing", "presence"})
+#: A gap fill whose ``sync`` answers make no progress this many times in a row gives up (a later
+#: catch-up tries again).
+_MAX_STALLS = 8
 
 MsgCallback = Callable[[dict[str, Any]], Any]
 
@@ -119,6 +132,38 @@ class _NoHub(ConnectFailed):
     """The router answered 503 ``no_hub``."""
 
 
+class ConnState(enum.Enum):
+    """The state of a :class:`Client`'s connection (see the module docstring for the drawing)."""
+
+    #: Made, :meth:`Client.connect` not called yet: calls raise :class:`ClientClosed`.
+    NEW = "new"
+    #: :meth:`Client.connect` is looking for a hub: calls wait.
+    CONNECTING = "connecting"
+    #: An authenticated WebSocket is open: calls go out on it.
+    OPEN = "open"
+    #: The WebSocket was lost with a code that allows a reconnect: the reconnect task looks for a hub,
+    #: calls wait (up to their deadline).
+    RECONNECTING = "reconnecting"
+    #: Final: connect() failed, a code in :data:`NO_RECONNECT_CLOSE_CODES` closed the socket, or a
+    #: reconnect was refused; calls raise the error that caused it.
+    FAILED = "failed"
+    #: :meth:`Client.close` was called: calls raise :class:`ClientClosed`.
+    CLOSED = "closed"
+
+
+#: The allowed transitions: ``state -> states it may change to``. ``Client._set_state`` enforces them.
+_TRANSITIONS: Mapping[ConnState, frozenset[ConnState]] = {
+    ConnState.NEW: frozenset({ConnState.CONNECTING, ConnState.CLOSED}),
+    ConnState.CONNECTING: frozenset({ConnState.OPEN, ConnState.FAILED, ConnState.CLOSED}),
+    ConnState.OPEN: frozenset({ConnState.RECONNECTING, ConnState.FAILED, ConnState.CLOSED}),
+    ConnState.RECONNECTING: frozenset({ConnState.OPEN, ConnState.FAILED, ConnState.CLOSED}),
+    ConnState.FAILED: frozenset({ConnState.CLOSED}),
+    ConnState.CLOSED: frozenset(),
+}
+#: Calls waiting for a connection wake up when the state becomes one of these.
+_SETTLED = frozenset({ConnState.OPEN, ConnState.FAILED, ConnState.CLOSED})
+
+
 @dataclass(frozen=True)
 class Ack:
     """A committed send: ``seq`` in ``conv``, server time ``ts`` (ms); ``dup`` when the cmid was already
@@ -149,17 +194,6 @@ def backoff_delay(attempt: int, base_s: float = 0.05, max_s: float = 5.0) -> flo
     """
     cap = min(max_s, base_s * (2 ** min(attempt, 30)))
     return cap / 2 + random.uniform(0, cap / 2)
-
-
-@dataclass
-class _ConvState:
-    """Delivery state of one conversation: ``held`` = highest seq handed to the application,
-    ``target`` = highest seq known to exist, ``buffer`` = msgs received ahead of a gap, by seq."""
-
-    held: int = 0
-    target: int = 0
-    buffer: dict[int, dict[str, Any]] = field(default_factory=dict)
-    fill: asyncio.Task[None] | None = None
 
 
 class _Connection:
@@ -257,19 +291,17 @@ class Client:
         self._ssl: SSLContext | None = _ssl_context(ssl)
 
         self._ids = itertools.count(1)
-        self._conn: _Connection | None = None
-        self._ready = asyncio.Event()
-        self._started = False
-        self._closing = False
-        self._fatal: BaseException | None = None
-        self._reconnect_task: asyncio.Task[None] | None = None
+        self._state = ConnState.NEW
+        self._conn: _Connection | None = None  # set exactly while the state is OPEN
+        self._fatal: BaseException | None = None  # set exactly while the state is FAILED
+        self._settled = asyncio.Event()  # set while the state is in _SETTLED: waiting calls wake up
+        self._tasks: set[asyncio.Task[Any]] = set()  # every background task, see _spawn
         self._catch_up_task: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._convs: dict[str, _ConvState] = {conv: _ConvState(held=seq) for conv, seq in (held or {}).items()}
-        self._baseline_done = False
-        self._early: list[dict[str, Any]] = []
+        self._fills: dict[str, asyncio.Task[None]] = {}  # the running gap fill of each conversation
+        self._delivery = Delivery(user, held)
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._dispatch_q: asyncio.Queue[tuple[MsgCallback, dict[str, Any]] | Awaitable[Any]] | None = None
+        self._undecodable = 0
 
         #: Name of the hub currently connected (None while disconnected).
         self.hub: str | None = None
@@ -279,16 +311,10 @@ class Client:
         self.gap_fills = 0
         #: Gap fills that gave up (deadline, non-retryable error); a later catch-up tries again.
         self.gap_fill_failures = 0
-        #: ``msg`` frames dropped because their (conv, seq) was already held or buffered.
-        self.dups_dropped = 0
         #: Sends retried with the same cmid (each retry counts once).
         self.resends = 0
         #: Entries delivered to the application.
         self.delivered = 0
-        #: Seqs that ``sync`` showed do not exist on the server (skipped so delivery goes on).
-        self.holes_skipped = 0
-        #: Frames from the server that could not be decoded (ignored).
-        self.bad_frames = 0
         #: Exceptions raised by ``on_msg`` / ``on_event`` (logged, delivery goes on).
         self.callback_errors = 0
 
@@ -297,12 +323,32 @@ class Client:
     @property
     def connected(self) -> bool:
         """True while an authenticated WebSocket is open."""
-        return self._conn is not None
+        return self._state is ConnState.OPEN
+
+    @property
+    def state(self) -> ConnState:
+        """The connection's :class:`ConnState`."""
+        return self._state
 
     @property
     def held(self) -> dict[str, int]:
         """A copy of ``{conv: highest seq delivered to the application}``."""
-        return {conv: st.held for conv, st in self._convs.items()}
+        return self._delivery.held
+
+    @property
+    def dups_dropped(self) -> int:
+        """``msg`` frames dropped because their (conv, seq) was already held or buffered."""
+        return self._delivery.dups_dropped
+
+    @property
+    def holes_skipped(self) -> int:
+        """Seqs that ``sync`` showed do not exist on the server (skipped so delivery goes on)."""
+        return self._delivery.holes_skipped
+
+    @property
+    def bad_frames(self) -> int:
+        """Frames from the server that could not be decoded, or ``msg`` frames without conv and seq (ignored)."""
+        return self._undecodable + self._delivery.bad_msgs
 
     def stats(self) -> dict[str, int]:
         """The counters as a map: reconnects, gap_fills, gap_fill_failures, dups_dropped, resends,
@@ -330,21 +376,39 @@ class Client:
         Retries the router (503 ``no_hub``, connection errors) and the hub with jittered exponential
         backoff for up to ``connect_timeout_s``. Raises :class:`ConnectFailed` when that runs out,
         :class:`~im_actors.errors.CloseConnection` (4401) or :class:`~im_actors.errors.Unauthorized`
-        when the token or the dev login is refused. Call :meth:`close` afterwards in every case.
+        when the token or the dev login is refused (the client is then FAILED: later calls raise the
+        same error). Raises ``RuntimeError`` when called a second time. Call :meth:`close` afterwards
+        in every case.
         """
-        if self._started:
-            raise RuntimeError("connect() was already called")
-        self._started = True
+        if self._state is not ConnState.NEW:
+            raise RuntimeError("connect() was already called" if self._state is not ConnState.CLOSED else "closed")
+        self._set_state(ConnState.CONNECTING, "connect() called")
         if self._http is None:
             self._http = aiohttp.ClientSession()
+        try:
+            conn = await self._open_first()
+        except Exception as exc:
+            if self._state is ConnState.CONNECTING:
+                self._set_state(ConnState.FAILED, f"connect failed: {exc!r}", error=exc)
+            raise
+        if self._state is not ConnState.CONNECTING:  # closed meanwhile
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.ws.close(), 2.0)
+            raise ClientClosed("client closed")
+        self._install(conn, "connected")
+        await self._catch_up()
+
+    async def _open_first(self) -> _Connection:
+        """The first connection: :meth:`_open` retried with backoff for up to ``connect_timeout_s``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._connect_timeout_s
         exclude: list[str] = []
         attempt = 0
         while True:
+            if self._state is not ConnState.CONNECTING:
+                raise ClientClosed("client closed")
             try:
-                conn = await self._open(exclude)
-                break
+                return await self._open(exclude)
             except _NoHub as exc:
                 exclude.clear()
                 last: ConnectFailed = exc
@@ -357,30 +421,30 @@ class Client:
             if loop.time() + delay > deadline:
                 raise ConnectFailed(f"no hub reachable within {self._connect_timeout_s} s: {last}") from last
             await asyncio.sleep(delay)
-        self._install(conn)
-        await self._catch_up(first=True)
 
     async def close(self) -> None:
-        """Close the WebSocket and stop every background task; pending calls raise :class:`ClientClosed`."""
-        if self._closing:
+        """Close the WebSocket and stop every background task (cancelled, then awaited); pending calls
+        raise :class:`ClientClosed`. Closing twice is harmless."""
+        if self._state is ConnState.CLOSED:
             return
-        self._closing = True
-        self._ready.set()
-        conn, self._conn = self._conn, None
-        self.hub = None
-        tasks = [t for t in (self._reconnect_task, self._catch_up_task) if t is not None]
-        tasks += [st.fill for st in self._convs.values() if st.fill is not None]
-        tasks += list(self._tasks)
-        for task in tasks:
-            task.cancel()
+        conn = self._conn
+        self._set_state(ConnState.CLOSED, "close() called")
+        me = asyncio.current_task()
+        reader = conn.reader if conn is not None else None
+        for task in list(self._tasks):
+            if task is not me and task is not reader:
+                task.cancel()
         if conn is not None:
             self._fail_pending(conn, ClientClosed("client closed"))
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.ws.close(), 2.0)
-            if conn.reader is not None:
-                conn.reader.cancel()
-                tasks.append(conn.reader)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while True:  # a task may start another while it is being cancelled: until none is left
+            tasks = [t for t in self._tasks if t is not me]
+            if not tasks:
+                break
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self._own_http and self._http is not None:
             await self._http.close()
 
@@ -504,23 +568,23 @@ class Client:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         try:
-            await asyncio.wait_for(self._catch_up(first=not self._baseline_done), timeout_s)
+            await asyncio.wait_for(self._catch_up(), timeout_s)
         except (TimeoutError, ImError) as exc:
             log.warning("%s/%s: catch-up failed: %r", self.user, self.device, exc)
             return False
         while True:
-            fills = [st.fill for st in self._convs.values() if st.fill is not None and not st.fill.done()]
-            lagging = [(conv, st) for conv, st in self._convs.items() if st.held < st.target]
+            lagging = self._delivery.lagging()
             if not lagging:
                 return True
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
+            fills = [t for t in self._fills.values() if not t.done()]
             if fills:
                 await asyncio.wait(fills, timeout=remaining)
             else:
-                for conv, st in lagging:
-                    self._ensure_fill(conv, st)
+                for gap in lagging:
+                    self._ensure_fill(gap.conv)
                 await asyncio.sleep(min(remaining, self._backoff(2)))
 
     # --- requests ------------------------------------------------------------------------------------
@@ -538,23 +602,30 @@ class Client:
         )
 
     async def _wait_ready(self, timeout_s: float) -> _Connection:
-        """The live connection, waiting up to ``timeout_s`` for a reconnect; raises when closed or fatal."""
-        if not self._started:
-            raise ClientClosed("not connected: call connect() first")
+        """The live connection, waiting up to ``timeout_s`` while connecting or reconnecting.
+
+        Raises :class:`ClientClosed` before :meth:`connect` and after :meth:`close`, the error that made
+        the client FAILED, or ``TimeoutError`` when no connection came up in time.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            if self._closing:
+            state = self._state
+            if state is ConnState.NEW:
+                raise ClientClosed("not connected: call connect() first")
+            if state is ConnState.CLOSED:
                 raise ClientClosed("client closed")
-            if self._fatal is not None:
+            if state is ConnState.FAILED:
+                assert self._fatal is not None
                 raise self._fatal
-            if self._conn is not None:
+            if state is ConnState.OPEN:
+                assert self._conn is not None
                 return self._conn
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError("not connected")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), remaining)
+                await asyncio.wait_for(self._settled.wait(), remaining)
 
     async def _request_on(self, conn: _Connection, frame: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Send one request on ``conn`` and wait for the answer with its id (an ``err`` map is returned)."""
@@ -705,11 +776,10 @@ class Client:
         except TimeoutError as exc:
             raise ConnectFailed(f"{hub}: no ready in time", hub=hub) from exc
 
-    def _install(self, conn: _Connection) -> None:
-        self._conn = conn
-        self.hub = conn.hub
-        conn.reader = asyncio.create_task(self._read_loop(conn), name=f"im-client-reader-{self.user}")
-        self._ready.set()
+    def _install(self, conn: _Connection, why: str) -> None:
+        """Make ``conn`` the live connection (state OPEN) and start its reader."""
+        conn.reader = self._spawn(self._read_loop(conn), f"im-client-reader-{self.user}")
+        self._set_state(ConnState.OPEN, f"{why} to {conn.hub}", conn=conn)
 
     async def _read_loop(self, conn: _Connection) -> None:
         code, reason = _ABNORMAL, ""
@@ -718,7 +788,7 @@ class Client:
                 try:
                     frame = decode(data, conn.subprotocol, SERVER_LIMITS)
                 except CloseConnection:
-                    self.bad_frames += 1
+                    self._undecodable += 1
                     continue
                 self._dispatch(conn, frame)
             code, reason = conn.ws.close_code or _ABNORMAL, conn.ws.close_reason or ""
@@ -742,31 +812,29 @@ class Client:
                 fut.set_exception(exc)
 
     def _connection_lost(self, conn: _Connection, code: int, reason: str) -> None:
+        """The reader of ``conn`` ended: fail its pending requests; when it was the live connection,
+        reconnect or become FAILED, as the close code says (PROTOCOL.md section 7)."""
         if conn.lost is None:
             conn.lost = ConnectionLost(code, reason)
         self._fail_pending(conn, conn.lost)
-        if self._conn is not conn:
+        if self._conn is not conn:  # an old connection, or close() already took it
             return
-        self._conn = None
-        self.hub = None
-        self._ready.clear()
-        if self._closing:
-            return
+        why = f"{conn.hub} closed with {code}{' ' + reason if reason else ''}"
         if code == CLOSE_AUTH and reason == TOKEN_EXPIRED and self._own_token:
             self._token = None  # our development-login token ran out: log in again and reconnect
         elif code in NO_RECONNECT_CLOSE_CODES:
-            log.warning("%s/%s: closed with %s (%s), not reconnecting", self.user, self.device, code, reason)
-            self._fatal = CloseConnection(code, reason or "closed by the server")
-            self._ready.set()
+            self._set_state(ConnState.FAILED, why, error=CloseConnection(code, reason or "closed by the server"))
             return
-        log.info("%s/%s: connection to %s lost (%s), reconnecting", self.user, self.device, conn.hub, code)
-        self._reconnect_task = asyncio.create_task(self._reconnect(conn.hub, code))
+        elif code not in RECONNECT_CLOSE_CODES:
+            why += " (transport failure)"
+        self._set_state(ConnState.RECONNECTING, why)
+        self._spawn(self._reconnect(conn.hub, code), f"im-client-reconnect-{self.user}")
 
     async def _reconnect(self, failed_hub: str, code: int) -> None:
         exclude = [failed_hub]
         attempt = 3 if code == CLOSE_RATE else 0  # 4429: back off harder before the first try
         await asyncio.sleep(self._backoff(attempt) if attempt else random.uniform(0, self._backoff_base_s))
-        while not self._closing:
+        while self._state is ConnState.RECONNECTING:
             try:
                 conn = await self._open(exclude)
             except _NoHub:
@@ -775,56 +843,89 @@ class Client:
                 if exc.hub and exc.hub not in exclude:
                     exclude.append(exc.hub)
             except (CloseConnection, Unauthorized) as exc:
-                log.warning("%s/%s: reconnect refused: %r", self.user, self.device, exc)
-                self._fatal = exc if isinstance(exc, CloseConnection) else CloseConnection(CLOSE_AUTH, str(exc))
-                self._ready.set()
+                fatal = exc if isinstance(exc, CloseConnection) else CloseConnection(CLOSE_AUTH, str(exc))
+                if self._state is ConnState.RECONNECTING:
+                    self._set_state(ConnState.FAILED, f"reconnect refused: {exc!r}", error=fatal)
                 return
             except Exception:  # never let the reconnect loop die silently
                 log.exception("%s/%s: reconnect attempt failed", self.user, self.device)
             else:
-                if self._closing:
+                if self._state is not ConnState.RECONNECTING:  # closed meanwhile
                     with contextlib.suppress(Exception):
                         await conn.ws.close()
                     return
                 self.reconnects += 1
-                self._install(conn)
+                self._install(conn, "reconnected")
                 if self._catch_up_task is not None:
                     self._catch_up_task.cancel()
-                self._catch_up_task = asyncio.create_task(self._catch_up_logged())
+                self._catch_up_task = self._spawn(self._catch_up_logged(), f"im-client-catch-up-{self.user}")
                 return
             await asyncio.sleep(self._backoff(attempt))
             attempt += 1
+
+    def _set_state(
+        self,
+        new: ConnState,
+        why: str,
+        *,
+        conn: _Connection | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """The one place the connection state changes: checks the transition against ``_TRANSITIONS``,
+        keeps ``_conn`` (OPEN only), ``hub`` and ``_fatal`` (FAILED only) in step, wakes waiting calls,
+        and logs the change (FAILED at WARNING, RECONNECTING at INFO, the others at DEBUG).
+
+        Raises ``RuntimeError`` for a transition ``_TRANSITIONS`` does not allow (a bug in this module).
+        """
+        old = self._state
+        if new not in _TRANSITIONS[old]:
+            raise RuntimeError(f"client state {old.value} -> {new.value} is not allowed ({why})")
+        if (new is ConnState.OPEN) != (conn is not None) or (new is ConnState.FAILED) != (error is not None):
+            raise RuntimeError(f"client state {new.value} needs a connection exactly when OPEN, an error when FAILED")
+        self._state = new
+        self._conn = conn
+        self.hub = conn.hub if conn is not None else None
+        self._fatal = error
+        if new in _SETTLED:
+            self._settled.set()
+        else:
+            self._settled.clear()
+        level = {ConnState.FAILED: logging.WARNING, ConnState.RECONNECTING: logging.INFO}.get(new, logging.DEBUG)
+        log.log(level, "%s/%s: %s -> %s: %s", self.user, self.device, old.value, new.value, why)
+
+    # --- tasks ---------------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Start a background task: the only way this class starts one. :meth:`close` cancels and awaits
+        every task started here; an exception that escapes one is logged, never dropped."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s/%s: task %s failed", self.user, self.device, task.get_name(), exc_info=task.exception())
 
     # --- delivery ------------------------------------------------------------------------------------
 
     async def _catch_up_logged(self) -> None:
         try:
-            await self._catch_up(first=not self._baseline_done)
+            await self._catch_up()
         except (ImError, TimeoutError) as exc:
             log.warning("%s/%s: catch-up after reconnect failed: %r", self.user, self.device, exc)
         except Exception:
             log.exception("%s/%s: catch-up after reconnect failed", self.user, self.device)
 
-    async def _catch_up(self, first: bool) -> None:
+    async def _catch_up(self) -> None:
         """``convs``, then fill every conversation whose ``last`` is ahead of ``held``.
 
-        ``first``: this is the baseline, so a conversation seen now starts at its ``last``; otherwise a
-        conversation not seen before starts at 0 (it appeared while the client was away).
+        The first answer is the baseline (:meth:`Delivery.receive_convs
+        <im_actors.delivery.Delivery.receive_convs>`).
         """
         answer = await self._call({"t": "convs"}, retry_transport=True, deadline_s=self._send_deadline_s)
-        for item in answer.get("convs") or []:
-            conv, last = str(item["conv"]), int(item.get("last", 0))
-            st = self._convs.get(conv)
-            if st is None:
-                st = self._convs[conv] = _ConvState(held=last if first else 0)
-            st.target = max(st.target, last)
-            if st.held < st.target:
-                self._ensure_fill(conv, st)
-        if not self._baseline_done:
-            self._baseline_done = True
-            early, self._early = self._early, []
-            for frame in early:
-                self._on_msg_frame(frame, live=False)
+        self._apply(self._delivery.receive_convs(answer.get("convs") or []))
 
     def _dispatch(self, conn: _Connection, frame: dict[str, Any]) -> None:
         t = frame.get("t")
@@ -835,58 +936,27 @@ class Client:
                 fut.set_result(frame)
             return  # a late answer to a request that timed out: ignored
         if t == "msg":
-            self._on_msg_frame(frame, live=True)
+            self._apply(self._delivery.receive_msg(frame))
         elif t in _EVENT_TYPES:
             if self._on_event is not None:
                 self._call_back(self._on_event, frame)
         elif t == "err":
             log.warning("%s/%s: error without request: %s", self.user, self.device, frame)
 
-    def _on_msg_frame(self, frame: dict[str, Any], live: bool) -> None:
-        conv, seq = frame.get("conv"), frame.get("seq")
-        if not isinstance(conv, str) or not isinstance(seq, int) or isinstance(seq, bool):
-            self.bad_frames += 1
-            return
-        if not self._baseline_done:
-            self._early.append(frame)
-            return
-        st = self._convs.get(conv)
-        if st is None:
-            st = self._convs[conv] = _ConvState()
-            meta = frame.get("meta") or {}
-            if (
-                frame.get("kind") == "system"
-                and meta.get("event") == "added"
-                and self.user in (meta.get("users") or [])
-            ):
-                st.held = seq - 1  # a group this user just joined: the entries before its join are not theirs
-        if seq <= st.held or seq in st.buffer:
-            if live:
-                self.dups_dropped += 1
-            return
-        st.target = max(st.target, seq)
-        if seq == st.held + 1:
-            self._deliver_run(st, frame)
-        else:
-            st.buffer[seq] = frame
-            self._ensure_fill(conv, st)
-
-    def _deliver_run(self, st: _ConvState, frame: dict[str, Any]) -> None:
-        """Deliver ``frame`` (seq == held + 1), then every buffered successor."""
-        self._deliver(st, frame)
-        while st.buffer:
-            nxt = st.buffer.pop(st.held + 1, None)
-            if nxt is None:
-                break
-            self._deliver(st, nxt)
-
-    def _deliver(self, st: _ConvState, frame: dict[str, Any]) -> None:
-        st.held = int(frame["seq"])
-        self.delivered += 1
-        if self._on_msg is None:
-            self._queue.put_nowait(frame)
-        else:
-            self._call_back(self._on_msg, frame)
+    def _apply(self, step: Step) -> None:
+        """Do what the delivery module decided: hand ``step.deliver`` over, start the fills it asks for."""
+        for frame in step.deliver:
+            self.delivered += 1
+            if self._on_msg is None:
+                self._queue.put_nowait(frame)
+            else:
+                self._call_back(self._on_msg, frame)
+        for hole in step.holes:
+            log.warning(
+                "%s/%s: %s has no seq %d..%d, skipped", self.user, self.device, hole.conv, hole.first, hole.last
+            )
+        for gap in step.sync:
+            self._ensure_fill(gap.conv)
 
     def _call_back(self, fn: MsgCallback, frame: dict[str, Any]) -> None:
         """Run an application callback; coroutines are awaited one at a time, in order, by a dispatcher."""
@@ -905,7 +975,7 @@ class Client:
     def _dispatch_queue(self) -> asyncio.Queue[Any]:
         if self._dispatch_q is None:
             self._dispatch_q = asyncio.Queue()
-            self._spawn(self._dispatcher(self._dispatch_q))
+            self._spawn(self._dispatcher(self._dispatch_q), f"im-client-dispatcher-{self.user}")
         return self._dispatch_q
 
     async def _dispatcher(self, queue: asyncio.Queue[Any]) -> None:
@@ -921,66 +991,42 @@ class Client:
                 self.callback_errors += 1
                 log.exception("%s/%s: callback failed", self.user, self.device)
 
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    def _ensure_fill(self, conv: str, st: _ConvState) -> None:
+    def _ensure_fill(self, conv: str) -> None:
         """Start the gap fill of ``conv`` unless one is running (one fill at a time per conversation)."""
-        if self._closing or (st.fill is not None and not st.fill.done()):
+        running = self._fills.get(conv)
+        if self._state is ConnState.CLOSED or (running is not None and not running.done()):
             return
-        st.fill = asyncio.create_task(self._fill(conv, st), name=f"im-client-fill-{conv}")
+        self._fills[conv] = self._spawn(self._fill(conv), f"im-client-fill-{conv}")
 
-    async def _fill(self, conv: str, st: _ConvState) -> None:
+    async def _fill(self, conv: str) -> None:
         """``sync`` from ``held`` page by page until ``held`` reaches the highest seq known to exist."""
         self.gap_fills += 1
         stalls = 0
         try:
-            while not self._closing and st.held < st.target:
-                before = st.held
+            while self._state is not ConnState.CLOSED:
+                gap = self._delivery.gap(conv)
+                if gap is None:
+                    return
                 answer = await self._call(
-                    {"t": "sync", "conv": conv, "after": st.held, "limit": self._sync_limit},
-                    retry_transport=True,
-                    deadline_s=self._send_deadline_s,
+                    gap.request(self._sync_limit), retry_transport=True, deadline_s=self._send_deadline_s
                 )
-                st.target = max(st.target, int(answer.get("last", 0)))
-                for m in answer.get("msgs") or []:
-                    self._accept_synced(conv, st, m)
-                if answer.get("more") and st.held > before:
-                    continue
-                if st.held < st.target and st.held == before:
+                step = self._delivery.receive_sync(conv, answer)
+                self._apply(step)
+                if step.fill is FillNext.STALLED:
                     # The server says entries exist that it did not return (yet): wait and retry.
                     stalls += 1
-                    if stalls > 8:
-                        log.warning("%s/%s: %s stuck at %d < %d", self.user, self.device, conv, st.held, st.target)
+                    if stalls > _MAX_STALLS:
+                        log.warning("%s/%s: %s stuck at %d < %d", self.user, self.device, conv, gap.after, gap.upto)
                         self.gap_fill_failures += 1
                         return
                     await asyncio.sleep(self._backoff(stalls))
         except (ImError, TimeoutError) as exc:
-            if not self._closing:
+            if self._state is not ConnState.CLOSED:
                 self.gap_fill_failures += 1
                 log.warning("%s/%s: gap fill of %s failed: %r", self.user, self.device, conv, exc)
         except Exception:
             self.gap_fill_failures += 1
             log.exception("%s/%s: gap fill of %s failed", self.user, self.device, conv)
         finally:
-            if st.fill is asyncio.current_task():
-                st.fill = None
-
-    def _accept_synced(self, conv: str, st: _ConvState, m: dict[str, Any]) -> None:
-        seq = m.get("seq")
-        if not isinstance(seq, int) or seq <= st.held:
-            return
-        m.setdefault("t", "msg")
-        m.setdefault("conv", conv)
-        if seq > st.held + 1:
-            # sync returns every entry after ``held``: the missing seqs do not exist on the server.
-            log.warning("%s/%s: %s has no seq %d..%d, skipped", self.user, self.device, conv, st.held + 1, seq - 1)
-            self.holes_skipped += seq - st.held - 1
-            for s in [s for s in st.buffer if s < seq]:
-                del st.buffer[s]
-            st.held = seq - 1
-        st.buffer.pop(seq, None)
-        self._deliver_run(st, m)
+            if self._fills.get(conv) is asyncio.current_task():
+                del self._fills[conv]

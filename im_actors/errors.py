@@ -13,13 +13,21 @@
      |    +-- Unavailable        unavailable   (retry true: nothing was committed, resend the same cmid)
      |    +-- Internal           internal      (retry true: a bug, logged with the request id)
      +-- CloseConnection         the connection is closed with ``close_code`` (PROTOCOL.md section 7)
-     +-- ConfigError            bad configuration, raised at start, names the key
+     +-- ConfigError             bad configuration, raised at start, names the key
+     +-- ServiceError            a backing service (Redis, RabbitMQ, MongoDB) is missing and could not start
+     |
+     |   raised by the client library only (defined in im_actors/client.py):
+     +-- ClientClosed            a call before Client.connect() or after Client.close()
+     +-- ConnectionLost          the WebSocket closed while a request was in flight (``close_code``)
+     +-- ConnectFailed           no hub reachable within the connect timeout (``hub``: the one that failed)
 
 Source of the codes: PROTOCOL.md sections 6 and 7.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 __all__ = [
@@ -46,7 +54,9 @@ __all__ = [
     "CLOSE_REPLACED",
     "CLOSE_RATE",
     "CLOSE_SLOW",
+    "CLOSE_RECONNECT",
     "RECONNECT_CLOSE_CODES",
+    "NO_RECONNECT_CLOSE_CODES",
     "error_from_frame",
 ]
 
@@ -64,8 +74,27 @@ CLOSE_REPLACED = 4409
 CLOSE_RATE = 4429
 CLOSE_SLOW = 4508
 
+#: PROTOCOL.md section 7's "reconnect?" column, the one source of both sets below: close code ->
+#: whether a client reconnects after it. A code not in the table (1000, 1006 abnormal, 1011, ...) is a
+#: transport failure, after which a client reconnects too.
+CLOSE_RECONNECT: Mapping[int, bool] = MappingProxyType(
+    {
+        CLOSE_GOING_AWAY: True,
+        CLOSE_INVALID_UTF8: False,
+        CLOSE_TOO_BIG: False,
+        CLOSE_PROTOCOL: False,
+        CLOSE_AUTH: False,
+        CLOSE_AUTH_TIMEOUT: True,
+        CLOSE_REPLACED: False,
+        CLOSE_RATE: True,
+        CLOSE_SLOW: True,
+    }
+)
 #: Close codes after which a client reconnects (to another hub where it makes sense).
-RECONNECT_CLOSE_CODES = frozenset({CLOSE_GOING_AWAY, CLOSE_AUTH_TIMEOUT, CLOSE_RATE, CLOSE_SLOW})
+RECONNECT_CLOSE_CODES = frozenset(code for code, again in CLOSE_RECONNECT.items() if again)
+#: Close codes after which a client does not reconnect: invalid UTF-8, frame too big, protocol
+#: violation, authentication failed, replaced by a newer connection of the same device.
+NO_RECONNECT_CLOSE_CODES = frozenset(code for code, again in CLOSE_RECONNECT.items() if not again)
 
 
 class ImError(Exception):

@@ -408,8 +408,9 @@ _VALIDATORS: dict[str, Callable[[dict[str, Any], Limits], dict[str, Any]]] = {
 def parse_request(frame: dict[str, Any], limits: Limits = Limits()) -> Request:
     """Validate a decoded request frame (PROTOCOL.md section 4).
 
-    Raises :class:`BadRequest` (or :class:`TooLarge`) with the request id set in ``extra["id"]``
-    when the id could be read, so the hub can answer it; an unknown ``t`` is ``bad_request``.
+    Raises :class:`BadRequest` (or :class:`TooLarge`) with the request id in the exception's
+    ``request_id`` (None when the id could not be read), so the hub can answer it with
+    ``exc.frame(exc.request_id)``; an unknown ``t`` is ``bad_request``.
     """
     t = frame.get("t")
     rid: int | None = None

@@ -5,9 +5,10 @@ and the providers.
 
     jobs.py        make_job, encode_job, decode_job: the plain dict that travels
     topology.py    exchange and queue names from config.amqp_prefix; declare_topology, delete_topology
-    publisher.py   PushPublisher: bounded outbox -> RabbitMQ with confirms (in each conversation shard)
+    publisher.py   PushPublisher: bounded outbox -> RabbitMQ with confirms (in each session shard, where
+                   "this device is offline" is decided)
     worker.py      PushWorker (plain) and PushWorkerActor (Ray): queue -> provider -> ack
-    providers/     Provider, Outcome; webhook, log; make_provider
+    providers/     Provider, Outcome; apns, fcm, huawei, xiaomi, webhook, log; make_provider
 
 The worker is not imported here (it imports Ray): ``from im_actors.push.worker import PushWorker``.
 """

@@ -1,6 +1,6 @@
 """The publisher side of offline push: a bounded outbox in front of RabbitMQ (DESIGN.md sections 2.7, 4, 6).
 
-A conversation shard calls :meth:`PushPublisher.publish` for each job; that never blocks and never
+A session shard calls :meth:`PushPublisher.publish` for each job; that never blocks and never
 fails. A background task moves jobs from the outbox to the exchange as persistent messages with
 publisher confirms, many at once, and forgets a job only when the broker confirmed it. While the
 broker is unreachable the jobs wait; beyond ``config.push_outbox_max`` waiting jobs the oldest is
