@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from drivers.fakeserver import FakeServer
-from im_actors.client import Ack, Client, ClientClosed, backoff_delay
+from im_actors.client import Ack, Client, ClientClosed, ConnState, backoff_delay
 from im_actors.errors import CloseConnection, Forbidden, Unavailable
 from im_actors.ids import direct_conv
 from im_actors.protocol import SUBPROTOCOL_JSON, msg_frame
@@ -308,3 +309,46 @@ def test_public_surface() -> None:
     )
     assert {1001, 1006, 1011, 4408, 4429, 4508}.isdisjoint(client_module.NO_RECONNECT_CLOSE_CODES)
     assert {1007, 1009, 4400, 4401, 4409} == client_module.NO_RECONNECT_CLOSE_CODES
+
+
+async def test_connection_states_are_logged_and_close_awaits_every_task(
+    fake: FakeServer, apps: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="im_actors.client")
+    alice = await apps("alice", connect=False)
+    assert alice.client.state is ConnState.NEW
+    await alice.client.connect()
+    assert alice.client.state is ConnState.OPEN
+    await fake.disconnect("alice", code=1001)
+    await wait_until(lambda: alice.client.reconnects == 1 and alice.client.connected)
+    fake.drop_fanout = lambda entry, user, device: entry["seq"] == 1
+    await alice.client.send(AB, "m1")
+    await alice.client.send(AB, "m2")  # a gap: a fill task runs
+    await wait_until(lambda: alice.seqs(AB) == [1, 2])
+    await alice.client.close()
+    assert alice.client.state is ConnState.CLOSED
+    changes = [
+        (r.args[2], r.args[3])
+        for r in caplog.records
+        if r.name == "im_actors.client" and isinstance(r.args, tuple) and len(r.args) == 5
+    ]
+    assert changes == [
+        ("new", "connecting"),
+        ("connecting", "open"),
+        ("open", "reconnecting"),
+        ("reconnecting", "open"),
+        ("open", "closed"),
+    ]
+    assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("im-client-")] == []
+
+
+async def test_a_refused_connect_leaves_the_client_failed(fake: FakeServer, apps: Any) -> None:
+    intruder = await apps("mallory", connect=False, token="forged")
+    with pytest.raises(CloseConnection):
+        await intruder.client.connect()
+    assert intruder.client.state is ConnState.FAILED
+    with pytest.raises(CloseConnection) as err:
+        await intruder.client.send(AB, "x")
+    assert err.value.close_code == 4401
+    await intruder.client.close()
+    assert intruder.client.state is ConnState.CLOSED
