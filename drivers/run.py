@@ -20,7 +20,7 @@ of sends and merges the results.
 
 CLI: ``python -m drivers.run --router URL replay --corpus FILE -n 2000 --duration 60`` or
 ``python -m drivers.run --router URL synthetic --users 100 --rate 200 --duration 10``; ``--fake-hubs N``
-runs against the in-memory :mod:`drivers.fakeserver` instead of a router. The report is printed as JSON.
+runs against the in-memory :mod:`tests.fakeserver` instead of a router. The report is printed as JSON.
 """
 
 from __future__ import annotations
@@ -495,7 +495,7 @@ async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
     workload = _workload_from_args(args)
     if args.fake_hubs:
-        from drivers.fakeserver import FakeServer
+        from tests.fakeserver import FakeServer
 
         async with FakeServer(hubs=args.fake_hubs) as fake:
             return await run_workload_async(

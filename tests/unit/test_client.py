@@ -1,4 +1,4 @@
-"""The client library against the in-memory fake server (drivers.fakeserver): no Ray, no real services."""
+"""The client library against the in-memory fake server (tests.fakeserver): no Ray, no real services."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from drivers.fakeserver import FakeServer
 from im_actors.client import Ack, Client, ClientClosed, ConnState, backoff_delay
 from im_actors.errors import CloseConnection, Forbidden, Unavailable
 from im_actors.ids import direct_conv
 from im_actors.protocol import SUBPROTOCOL_JSON, msg_frame
+from tests.fakeserver import FakeServer
 
 AB = direct_conv("alice", "bob")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from drivers.fakeserver import FakeServer
 from drivers.replay import ReplayWorkload
 from drivers.run import build_report, run_workload_async, split_users
 from drivers.synthetic import SyntheticWorkload
 from drivers.workload import Plan, PlannedSend
+from tests.fakeserver import FakeServer
 
 REPORT_KEYS = {
     "sent",

@@ -1,11 +1,16 @@
 """An in-memory stand-in for im-actors (a router and N hubs) that speaks PROTOCOL.md, with fault hooks.
 
-For the client library's and the drivers' own tests, and for dry runs of a workload
-(``python -m drivers.run --fake-hubs 2 ...``) while no real deployment is at hand. It is not the server:
-one asyncio loop, no Ray, no storage, nothing durable. It keeps what a client can observe: a router
+A test double, not part of the package: for the client library's and the drivers' own tests, and for
+dry runs of a workload from a checkout (``python -m drivers.run --fake-hubs 2 ...``) while no real
+deployment is at hand. It is not the server: one asyncio loop, no Ray, no storage, nothing durable.
+``tests/contract.py`` holds it to the real hub: the same client-level cases run against it
+(``tests/unit/test_contract_fake.py``) and against a real local deployment
+(``tests/integration/test_contract_real.py``); a difference found there is fixed here. It keeps what a
+client can observe: a router
 (``GET /v1/hub`` with ``exclude``, ``POST /v1/login``), hubs on their own ports, auth/ready, per
-conversation seqs from 1 with cmid dedup (``dup`` acks), ``system`` entries for group creation and
-membership changes, fan-out of every entry to every device of every member (the sender's included), in
+conversation seqs from 1 with cmid dedup (``dup`` acks, ``conflict`` for a cmid reused with another
+body), ``system`` entries for group creation and membership changes (with the ``meta`` of PROTOCOL.md
+section 5), fan-out of every entry to every device of every member (the sender's included), in
 commit order per connection, ``sync``/``history``/``convs``/``read``/``group.*``/``push.*``.
 
 Faults a test can switch on (see the attributes of :class:`FakeServer`): answer sends ``unavailable``,
@@ -20,7 +25,7 @@ import contextlib
 import functools
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -35,6 +40,7 @@ from im_actors.errors import (
     CLOSE_GOING_AWAY,
     CLOSE_REPLACED,
     CloseConnection,
+    Conflict,
     Forbidden,
     RequestError,
     Unavailable,
@@ -306,7 +312,8 @@ class FakeServer:
         if t == "history":
             self._check_member(user, f["conv"])
             entries = self.entries.get(f["conv"], [])
-            page = entries[: max(f["before"] - 1, 0)][-f["limit"] :]
+            top = len(entries) if f["before"] == 0 else max(f["before"] - 1, 0)  # before 0: the newest
+            page = entries[:top][-f["limit"] :]
             return {
                 "t": "msgs",
                 "conv": f["conv"],
@@ -344,18 +351,36 @@ class FakeServer:
             self.groups[gid] = {"name": f["name"], "members": members, "roles": roles}
             conv = ids.group_conv(gid)
             self.entries[conv] = []
-            self._commit(conv, user, f"sys-{len(self.entries[conv]) + 1}", "system", f"created by {user}", None)
+            meta = {"event": "created", "name": f["name"], "owner": user, "users": members}
+            self._commit(conv, user, f"sys-{len(self.entries[conv]) + 1}", "system", f"created by {user}", meta)
             return {"t": "ok", "group": gid, "conv": conv}
         if t in ("group.add", "group.remove"):
             group = self._group_of_member(user, f["group"])
             conv = ids.group_conv(f["group"])
             if t == "group.add":
-                group["members"] = list(dict.fromkeys([*group["members"], *f["users"]]))
-                for u in f["users"]:
+                changed = [u for u in dict.fromkeys(f["users"]) if u not in group["members"]]
+                group["members"] = [*group["members"], *changed]
+                for u in changed:
                     group["roles"].setdefault(u, "member")
+                meta = {"event": "added", "users": changed}
             else:
-                group["members"] = [u for u in group["members"] if u not in f["users"]]
-            self._commit(conv, user, f"sys-{len(self.entries[conv]) + 1}", "system", f"{t} {f['users']}", None)
+                changed = [u for u in dict.fromkeys(f["users"]) if u in group["members"]]
+                for u in changed:
+                    group["roles"].pop(u, None)
+                meta = {"event": "removed", "users": changed}
+            if changed:
+                # the entry reaches the members after the change, and the removed users (their last entry)
+                self._commit(
+                    conv,
+                    user,
+                    f"sys-{len(self.entries[conv]) + 1}",
+                    "system",
+                    f"{t} {changed}",
+                    meta,
+                    also=changed if t == "group.remove" else (),
+                )
+                if t == "group.remove":
+                    group["members"] = [u for u in group["members"] if u not in changed]
             return {"t": "ok"}
         if t == "group.info":
             group = self._group_of_member(user, f["group"])
@@ -382,6 +407,8 @@ class FakeServer:
         key = (conv, user, cmid)
         if key in self.cmids:
             entry = self.entries[conv][self.cmids[key] - 1]
+            if (entry["kind"], entry["body"], entry["meta"]) != (f["kind"], f["body"], f.get("meta")):
+                raise Conflict("cmid already committed with a different body")
             return {"t": "ack", "conv": conv, "seq": entry["seq"], "ts": entry["ts"], "dup": True}
         if self.fail_sends > 0:
             self.fail_sends -= 1
@@ -394,8 +421,11 @@ class FakeServer:
             return None
         return {"t": "ack", "conv": conv, "seq": entry["seq"], "ts": entry["ts"], "dup": False}
 
-    def _commit(self, conv: str, sender: str, cmid: str, kind: str, body: Any, meta: Any) -> dict[str, Any]:
-        """Append an entry and queue its ``msg`` on every member device, with no await in between."""
+    def _commit(
+        self, conv: str, sender: str, cmid: str, kind: str, body: Any, meta: Any, also: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """Append an entry and queue its ``msg`` on every device of every member and of the users in
+        ``also`` (those a removal entry removes), with no await in between."""
         entries = self.entries.setdefault(conv, [])
         entry = {
             "conv": conv,
@@ -410,7 +440,7 @@ class FakeServer:
         entries.append(entry)
         self.cmids[(conv, sender, cmid)] = entry["seq"]
         frame = msg_frame(entry)
-        for member in self._members(conv):
+        for member in dict.fromkeys([*self._members(conv), *also]):
             for c in self._conns_of(member):
                 if self.drop_fanout is not None and self.drop_fanout(entry, c.user, c.device):
                     continue
