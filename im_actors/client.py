@@ -216,6 +216,16 @@ def _ssl_context(value: ssl.SSLContext | str | None) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=value)
 
 
+def _exclude_after(exc: ConnectFailed, exclude: list[str]) -> None:
+    """Update the hubs to ``exclude`` from the next router lookup after a failed attempt: the hub that
+    failed joins them; a 503 ``no_hub`` (only excluded hubs are left, or none) clears them, so any
+    hub is tried again."""
+    if isinstance(exc, _NoHub):
+        exclude.clear()
+    elif exc.hub and exc.hub not in exclude:
+        exclude.append(exc.hub)
+
+
 def _close_info(exc: ConnectionClosed) -> tuple[int, str]:
     if exc.rcvd is not None:
         return exc.rcvd.code, exc.rcvd.reason
@@ -409,12 +419,8 @@ class Client:
                 raise ClientClosed("client closed")
             try:
                 return await self._open(exclude)
-            except _NoHub as exc:
-                exclude.clear()
-                last: ConnectFailed = exc
             except ConnectFailed as exc:
-                if exc.hub and exc.hub not in exclude:
-                    exclude.append(exc.hub)
+                _exclude_after(exc, exclude)
                 last = exc
             delay = self._backoff(attempt)
             attempt += 1
@@ -837,11 +843,8 @@ class Client:
         while self._state is ConnState.RECONNECTING:
             try:
                 conn = await self._open(exclude)
-            except _NoHub:
-                exclude.clear()  # only excluded hubs are left (or none): try any of them again
             except ConnectFailed as exc:
-                if exc.hub and exc.hub not in exclude:
-                    exclude.append(exc.hub)
+                _exclude_after(exc, exclude)
             except (CloseConnection, Unauthorized) as exc:
                 fatal = exc if isinstance(exc, CloseConnection) else CloseConnection(CLOSE_AUTH, str(exc))
                 if self._state is ConnState.RECONNECTING:
