@@ -248,9 +248,14 @@ async function loadOlderOnScroll() {
   if (added.length && current === conv) box.scrollTop += box.scrollHeight - height; // keep the view still
 }
 
+let readAfterReconnect = false;
+
 function markRead() {
   if (!current || document.hidden) return;
-  client.markRead(current).catch((err) => showError(`read receipt: ${err.message}`));
+  client.markRead(current).catch((err) => {
+    if (err.code === "connection_lost" || err.code === "not_connected") readAfterReconnect = true; // sent once back
+    else showError(`read receipt: ${err.message}`);
+  });
 }
 
 function renderTyping() {
@@ -275,6 +280,10 @@ client.on("state", (state, detail) => {
   status.textContent = state === "online" ? `online · ${detail}` : state;
   status.title = detail || state;
   if (state === "reconnecting" || state === "offline") status.textContent = `${state}${detail ? ": " + detail : ""}`;
+  if (state === "online" && readAfterReconnect) {
+    readAfterReconnect = false;
+    markRead();
+  }
 });
 client.on("convs", () => {
   renderConvs();

@@ -697,6 +697,7 @@ export class ImClient {
   send(conv, body) {
     const item = { cmid: newCmid(), conv, body, state: "sending", seq: 0, error: "", createdMs: Date.now(), gen: -1 };
     this.outbox.set(item.cmid, item);
+    this._typingSent.delete(conv); // the message ends this bout of typing: the next keystroke is news
     this._emit("outbox", conv);
     this._sendItem(item);
     return item;
@@ -778,7 +779,7 @@ export class ImClient {
   /** Mark `conv` read up to its newest held entry (read request; others get a receipt). */
   async markRead(conv) {
     const cur = this.cursors.get(conv);
-    if (!cur || !cur.loaded || cur.held <= cur.read || !this._ws || cur.left) return;
+    if (!cur || !cur.loaded || cur.held <= cur.read || cur.left) return;
     const seq = cur.held;
     await this.request("read", { conv, seq });
     cur.read = Math.max(cur.read, seq);
