@@ -277,7 +277,7 @@ async function refreshPresence() {
 client.on("state", (state, detail) => {
   const status = $("status");
   status.dataset.state = state;
-  status.textContent = state === "online" ? `online · ${detail}` : state;
+  status.textContent = state === "online" ? `online · ${detail.replace(/^.*-(hub-\d+)$/, "$1")}` : state;
   status.title = detail || state;
   if (state === "reconnecting" || state === "offline") status.textContent = `${state}${detail ? ": " + detail : ""}`;
   if (state === "online" && readAfterReconnect) {

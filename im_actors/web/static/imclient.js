@@ -230,7 +230,9 @@ export class ImClient {
     this.groups = new Map();     // group id -> group.info answer
     this.presence = new Map();   // user -> {online, last_seen}
     this.outbox = new Map();     // cmid -> {cmid, conv, body, state, seq, error, createdMs}
-    this.stats = { reconnects: 0, resends: 0, dupsDropped: 0, gapFills: 0 };
+    // reconnects; resends (a send retried with its cmid); sendsQueued (written while disconnected);
+    // dupsDropped (msgs already held); gapFills (sync runs).
+    this.stats = { reconnects: 0, resends: 0, sendsQueued: 0, dupsDropped: 0, gapFills: 0 };
     this._ws = null;
     this._gen = 0;               // connection generation: a close of an old socket changes nothing
     this._ids = 1;
@@ -734,7 +736,10 @@ export class ImClient {
   }
 
   async _sendItem(item) {
-    if (!this._ws) return; // the reconnect resends it
+    if (!this._ws) {
+      this.stats.sendsQueued += 1;
+      return; // the reconnect sends it
+    }
     const gen = this._gen;
     item.gen = gen;
     let attempt = 0;
