@@ -69,15 +69,22 @@ class ChatPage:
         page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
 
     @classmethod
-    async def sign_in(cls, browser: Browser, router_url: str, user: str) -> ChatPage:
+    async def sign_in(
+        cls, browser: Browser, router_url: str, user: str, token: str = "", online: bool = True
+    ) -> ChatPage:
+        """Open the page in a new browser context and sign in: dev login for ``user``, or ``token``
+        pasted; waits until the page is online unless ``online`` is false."""
         context = await browser.new_context(viewport={"width": 1100, "height": 680})
         page = await context.new_page()
         page.set_default_timeout(WAIT_MS)
         chat = cls(page, user)
         await page.goto(f"{router_url}/")
         await page.fill("#signin-user", user)
+        await page.fill("#signin-token", token)
         await page.click("#signin-submit")
-        await chat.wait_online()
+        if online:
+            await chat.wait_online()
+            chat.user = str(await page.text_content("#me"))
         return chat
 
     async def wait_online(self) -> None:
@@ -184,6 +191,12 @@ async def test_two_users_dm_and_group_then_reload_keeps_history(
     alice = await ChatPage.sign_in(browser, router_url, alice_id)
     bob = await ChatPage.sign_in(browser, router_url, bob_id)
     dm = ids.direct_conv(alice_id, bob_id)
+    # Bad input is refused on the page, with the reason shown.
+    await alice.page.fill("#dm-user", "not valid!")
+    await alice.page.click("#dm-form button")
+    await alice.wait_text("#errors .error", "a user id is 1 to 64")
+    await alice.page.click("#errors .error button")  # dismissed
+    await alice.page.wait_for_selector("#errors .error", state="detached")
 
     # A direct conversation: alice opens it with bob's id; bob finds it in his list.
     await alice.open_dm(bob_id)
@@ -210,10 +223,23 @@ async def test_two_users_dm_and_group_then_reload_keeps_history(
     await bob.send("thanks")
     await alice.wait_bodies(["welcome to the team", "thanks"])
     await alice.wait_text("#entries .msg.mine .state", f"read by {bob_id}")
+    # carol signs in with a pasted token (no user id typed: the hub's ready frame names her); the
+    # group appears in her list when alice adds her.
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{router_url}/v1/login", json={"user": carol_id}) as resp:
+            token = (await resp.json())["token"]
+    carol = await ChatPage.sign_in(browser, router_url, "", token=token)
+    assert await carol.page.text_content("#me") == carol_id
     await alice.page.fill("#add-users", carol_id)
     await alice.page.click("#add-form button")
     await bob.wait_text("#entries .msg.system", f"added {carol_id}")
     await alice.wait_text("#conv-sub", "3 members")
+    await carol.open_conv(group_conv)
+    await carol.wait_text("#entries .msg.system", f"added {carol_id}")
+    # A forged token: the page stays on the sign-in form and says why.
+    mallory = await ChatPage.sign_in(browser, router_url, "", token=token[:-4] + "AAAA", online=False)
+    await mallory.wait_text("#errors .error", "unauthorized")
+    assert await mallory.page.is_visible("#signin-form")
     shot = tmp_path / "chat.png"
     await alice.page.screenshot(path=str(shot))
     if os.environ.get("IM_CHAT_SCREENSHOT"):
@@ -240,7 +266,7 @@ async def test_two_users_dm_and_group_then_reload_keeps_history(
     assert (await bob.bodies()) == expected[-len(await bob.bodies()) :]
     await bob.scroll_to_start()
     await bob.wait_bodies(expected)  # every entry once, in order, older pages loaded on scrolling up
-    assert alice.page_errors == [] and bob.page_errors == []
+    assert alice.page_errors == [] and bob.page_errors == [] and carol.page_errors == []
     assert shot.stat().st_size > 10_000
 
 
