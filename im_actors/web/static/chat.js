@@ -279,7 +279,8 @@ client.on("state", (state, detail) => {
   status.dataset.state = state;
   status.textContent = state === "online" ? `online · ${detail.replace(/^.*-(hub-\d+)$/, "$1")}` : state;
   status.title = detail || state;
-  if (state === "reconnecting" || state === "offline") status.textContent = `${state}${detail ? ": " + detail : ""}`;
+  if (state === "reconnecting") status.textContent = `reconnecting: ${detail}`;
+  if (state === "offline") status.textContent = `offline (click to reconnect): ${detail}`;
   if (state === "online" && readAfterReconnect) {
     readAfterReconnect = false;
     markRead();
@@ -345,12 +346,12 @@ $("signin-form").addEventListener("submit", act("sign in", async () => {
 $("signout").addEventListener("click", () => {
   client.signOut();
   current = null;
-  client.cursors.clear();
-  client.outbox.clear();
   $("conv").hidden = true;
   $("empty").hidden = false;
   showSignIn();
 });
+
+$("status").addEventListener("click", () => client.resume());
 
 $("dm-form").addEventListener("submit", act("open direct conversation", async () => {
   const peer = $("dm-user").value.trim();

@@ -305,7 +305,18 @@ export class ImClient {
     this._gen += 1;
     if (ws) ws.close(1000, "signed out");
     this._failPending(new ImError("closed", "signed out"));
+    this.cursors.clear();
+    this.groups.clear();
+    this.presence.clear();
+    this.outbox.clear();
     this._setState("signed-out");
+  }
+
+  /** Connect again after a final close (the user asked): a new hub, catch-up, resends. */
+  resume() {
+    if (!this._stopped || !this.token || this.state === "signed-out") return;
+    this._stopped = false;
+    this._reconnect(null, 0, "reconnect asked");
   }
 
   /** The saved sign-in of an earlier visit ({user, token, devLogin, device}) or null. */
