@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 import ray
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page, Route, async_playwright
 
 from im_actors import ids
 from im_actors.client import Client
@@ -318,6 +318,31 @@ async def test_hub_killed_page_reconnects_and_loses_nothing(browser: Browser, de
     finally:
         await check.close()
     assert [m["body"] for m in page.msgs] == seen_alice
+
+    # Her new hub dies too, and this time the router cannot be reached from her page: what she writes
+    # waits in the outbox (shown as sending), and survives a reload of the page, which sends it then.
+    await _wait_hubs_live(router_url, deployment.config.hubs)
+
+    async def unreachable(route: Route) -> None:
+        await route.abort()
+
+    await alice.page.route("**/v1/hub*", unreachable)
+    hub = await alice.state("hub")
+    ray.kill(ray.get_actor(hub, namespace=ids.NAMESPACE), no_restart=False)
+    await alice.page.wait_for_selector("#status[data-state=reconnecting]")
+    queued = [f"q{i}" for i in range(5)]
+    for text in queued:
+        await alice.send(text)
+    await alice.page.wait_for_function(
+        "() => document.querySelectorAll('#outbox .msg[data-state=sending]').length === 5", polling=100
+    )
+    await alice.page.unroute("**/v1/hub*")
+    await alice.page.reload()
+    await alice.wait_online()
+    await alice.open_conv(dm)
+    await alice.scroll_to_start()
+    await alice.wait_bodies(seen_alice + queued)
+    await bob.wait_bodies(seen_alice + queued)
     assert alice.page_errors == [] and bob.page_errors == []
     await _wait_hubs_live(router_url, deployment.config.hubs)
 

@@ -11,7 +11,7 @@ const $ = (id) => document.getElementById(id);
 const TYPING_SHOWN_MS = 4000;
 const PRESENCE_EVERY_MS = 20000;
 
-const client = new ImClient({ routerUrl: "", storage: window.localStorage });
+const client = new ImClient({ routerUrl: "", storage: window.localStorage, outboxStorage: window.sessionStorage });
 let current = null;          // the open conversation id
 const typingUntil = new Map(); // conv -> Map(user -> ms)
 window.imChat = client;      // for the console (and the browser test's diagnostics)

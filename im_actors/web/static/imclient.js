@@ -217,9 +217,10 @@ export class ConvCursor {
  *   fatal(message)        the connection will not be reopened (sign in again)
  */
 export class ImClient {
-  constructor({ routerUrl = "", storage = null } = {}) {
+  constructor({ routerUrl = "", storage = null, outboxStorage = null } = {}) {
     this.routerUrl = routerUrl.replace(/\/$/, "");
     this.storage = storage;      // a Storage (localStorage) to keep the sign-in over a reload, or null
+    this.outboxStorage = outboxStorage; // a Storage (sessionStorage) to keep unacked sends over a reload
     this.user = null;
     this.device = null;
     this.token = null;
@@ -240,6 +241,7 @@ export class ImClient {
     this._handlers = new Map();
     this._filling = new Set();
     this._typingSent = new Map();
+    this._restored = null;       // the user whose saved outbox was restored
     this._stopped = true;
   }
 
@@ -309,6 +311,8 @@ export class ImClient {
     this.groups.clear();
     this.presence.clear();
     this.outbox.clear();
+    if (this.user) this.outboxStorage?.removeItem(`im-actors.outbox.${this.user}`);
+    this._restored = null;
     this._setState("signed-out");
   }
 
@@ -418,6 +422,7 @@ export class ImClient {
     ws.onmessage = (ev) => this._onFrame(ev.data);
     ws.onclose = (ev) => this._onClose(gen, hub, ev.code, ev.reason);
     this._setState("online", ready.hub);
+    this._restoreOutbox();
     this._resendAll();
     await this._catchUp();
   }
@@ -590,7 +595,7 @@ export class ImClient {
     for (const m of added) {
       if (m.from === this.user && this.outbox.has(m.cmid) && this.outbox.get(m.cmid).conv === cur.conv) {
         this.outbox.delete(m.cmid);
-        this._emit("outbox", cur.conv);
+        this._outboxChanged(cur.conv);
       }
       if (m.kind === "system" && m.meta) {
         const users = m.meta.users || [];
@@ -711,7 +716,7 @@ export class ImClient {
     const item = { cmid: newCmid(), conv, body, state: "sending", seq: 0, error: "", createdMs: Date.now(), gen: -1 };
     this.outbox.set(item.cmid, item);
     this._typingSent.delete(conv); // the message ends this bout of typing: the next keystroke is news
-    this._emit("outbox", conv);
+    this._outboxChanged(conv);
     this._sendItem(item);
     return item;
   }
@@ -723,7 +728,7 @@ export class ImClient {
     item.state = "sending";
     item.error = "";
     item.gen = -1;
-    this._emit("outbox", item.conv);
+    this._outboxChanged(item.conv);
     this._sendItem(item);
   }
 
@@ -732,7 +737,40 @@ export class ImClient {
     const item = this.outbox.get(cmid);
     if (item && item.state === "failed") {
       this.outbox.delete(cmid);
-      this._emit("outbox", item.conv);
+      this._outboxChanged(item.conv);
+    }
+  }
+
+  /** The outbox changed: keep its unacked sends (same cmids) for a reload, then tell the UI. */
+  _outboxChanged(conv) {
+    if (this.user && this.outboxStorage) {
+      const keep = [...this.outbox.values()]
+        .filter((i) => i.state !== "acked")
+        .map(({ cmid, conv: c, body, state, error, createdMs }) => ({ cmid, conv: c, body, state, error, createdMs }));
+      try {
+        if (keep.length) this.outboxStorage.setItem(`im-actors.outbox.${this.user}`, JSON.stringify(keep));
+        else this.outboxStorage.removeItem(`im-actors.outbox.${this.user}`);
+      } catch (err) {
+        this._emit("error", `unsent messages cannot be kept over a reload: ${err.message}`);
+      }
+    }
+    this._emit("outbox", conv);
+  }
+
+  /** Once per sign-in: the unacked sends an earlier page of this tab left, sent again with their cmids. */
+  _restoreOutbox() {
+    if (!this.outboxStorage || this._restored === this.user) return;
+    this._restored = this.user;
+    let items = [];
+    try {
+      items = JSON.parse(this.outboxStorage.getItem(`im-actors.outbox.${this.user}`) || "[]");
+    } catch {
+      items = [];
+    }
+    for (const i of items) {
+      if (this.outbox.has(i.cmid)) continue;
+      this.outbox.set(i.cmid, { ...i, state: i.state === "failed" ? "failed" : "sending", seq: 0, gen: -1 });
+      this._emit("outbox", i.conv);
     }
   }
 
@@ -761,10 +799,10 @@ export class ImClient {
         item.seq = ack.seq;
         const cur = this._cursor(item.conv);
         cur.last = Math.max(cur.last, ack.seq);
-        this._emit("outbox", item.conv);
+        this._outboxChanged(item.conv);
         if (cur.loaded && cur.held >= ack.seq) {
           this.outbox.delete(item.cmid); // its msg came before its ack
-          this._emit("outbox", item.conv);
+          this._outboxChanged(item.conv);
         } else if (cur.loaded) {
           // The msg normally follows the ack at once; if it does not, sync fetches it.
           setTimeout(() => this.outbox.get(item.cmid) === item && this._fill(cur), 2000);
@@ -778,7 +816,7 @@ export class ImClient {
         if (!err.retry) {
           item.state = "failed";
           item.error = err.message;
-          this._emit("outbox", item.conv);
+          this._outboxChanged(item.conv);
           this._emit("error", `message not sent: ${err.message}`);
           return;
         }
