@@ -7,8 +7,9 @@ Files (in :data:`STATIC_DIR`, shipped as package data):
   router lookup (``GET /v1/hub``, ``exclude=`` after a failure), dev login or a pasted token, requests
   with ids, a per-conversation cursor (``ConvCursor``: sans-I/O, like :mod:`im_actors.client`'s: drops a
   ``msg`` already held, buffers one ahead of a gap and fills the gap with ``sync``), an outbox of unacked
-  sends resent with the same cmid, and reconnect with catch-up (``convs``, then ``sync`` from the last
-  seq held) on every close code PROTOCOL.md section 7 says to reconnect on.
+  sends resent with the same cmid (kept in the tab's ``sessionStorage``, so a reload resends them too),
+  and reconnect with catch-up (``convs``, then ``sync`` from the last seq held) on every close code
+  PROTOCOL.md section 7 says to reconnect on.
 - ``chat.js``: the user interface over that client.
 
 The router serves ``GET /chat/`` (the page; ``GET /`` and ``GET /chat`` redirect there) and the files
