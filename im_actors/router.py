@@ -6,7 +6,8 @@ random. :class:`RouterActor` serves it with aiohttp and heartbeats every hub eac
 when it answers again.
 
 Endpoints: ``GET /v1/hub[?exclude=<hub>...]``, ``POST /v1/login`` (development login only, when
-``dev_login`` is on), ``GET /v1/health``.
+``dev_login`` is on), ``GET /v1/health``; the browser chat page (:mod:`im_actors.web`) at ``GET /chat/``
+(``GET /`` redirects there) and its static files under ``/chat/``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ray
 from aiohttp import web
 
 from im_actors import ids
+from im_actors import web as web_pages
 from im_actors.auth import issue_token
 from im_actors.config import Config
 from im_actors.errors import ConfigError, Unavailable
@@ -129,11 +131,29 @@ def make_app(config: Config, table: HubTable, health: Any = None) -> web.Applica
         )
         return web.json_response(summary, status=200 if live else 503)
 
+    async def chat_redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(web_pages.CHAT_PATH)
+
+    async def chat_page(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(web_pages.STATIC_DIR / "index.html")
+
     app.router.add_get("/v1/hub", get_hub)
     app.router.add_get("/v1/health", get_health)
     if config.dev_login:
         app.router.add_post("/v1/login", login)
+    app.router.add_get("/", chat_redirect)
+    app.router.add_get(web_pages.CHAT_PATH.rstrip("/"), chat_redirect)
+    app.router.add_get(web_pages.CHAT_PATH, chat_page)
+    app.router.add_static(web_pages.CHAT_PATH, web_pages.STATIC_DIR, append_version=False)
+    app.on_response_prepare.append(_page_headers)
     return app
+
+
+async def _page_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Security headers on the chat page's files (:data:`im_actors.web.PAGE_HEADERS`)."""
+    if request.path.startswith(web_pages.CHAT_PATH):
+        for name, value in web_pages.PAGE_HEADERS.items():
+            response.headers.setdefault(name, value)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
