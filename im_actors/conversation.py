@@ -166,6 +166,11 @@ def _visible_last(ranges: list[tuple[int, int]]) -> int:
     return ranges[-1][1] if ranges else 0
 
 
+async def _failed(exc: BaseException) -> dict[str, Any]:
+    """An awaitable that raises ``exc`` (a send whose conversation could not be prepared)."""
+    raise exc
+
+
 def _ack(conv: str, seq: int, ts: int, dup: bool) -> dict[str, Any]:
     return {"conv": conv, "seq": seq, "ts": ts, "dup": dup}
 
@@ -198,6 +203,7 @@ class ConversationShard:
             "commits": 0,
             "unavailable": 0,
             "commit_ms_total": 0.0,
+            "activations": 0,
         }
 
     def start(self) -> None:
@@ -238,28 +244,78 @@ class ConversationShard:
             self._absent.move_to_end(conv)
             return Sequencer(conv=conv)
         waiting = self._activating.get(conv)
-        if waiting is not None:
-            return await asyncio.shield(waiting)
-        fut: asyncio.Future[Sequencer] = asyncio.get_running_loop().create_future()
-        self._activating[conv] = fut
+        if waiting is None:
+            failed = await self._activate_many([conv])
+            if conv in failed:
+                raise failed[conv]
+            return await self.sequencer(conv)
+        return await asyncio.shield(waiting)
+
+    async def _activate_many(self, convs: list[str], index_direct: bool = False) -> dict[str, BaseException]:
+        """Activate every conversation of ``convs`` that is neither active nor activating, together.
+
+        One batch of first-seen conversations costs one Redis ``MGET`` and one MongoDB aggregate
+        for their last seqs (:meth:`Store.last_seqs`), run at the same time as the group shards'
+        membership answers and, with ``index_direct`` (a send is about to commit), one unordered
+        ``user_convs`` insert for the new direct conversations (their listing must precede their
+        first commit, see :meth:`_index_direct`). Returns the conversations whose activation failed,
+        with the error (:class:`Unavailable` when MongoDB or a group shard did not answer); waiters
+        of those get the same error.
+        """
+        todo = [
+            c
+            for c in dict.fromkeys(convs)
+            if c not in self.sequencers and c not in self._absent and c not in self._activating
+        ]
+        if not todo:
+            return {}
+        loop = asyncio.get_running_loop()
+        futs: dict[str, asyncio.Future[Sequencer]] = {c: loop.create_future() for c in todo}
+        self._activating.update(futs)
+        failed: dict[str, BaseException] = {}
         try:
-            membership, exists = await self._load_membership(conv)
-            last = await self.store.last_seq(conv)  # 0 for a made-up id; read anyway, as above
-            seqr = Sequencer(conv=conv, last=last, membership=membership, exists=exists)
-            if exists:
-                self.sequencers[conv] = seqr
-            else:  # a made-up group id: only its id is kept, in a bounded set
-                self._absent[conv] = None
-                if len(self._absent) > ABSENT_KEPT:
-                    self._absent.popitem(last=False)
-            fut.set_result(seqr)
-            return seqr
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: waiters get it through shield
+            directs = [c for c in todo if ids.conv_kind(c) == "direct"]
+            index = {c: sorted(ids.direct_members(c)) for c in directs} if index_direct else {}
+            lasts_res, index_res, *loads = await asyncio.gather(
+                self.store.last_seqs(todo),
+                self.store.add_user_convs_many(index),
+                *(self._load_membership(c) for c in todo),
+                return_exceptions=True,
+            )
+            for conv, fut, load in zip(todo, futs.values(), loads, strict=True):
+                error = next(
+                    (r for r in (lasts_res, load) if isinstance(r, BaseException)),
+                    index_res if conv in index and isinstance(index_res, BaseException) else None,
+                )
+                if error is not None:
+                    failed[conv] = error
+                    fut.set_exception(error)
+                    fut.exception()  # retrieved: waiters get it through shield
+                    continue
+                assert isinstance(lasts_res, dict) and isinstance(load, tuple)
+                membership, exists = load
+                # 0 for a made-up id; read all the same, as _load_membership explains
+                seqr = Sequencer(conv=conv, last=lasts_res.get(conv, 0), membership=membership, exists=exists)
+                seqr.indexed = conv in index
+                if exists:
+                    self.sequencers[conv] = seqr
+                else:  # a made-up group id: only its id is kept, in a bounded set
+                    self._absent[conv] = None
+                    if len(self._absent) > ABSENT_KEPT:
+                        self._absent.popitem(last=False)
+                fut.set_result(seqr)
+        except BaseException as exc:  # cancelled: nobody may wait forever
+            for conv, fut in futs.items():
+                if not fut.done():
+                    failed[conv] = exc
+                    fut.set_exception(exc)
+                    fut.exception()
             raise
         finally:
-            del self._activating[conv]
+            for conv in todo:
+                del self._activating[conv]
+        self.stats["activations"] += len(todo) - len(failed)
+        return failed
 
     @staticmethod
     def _precheck(user: str, conv: str) -> None:
@@ -297,6 +353,30 @@ class ConversationShard:
         if not seqr.dm_allowed:
             raise Forbidden(DM_REFUSED)
 
+    async def _check_dm_many(self, seqrs: list[Sequencer]) -> dict[str, BaseException]:
+        """Ask the contacts hosts about every direct conversation of ``seqrs`` whose answer is not
+        cached, one call per host (:meth:`ContactBook.dm_allowed_many`); returns the conversations
+        whose host did not answer, with the error."""
+        by_host: dict[Any, list[Sequencer]] = {}
+        for seqr in seqrs:
+            if seqr.dm_allowed is None and ids.conv_kind(seqr.conv) == "direct":
+                by_host.setdefault(self.peers.contact_host(*ids.direct_members(seqr.conv)), []).append(seqr)
+        if not by_host:
+            return {}
+        hosts = list(by_host)
+        answers = await asyncio.gather(
+            *(host.call("dm_allowed_many", [ids.direct_members(s.conv) for s in by_host[host]]) for host in hosts),
+            return_exceptions=True,
+        )
+        failed: dict[str, BaseException] = {}
+        for host, answer in zip(hosts, answers, strict=True):
+            for i, seqr in enumerate(by_host[host]):
+                if isinstance(answer, BaseException):
+                    failed[seqr.conv] = answer
+                elif seqr.dm_allowed is None:  # a contact change meanwhile: asked again at the next send
+                    seqr.dm_allowed = bool(answer[i])
+        return failed
+
     def contact_changed(self, conv: str) -> None:
         """The contact state of a direct conversation's pair changed: ask again at the next send."""
         seqr = self.sequencers.get(conv)
@@ -311,7 +391,8 @@ class ConversationShard:
         An answer is an ack ``{"conv", "seq", "ts", "dup"}`` or an error ``{"err": code, "msg",
         "retry"}``: a batch mixes conversations, so one item's failure does not fail the others.
         """
-        waits = [self._enqueue(item) for item in items]
+        failed = await self._prepare(items)
+        waits = [self._enqueue(item) if item.conv not in failed else _failed(failed[item.conv]) for item in items]
         results = await asyncio.gather(*waits, return_exceptions=True)
         out: list[dict[str, Any]] = []
         for res in results:
@@ -323,6 +404,23 @@ class ConversationShard:
             else:
                 out.append(res)
         return out
+
+    async def _prepare(self, items: list[SendItem]) -> dict[str, BaseException]:
+        """Activate the batch's first-seen conversations and ask about their direct-message
+        permissions, all together (see :meth:`_activate_many`), before the sends queue one by one.
+        Returns the conversations that could not be prepared, with the error every send to them
+        is answered with. A sender who is not a member is left to :meth:`_enqueue` to refuse."""
+        new = [
+            it.conv
+            for it in items
+            if it.conv not in self.sequencers
+            and (ids.conv_kind(it.conv) != "direct" or it.sender in ids.direct_members(it.conv))
+        ]
+        failed = await self._activate_many(new, index_direct=True) if new else {}
+        active = {it.conv: self.sequencers[it.conv] for it in items if it.conv in self.sequencers}
+        if active:
+            failed.update(await self._check_dm_many([s for c, s in active.items() if c not in failed]))
+        return failed
 
     async def _enqueue(self, item: SendItem, change: bool = False) -> dict[str, Any]:
         if change:
@@ -500,14 +598,20 @@ class ConversationShard:
 
     async def _index_direct(self, convs: list[str]) -> None:
         """Record new direct conversations in ``user_convs`` *before* their first commit, once per
-        activation (the upsert is idempotent). Written after the commit, a shard dying between the
-        two (a node lost, seen in the node-removal test) left an acked entry in a conversation that
-        ``convs`` never listed to its recipient: one whose live delivery was lost too could not
-        catch up. Raises :class:`Unavailable` (the commit is then answered unavailable)."""
-        for conv in convs:
-            seqr = self.sequencers.get(conv)
-            if seqr is not None and not seqr.indexed and ids.conv_kind(conv) == "direct":
-                await self.store.add_user_convs(conv, sorted(seqr.members))
+        activation (the insert is idempotent), in one storage call for the batch. Written after the
+        commit, a shard dying between the two (a node lost, seen in the node-removal test) left an
+        acked entry in a conversation that ``convs`` never listed to its recipient: one whose live
+        delivery was lost too could not catch up. Usually done at activation already
+        (:meth:`_activate_many`). Raises :class:`Unavailable` (the commit is then answered
+        unavailable)."""
+        todo = [
+            seqr
+            for seqr in (self.sequencers.get(c) for c in convs)
+            if seqr is not None and not seqr.indexed and ids.conv_kind(seqr.conv) == "direct"
+        ]
+        if todo:
+            await self.store.add_user_convs_many({s.conv: sorted(s.members) for s in todo})
+            for seqr in todo:
                 seqr.indexed = True
 
     async def _commit_with_retry(self, entries: list[dict[str, Any]]) -> CommitResult:
