@@ -19,7 +19,9 @@ shards forget their cached contact lists (presence goes to accepted contacts).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pymongo
@@ -160,7 +162,7 @@ class ContactBook:
         other; under ``dm_policy = "contacts"`` only when both sides are ``accepted``."""
         return self._allowed(*await self._states(a, b))
 
-    async def dm_allowed_many(self, pairs: list[tuple[str, str]]) -> list[bool]:
+    async def dm_allowed_many(self, pairs: Sequence[tuple[str, str]]) -> builtins.list[bool]:
         """:meth:`dm_allowed` for each of ``pairs``, in order, with one MongoDB read for them all
         (a batch of first-seen direct conversations). Raises :class:`Unavailable`."""
         keys = [k for a, b in pairs for k in (f"{a}|{b}", f"{b}|{a}")]
