@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, nargs="+", default=[1], help="session and conversation shards")
     ap.add_argument("--batch-ms", type=float, nargs="+", default=[0.0], help="hub and fan-out batch windows (ms)")
     ap.add_argument("--processes", type=int, default=1, help="driver processes")
+    ap.add_argument(
+        "--trace-sample",
+        type=float,
+        default=0.0,
+        help="share of sends traced through every stage (0..1); prints each run's stage breakdown",
+    )
     ap.add_argument("--json", type=Path, help="write every report here")
     args = ap.parse_args(argv)
 
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                     "conv_shards": shards,
                     "hub_batch_ms": batch,
                     "fanout_batch_ms": batch,
+                    "trace_sample": args.trace_sample,
                 }
             )
             dep = deploy(cfg)
@@ -130,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                 rep["order_violations"],
             )
             print(" ".join(f"{v:>8}" for v in row), flush=True)
+            steps = rep.get("stages", {}).get("steps") or {}
+            if steps:
+                print("   stages p50/p99 ms: " + "  ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in steps.items()))
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -104,6 +104,13 @@ class Config(BaseSettings):
     store_batch_max: int = Field(512, ge=1, description="entries per store commit")
     store_inflight: int = Field(4, ge=1, description="store commits in flight per conversation shard")
     fanout_batch_max: int = Field(256, ge=1, description="entries per fan-out call (to a session shard, to a hub)")
+    trace_sample: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of sends that carry stage timestamps (hub_in, seq, committed, fanout, hub_queued) "
+        "to their recipients in the msg frame's 'trace' field; 0 = off, and costs nothing",
+    )
     fanout_batch_ms: float = Field(
         0.0, ge=0, description="window of a fan-out batch (ms); 0 = natural batching, as for hub_batch_ms"
     )

@@ -37,7 +37,15 @@ from im_actors.protocol import body_size
 from im_actors.refs import Peers
 from im_actors.store import CommitResult, Store
 
-__all__ = ["Sequencer", "PendingSend", "ConversationShard", "ConversationShardActor", "SendItem", "body_digest"]
+__all__ = [
+    "Sequencer",
+    "PendingSend",
+    "ConversationShard",
+    "ConversationShardActor",
+    "SendItem",
+    "body_digest",
+    "stamp",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,16 @@ class SendItem:
     body: str | bytes
     kind: str = "text"
     meta: dict[str, Any] | None = None
+    trace: dict[str, float] | None = None  # stage -> ms since the epoch, for a sampled send (trace_sample)
+
+
+def stamp(trace: dict[str, float] | None, stage: str) -> None:
+    """Record that a sampled send reached ``stage`` now (ms since the epoch, float); no-op for
+    ``None``, the unsampled case. The stages, in order: ``hub_in`` (decoded by its hub), ``seq``
+    (numbered), ``committed`` (MongoDB confirmed), ``fanout`` (routed by a session shard),
+    ``hub_queued`` (queued on the recipient's connection); clients see them in ``msg.trace``."""
+    if trace is not None:
+        trace[stage] = time.time() * 1000.0
 
 
 @dataclass
@@ -497,6 +515,7 @@ class ConversationShard:
             self._inflight_convs[seqr.conv] = take
             for i, p in enumerate(take):
                 it = p.item
+                stamp(it.trace, "seq")
                 entries.append(
                     {
                         "conv": it.conv,
@@ -643,6 +662,9 @@ class ConversationShard:
                 recipients = recipients | seqr.members  # the removed see their removal, the added their add
             seqr.remember(entry["sender"], entry["cmid"], entry["seq"], entry["ts"], p.digest)
             p.future.set_result(_ack(entry["conv"], entry["seq"], entry["ts"], False))
+            if p.item.trace is not None:  # a sampled send: its recipients get the stamps (never stored)
+                stamp(p.item.trace, "committed")
+                entry = {**entry, "trace": p.item.trace}
             fanout.append((entry, recipients))
         rest = list(zip(entries[result.committed :], sends[result.committed :], strict=False))
         if result.conflict is not None and rest:

@@ -24,6 +24,7 @@ import asyncio
 import ipaddress
 import itertools
 import logging
+import random
 import secrets
 import socket
 import time
@@ -42,7 +43,7 @@ from im_actors import ids, protocol
 from im_actors.auth import verify_token_expiry
 from im_actors.batching import Batcher
 from im_actors.config import Config
-from im_actors.conversation import SendItem
+from im_actors.conversation import SendItem, stamp
 from im_actors.errors import (
     CLOSE_AUTH,
     CLOSE_AUTH_TIMEOUT,
@@ -121,6 +122,7 @@ class Hub:
         self._ids = itertools.count(secrets.randbits(52) << 10)
         self._server: Server | None = None
         self._sends: Batcher[int] = Batcher(self._send_batch, config.hub_batch_max, config.hub_batch_ms)
+        self._trace_sample = config.trace_sample
         self._limits = protocol.Limits(
             max_body_bytes=config.max_body_bytes,
             max_members=config.max_group_members,
@@ -410,6 +412,9 @@ class Hub:
             f = req.fields
             self.stats["sends"] += 1
             item = SendItem(conn.user, f["conv"], f["cmid"], f["body"], f["kind"], f["meta"])
+            if self._trace_sample and random.random() < self._trace_sample:
+                item.trace = {}
+                stamp(item.trace, "hub_in")
             self._sends.add(self.peers.conv_index(f["conv"]), (conn, req.id, item))
             return
         task = asyncio.get_running_loop().create_task(self._answer(conn, req))
@@ -534,6 +539,9 @@ class Hub:
         Returns the number of frames queued; ids of connections that are gone are skipped (their
         clients catch up with sync).
         """
+        for entry, _ in items:
+            if "trace" in entry:
+                stamp(entry["trace"], "hub_queued")
         return self._queue_frames((protocol.msg_frame(entry), conn_ids) for entry, conn_ids in items)
 
     def deliver_events(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:

@@ -196,6 +196,8 @@ def msg_frame(entry: dict[str, Any]) -> dict[str, Any]:
     }
     if entry.get("meta"):
         out["meta"] = entry["meta"]
+    if "trace" in entry:  # stage timestamps of a sampled send (config trace_sample); never stored
+        out["trace"] = entry["trace"]
     return out
 
 

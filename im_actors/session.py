@@ -26,6 +26,7 @@ from pymongo.errors import PyMongoError
 from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.contacts import accepted_contacts
+from im_actors.conversation import stamp
 from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, CloseConnection, Unavailable
 from im_actors.push.planner import JobSink, PushPlanner
 from im_actors.refs import Peers
@@ -283,6 +284,8 @@ class SessionShard:
         """Decide where each entry goes (synchronous), then hand it to the per-hub batcher."""
         for entry, users in items:
             self.stats["fanout_entries"] += 1
+            if "trace" in entry:
+                stamp(entry["trace"], "fanout")
             per_hub: dict[str, list[int]] = {}
             for user in users:
                 s = self._session(user)
