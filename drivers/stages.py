@@ -11,7 +11,9 @@ latency. Pure: no I/O; partial recorders of several driver processes merge throu
 The steps, each named after the stage it ends at:
 
 - ``hub_in``: client send (the driver's ``meta.t``) to the sender's hub decoding the frame;
-- ``seq``: waiting for a conversation shard's batch and numbering (hub batch, Ray call, activation);
+- ``shard_in``: the hub's batch to the conversation shard (batch wait, Ray call);
+- ``seq``: activation of a first-seen conversation, the contacts check of a direct one, and the
+  wait for the conversation's previous commit or a free commit slot, until numbered;
 - ``committed``: the MongoDB commit;
 - ``fanout``: conversation shard to session shard (fan-out batch and Ray call);
 - ``hub_queued``: session shard to the recipient's hub (per-hub batch and Ray call);
@@ -34,7 +36,7 @@ from drivers.oracle import MAX_LATENCY_US, latency_summary, new_histogram
 __all__ = ["STAGES", "StageRecorder"]
 
 #: The stages in path order; the step ending at each one is named after it.
-STAGES = ("hub_in", "seq", "committed", "fanout", "hub_queued", "received")
+STAGES = ("hub_in", "shard_in", "seq", "committed", "fanout", "hub_queued", "received")
 
 
 class StageRecorder:

@@ -83,9 +83,10 @@ class SendItem:
 
 def stamp(trace: dict[str, float] | None, stage: str) -> None:
     """Record that a sampled send reached ``stage`` now (ms since the epoch, float); no-op for
-    ``None``, the unsampled case. The stages, in order: ``hub_in`` (decoded by its hub), ``seq``
-    (numbered), ``committed`` (MongoDB confirmed), ``fanout`` (routed by a session shard),
-    ``hub_queued`` (queued on the recipient's connection); clients see them in ``msg.trace``."""
+    ``None``, the unsampled case. The stages, in order: ``hub_in`` (decoded by its hub),
+    ``shard_in`` (its batch reached the conversation shard), ``seq`` (numbered), ``committed``
+    (MongoDB confirmed), ``fanout`` (routed by a session shard), ``hub_queued`` (queued on the
+    recipient's connection); clients see them in ``msg.trace``."""
     if trace is not None:
         trace[stage] = time.time() * 1000.0
 
@@ -371,29 +372,27 @@ class ConversationShard:
         if not seqr.dm_allowed:
             raise Forbidden(DM_REFUSED)
 
-    async def _check_dm_many(self, seqrs: list[Sequencer]) -> dict[str, BaseException]:
-        """Ask the contacts hosts about every direct conversation of ``seqrs`` whose answer is not
-        cached, one call per host (:meth:`ContactBook.dm_allowed_many`); returns the conversations
-        whose host did not answer, with the error."""
-        by_host: dict[Any, list[Sequencer]] = {}
-        for seqr in seqrs:
-            if seqr.dm_allowed is None and ids.conv_kind(seqr.conv) == "direct":
-                by_host.setdefault(self.peers.contact_host(*ids.direct_members(seqr.conv)), []).append(seqr)
-        if not by_host:
-            return {}
+    async def _dm_answers(self, convs: list[str]) -> tuple[dict[str, bool], dict[str, BaseException]]:
+        """Ask the contacts hosts whether each direct conversation of ``convs`` may carry messages,
+        one call per host (:meth:`ContactBook.dm_allowed_many`): ``({conv: allowed}, {conv: error})``
+        (the error of a host that did not answer)."""
+        by_host: dict[Any, list[str]] = {}
+        for conv in dict.fromkeys(convs):
+            by_host.setdefault(self.peers.contact_host(*ids.direct_members(conv)), []).append(conv)
         hosts = list(by_host)
-        answers = await asyncio.gather(
-            *(host.call("dm_allowed_many", [ids.direct_members(s.conv) for s in by_host[host]]) for host in hosts),
+        replies = await asyncio.gather(
+            *(host.call("dm_allowed_many", [ids.direct_members(c) for c in by_host[host]]) for host in hosts),
             return_exceptions=True,
         )
+        answers: dict[str, bool] = {}
         failed: dict[str, BaseException] = {}
-        for host, answer in zip(hosts, answers, strict=True):
-            for i, seqr in enumerate(by_host[host]):
-                if isinstance(answer, BaseException):
-                    failed[seqr.conv] = answer
-                elif seqr.dm_allowed is None:  # a contact change meanwhile: asked again at the next send
-                    seqr.dm_allowed = bool(answer[i])
-        return failed
+        for host, reply in zip(hosts, replies, strict=True):
+            for i, conv in enumerate(by_host[host]):
+                if isinstance(reply, BaseException):
+                    failed[conv] = reply
+                else:
+                    answers[conv] = bool(reply[i])
+        return answers, failed
 
     def contact_changed(self, conv: str) -> None:
         """The contact state of a direct conversation's pair changed: ask again at the next send."""
@@ -409,6 +408,8 @@ class ConversationShard:
         An answer is an ack ``{"conv", "seq", "ts", "dup"}`` or an error ``{"err": code, "msg",
         "retry"}``: a batch mixes conversations, so one item's failure does not fail the others.
         """
+        for it in items:
+            stamp(it.trace, "shard_in")
         failed = await self._prepare(items)
         waits = [self._enqueue(item) if item.conv not in failed else _failed(failed[item.conv]) for item in items]
         results = await asyncio.gather(*waits, return_exceptions=True)
@@ -424,21 +425,32 @@ class ConversationShard:
         return out
 
     async def _prepare(self, items: list[SendItem]) -> dict[str, BaseException]:
-        """Activate the batch's first-seen conversations and ask about their direct-message
-        permissions, all together (see :meth:`_activate_many`), before the sends queue one by one.
-        Returns the conversations that could not be prepared, with the error every send to them
-        is answered with. A sender who is not a member is left to :meth:`_enqueue` to refuse."""
-        new = [
-            it.conv
-            for it in items
-            if it.conv not in self.sequencers
-            and (ids.conv_kind(it.conv) != "direct" or it.sender in ids.direct_members(it.conv))
-        ]
-        failed = await self._activate_many(new, index_direct=True) if new else {}
-        active = {it.conv: self.sequencers[it.conv] for it in items if it.conv in self.sequencers}
-        if active:
-            failed.update(await self._check_dm_many([s for c, s in active.items() if c not in failed]))
-        return failed
+        """Activate the batch's first-seen conversations (see :meth:`_activate_many`) and, at the
+        same time, ask the contacts hosts about the direct ones whose answer is not cached, before
+        the sends queue one by one. Returns the conversations that could not be prepared, with the
+        error every send to them is answered with. A sender who is not a member is left to
+        :meth:`_enqueue` to refuse, so a non-member's send costs no storage work here."""
+        new: list[str] = []
+        ask: list[str] = []
+        for it in items:
+            direct = ids.conv_kind(it.conv) == "direct"
+            if direct and it.sender not in ids.direct_members(it.conv):
+                continue
+            seqr = self.sequencers.get(it.conv)
+            if seqr is None:
+                new.append(it.conv)
+            if direct and (seqr is None or seqr.dm_allowed is None):
+                ask.append(it.conv)
+        if not new and not ask:
+            return {}
+        activated, (answers, failed) = await asyncio.gather(
+            self._activate_many(new, index_direct=True), self._dm_answers(ask)
+        )
+        for conv, allowed in answers.items():
+            seqr = self.sequencers.get(conv)
+            if seqr is not None and seqr.dm_allowed is None:  # not asked again since (contact_changed)
+                seqr.dm_allowed = allowed
+        return {**failed, **activated}
 
     async def _enqueue(self, item: SendItem, change: bool = False) -> dict[str, Any]:
         if change:

@@ -257,7 +257,7 @@ async def test_a_traced_send_carries_its_stage_stamps_to_the_fanout_only() -> No
             break
         await asyncio.sleep(0.01)
     entries = {e["cmid"]: e for _, items in peers.fanned for e, _ in items}
-    assert set(entries["c1"]["trace"]) == {"hub_in", "seq", "committed"}
+    assert set(entries["c1"]["trace"]) == {"hub_in", "shard_in", "seq", "committed"}
     assert entries["c1"]["trace"]["hub_in"] <= entries["c1"]["trace"]["seq"] <= entries["c1"]["trace"]["committed"]
     assert "trace" not in entries["c2"]
     assert all("trace" not in e for e in store.entries.values())  # never stored

@@ -174,7 +174,14 @@ def test_stage_recorder_steps_add_up_and_merge() -> None:
     msg = {
         "t": "msg",
         "meta": {"t": 1000.0},
-        "trace": {"hub_in": 1001.0, "seq": 1003.0, "committed": 1010.0, "fanout": 1011.0, "hub_queued": 1012.5},
+        "trace": {
+            "hub_in": 1001.0,
+            "shard_in": 1002.0,
+            "seq": 1003.0,
+            "committed": 1010.0,
+            "fanout": 1011.0,
+            "hub_queued": 1012.5,
+        },
     }
     a, b = StageRecorder(), StageRecorder()
     a.record(msg, 1014.0)
