@@ -101,6 +101,12 @@ class Config(BaseSettings):
         description="window of a hub-to-conversation-shard batch (ms); 0 = natural batching: a batch leaves at "
         "once when no call to that shard is in flight, and what arrives meanwhile forms the next one",
     )
+    hub_send_queue_max: int = Field(
+        512,
+        ge=1,
+        description="admission control: sends a hub holds for one conversation shard, waiting for its batch; "
+        "a send over it is refused at once (unavailable, with retry_after_ms) instead of queueing (overload)",
+    )
     store_batch_max: int = Field(512, ge=1, description="entries per store commit")
     store_inflight: int = Field(4, ge=1, description="store commits in flight per conversation shard")
     fanout_batch_max: int = Field(256, ge=1, description="entries per fan-out call (to a session shard, to a hub)")

@@ -123,6 +123,7 @@ class Hub:
         self._server: Server | None = None
         self._sends: Batcher[int] = Batcher(self._send_batch, config.hub_batch_max, config.hub_batch_ms)
         self._trace_sample = config.trace_sample
+        self._batch_ms_ewma = 1.0  # recent duration of a send batch's call (ms), for retry_after_ms
         self._limits = protocol.Limits(
             max_body_bytes=config.max_body_bytes,
             max_members=config.max_group_members,
@@ -148,6 +149,7 @@ class Hub:
             "connections_total": 0,
             "send_batches": 0,
             "send_batch_ms_total": 0.0,
+            "overload_refused": 0,
         }
 
     # --- server ------------------------------------------------------------------------------
@@ -411,15 +413,32 @@ class Hub:
         if req.t == "send":
             f = req.fields
             self.stats["sends"] += 1
+            shard = self.peers.conv_index(f["conv"])
+            if self._sends.queued(shard) >= self.config.hub_send_queue_max:
+                self._refuse_overload(conn, req.id, shard)
+                return
             item = SendItem(conn.user, f["conv"], f["cmid"], f["body"], f["kind"], f["meta"])
             if self._trace_sample and random.random() < self._trace_sample:
                 item.trace = {}
                 stamp(item.trace, "hub_in")
-            self._sends.add(self.peers.conv_index(f["conv"]), (conn, req.id, item))
+            self._sends.add(shard, (conn, req.id, item))
             return
         task = asyncio.get_running_loop().create_task(self._answer(conn, req))
         conn.tasks.add(task)
         task.add_done_callback(conn.tasks.discard)
+
+    def _refuse_overload(self, conn: Connection, rid: int | None, shard: int) -> None:
+        """Admission control: conversation shard ``shard`` is behind by ``hub_send_queue_max`` sends
+        queued here. The send is refused at once, not queued behind them where it would wait for
+        seconds and time out (and be resent: the congestion collapse of an unbounded queue). The
+        answer is ``unavailable`` (nothing committed; resend the same cmid) with ``retry_after_ms``,
+        the time the queue takes to drain at the shard's recent pace, with up to 50 % jitter so
+        refused clients do not come back together."""
+        self.stats["overload_refused"] += 1
+        batches = self._sends.queued(shard) / self.config.hub_batch_max + 1
+        wait_ms = int(min(max(batches * self._batch_ms_ewma, 10.0), 5000.0) * random.uniform(1.0, 1.5))
+        self._push(conn, Unavailable("server overloaded, resend later", retry_after_ms=wait_ms).frame(rid))
+        conn.answered()
 
     async def _send_batch(self, shard: int, batch: list[tuple[Connection, int, SendItem]]) -> None:
         started = time.perf_counter()
@@ -427,8 +446,10 @@ class Hub:
             answers = await self.peers.convs[shard].call("send_batch", [item for _, _, item in batch])
         except RequestError as exc:
             answers = [{"err": exc.code, "msg": exc.msg, "retry": exc.retry}] * len(batch)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self._batch_ms_ewma += 0.2 * (elapsed_ms - self._batch_ms_ewma)
         self.stats["send_batches"] += 1
-        self.stats["send_batch_ms_total"] += (time.perf_counter() - started) * 1000
+        self.stats["send_batch_ms_total"] += elapsed_ms
         for (conn, rid, _item), ans in zip(batch, answers, strict=False):
             if "err" in ans:
                 frame = {"t": "err", "id": rid, "code": ans["err"], "msg": ans["msg"], "retry": ans["retry"]}
