@@ -15,8 +15,9 @@ The steps, each named after the stage it ends at:
 - ``seq``: activation of a first-seen conversation, the contacts check of a direct one, and the
   wait for the conversation's previous commit or a free commit slot, until numbered;
 - ``committed``: the MongoDB commit;
-- ``fanout``: conversation shard to session shard (fan-out batch and Ray call);
-- ``hub_queued``: session shard to the recipient's hub (per-hub batch and Ray call);
+- ``fanout``: committed to routed: by the conversation shard itself (``fanout_via = "conv"``), or
+  through the fan-out batch and Ray call to a session shard (``"session"``);
+- ``hub_queued``: to the recipient's hub (per-hub batch and Ray call);
 - ``received``: queued on the connection to received and decoded by the client (send queue,
   socket, client).
 

@@ -110,6 +110,12 @@ class Config(BaseSettings):
     store_batch_max: int = Field(512, ge=1, description="entries per store commit")
     store_inflight: int = Field(4, ge=1, description="store commits in flight per conversation shard")
     fanout_batch_max: int = Field(256, ge=1, description="entries per fan-out call (to a session shard, to a hub)")
+    fanout_via: Literal["conv", "session"] = Field(
+        "conv",
+        description="conv: conversation shards hold every connection's route and fan entries out to the hubs "
+        "themselves (one Ray hop per delivery; session shards only plan offline pushes); session: through the "
+        "recipients' session shards (one hop more)",
+    )
     trace_sample: float = Field(
         0.0,
         ge=0.0,

@@ -35,6 +35,7 @@ from im_actors.errors import Conflict, Forbidden, RequestError, Unavailable
 from im_actors.membership import Membership
 from im_actors.protocol import body_size
 from im_actors.refs import Peers
+from im_actors.routes import Routes
 from im_actors.store import CommitResult, Store
 
 __all__ = [
@@ -216,6 +217,16 @@ class ConversationShard:
         self._commits: set[asyncio.Task[None]] = set()
         self._fanout: Batcher[int] = Batcher(self._send_fanout, config.fanout_batch_max, config.fanout_batch_ms)
         self._events: Batcher[int] = Batcher(self._send_events, config.fanout_batch_max, config.fanout_batch_ms)
+        # fanout_via = "conv": this shard routes entries to hubs itself (see im_actors.routes); session
+        # shards then only plan offline pushes, and only when push is configured.
+        self.routes = Routes()
+        self._via_routes = config.fanout_via == "conv"
+        self._push_on = config.push_workers > 0 and bool(config.rabbitmq_url)
+        self._targets: dict[str, tuple[frozenset[str], int, dict[str, list[int]]]] = {}  # conv -> cached targets
+        self._to_hubs: Batcher[str] = Batcher(self._send_to_hub, config.fanout_batch_max, config.fanout_batch_ms)
+        self._events_to_hubs: Batcher[str] = Batcher(
+            self._send_events_to_hub, config.fanout_batch_max, config.fanout_batch_ms
+        )
         self.stats: dict[str, float] = {
             "committed": 0,
             "dups": 0,
@@ -223,6 +234,7 @@ class ConversationShard:
             "unavailable": 0,
             "commit_ms_total": 0.0,
             "activations": 0,
+            "deliveries": 0,
         }
 
     def start(self) -> None:
@@ -610,6 +622,7 @@ class ConversationShard:
                 # The outcome is unknown: re-seed from storage before numbering again.
                 seqr = self.sequencers.pop(conv, None)
                 self._splits.pop(conv, None)
+                self._targets.pop(conv, None)
                 if seqr is not None and seqr.pending:
                     for p in seqr.pending:
                         if not p.future.done():
@@ -724,28 +737,82 @@ class ConversationShard:
     # --- fan-out -----------------------------------------------------------------------------
 
     def _fan_out(self, entry: dict[str, Any], members: frozenset[str]) -> None:
-        """Queue ``entry`` for ``members``, one item per session shard (batched per shard).
+        """Queue ``entry`` for ``members``.
 
+        With ``fanout_via = "conv"``: one item per hub holding a connection of a member (batched per
+        hub, see :mod:`im_actors.routes`), plus, when push is configured, one item per session shard
+        to plan the offline pushes. With ``"session"``: one item per session shard, which routes it.
         The split of a member set by shard is kept per conversation until the set changes (a
-        membership change makes a new set): a large group pays it once, not per message."""
-        cached = self._splits.get(entry["conv"])
+        membership change makes a new set), and the hub targets until the set or a route changes: a
+        large group pays them once, not per message."""
+        conv = entry["conv"]
+        if self._via_routes:
+            if "trace" in entry:
+                stamp(entry["trace"], "fanout")
+            cached_targets = self._targets.get(conv)
+            if cached_targets is not None and cached_targets[0] is members and cached_targets[1] == self.routes.version:
+                targets = cached_targets[2]
+            else:
+                targets = self.routes.targets(members)
+                if conv in self.sequencers:
+                    self._targets[conv] = (members, self.routes.version, targets)
+            for hub, conn_ids in targets.items():
+                self.stats["deliveries"] += len(conn_ids)
+                self._to_hubs.add(hub, (entry, conn_ids))
+            if not self._push_on:
+                return
+        cached = self._splits.get(conv)
         if cached is not None and cached[0] is members:
             by_shard = cached[1]
         else:
             by_shard = {}
             for user in members:
                 by_shard.setdefault(self.peers.session_index(user), []).append(user)
-            if entry["conv"] in self.sequencers:
-                self._splits[entry["conv"]] = (members, by_shard)
+            if conv in self.sequencers:
+                self._splits[conv] = (members, by_shard)
         for shard, users in by_shard.items():
             self._fanout.add(shard, (entry, users))
 
     async def _send_fanout(self, shard: int, items: list[tuple[dict[str, Any], list[str]]]) -> None:
+        method = "plan_push" if self._via_routes else "fanout"
         try:
-            await self.peers.sessions[shard].call("fanout", items)
+            await self.peers.sessions[shard].call(method, items)
         except Unavailable as exc:
             # Committed entries are not lost: recipients catch up with sync (DESIGN.md section 4).
-            log.warning("fan-out of %d entries to session shard %d failed: %s", len(items), shard, exc)
+            log.warning("%s of %d entries to session shard %d failed: %s", method, len(items), shard, exc)
+
+    async def _send_to_hub(self, hub: str, items: list[tuple[dict[str, Any], list[int]]]) -> None:
+        try:
+            await self.peers.hub(hub).call("deliver", items)
+        except Unavailable as exc:
+            # The hub's clients reconnect elsewhere and catch up with sync.
+            log.warning("delivery of %d entries to %s failed: %s", len(items), hub, exc)
+
+    async def _send_events_to_hub(self, hub: str, items: list[tuple[dict[str, Any], list[int]]]) -> None:
+        try:
+            await self.peers.hub(hub).call("deliver_events", items)
+        except Unavailable as exc:
+            log.info("%d events to %s dropped: %s", len(items), hub, exc)
+
+    # --- routes (fanout_via = "conv", see im_actors.routes) ------------------------------------
+
+    def route(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """A hub's new connection: entries for ``user`` go to it from now on."""
+        self.routes.add(user, device, hub, conn_id)
+
+    def unroute(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """A connection ended (a newer one of the same device stays)."""
+        self.routes.remove(user, device, hub, conn_id)
+
+    def route_many(self, conns: list[tuple[str, str, str, int]]) -> int:
+        """A hub re-announces its connections ``[(user, device, hub, conn id)]``; returns how many."""
+        for user, device, hub, conn_id in conns:
+            self.routes.add(user, device, hub, conn_id)
+        return len(conns)
+
+    def hub_gone(self, hub: str) -> int:
+        """The router declared ``hub`` gone: forget its connections; returns how many."""
+        return self.routes.hub_gone(hub)
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -815,7 +882,12 @@ class ConversationShard:
         self._emit({"t": "typing", "conv": conv, "user": user}, seqr.members - {user}, origin)
 
     def _emit(self, frame: dict[str, Any], users: frozenset[str], origin: tuple[str, int] | None) -> None:
-        """Queue an unsolicited, unstored event for the online devices of ``users``, batched per shard."""
+        """Queue an unsolicited, unstored event for the online devices of ``users``, batched per hub
+        (``fanout_via = "conv"``) or per session shard; ``origin`` (hub, connection id) gets none."""
+        if self._via_routes:
+            for hub, conn_ids in self.routes.targets(users, skip=origin).items():
+                self._events_to_hubs.add(hub, (frame, conn_ids))
+            return
         by_shard: dict[int, list[str]] = {}
         for user in users:
             by_shard.setdefault(self.peers.session_index(user), []).append(user)
@@ -842,17 +914,49 @@ class ConversationShard:
 class ConversationShardActor:
     """Ray shell of :class:`ConversationShard`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, index: int = 0) -> None:
         self._config = config
+        self._index = index
         self._store = Store(config)
         self._shard = ConversationShard(config, Peers(config), self._store)
+        self._announced: set[str] = set()  # hubs that re-announced their connections to this incarnation
+        self._indexes_made = False
 
     async def ready(self) -> bool:
-        """Start the commit loop (creating the indexes when there are no store writers)."""
-        if self._config.store_writers == 0:
+        """Start the commit loop (creating the indexes when there are no store writers) and, with
+        ``fanout_via = "conv"``, the first time this incarnation is asked, have every hub announce
+        its connections here. The router calls this on every heartbeat, so a restarted shard knows
+        the routes again within one heartbeat (:mod:`im_actors.routes`). Returns True."""
+        if self._config.store_writers == 0 and not self._indexes_made:
             await self._store.setup()
+            self._indexes_made = True
         self._shard.start()
+        if self._config.fanout_via == "conv":
+            for name, hub in self._shard.peers.hubs.items():
+                if name in self._announced:
+                    continue
+                try:
+                    await hub.call("reannounce_routes", self._index, timeout=5.0)
+                    self._announced.add(name)
+                except Unavailable:
+                    pass  # not up yet, or restarting: asked again at the next heartbeat
         return True
+
+    def route(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """See :meth:`ConversationShard.route`."""
+        self._shard.route(user, device, hub, conn_id)
+
+    def unroute(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """See :meth:`ConversationShard.unroute`."""
+        self._shard.unroute(user, device, hub, conn_id)
+
+    def route_many(self, conns: list[tuple[str, str, str, int]]) -> int:
+        """See :meth:`ConversationShard.route_many`."""
+        return self._shard.route_many(conns)
+
+    def hub_gone(self, hub: str) -> int:
+        """See :meth:`ConversationShard.hub_gone` (a hub that answers again re-announces, told by the router)."""
+        return self._shard.hub_gone(hub)
 
     async def send_batch(self, items: list[SendItem]) -> list[dict[str, Any]]:
         """See :meth:`ConversationShard.send_batch`."""
@@ -895,4 +999,4 @@ class ConversationShardActor:
     def stats(self) -> dict[str, float]:
         """Counters: committed, dups, commits, unavailable, commit_ms_total (time in store calls)."""
         store = {f"store_{k}": v for k, v in self._store.stats.items()}
-        return {**self._shard.stats, **store, "active": len(self._shard.sequencers)}
+        return {**self._shard.stats, **store, "active": len(self._shard.sequencers), "routes": len(self._shard.routes)}

@@ -123,6 +123,7 @@ class Hub:
         self._server: Server | None = None
         self._sends: Batcher[int] = Batcher(self._send_batch, config.hub_batch_max, config.hub_batch_ms)
         self._trace_sample = config.trace_sample
+        self._via_routes = config.fanout_via == "conv"
         self._batch_ms_ewma = 1.0  # recent duration of a send batch's call (ms), for retry_after_ms
         self._limits = protocol.Limits(
             max_body_bytes=config.max_body_bytes,
@@ -276,6 +277,16 @@ class Hub:
             except CloseConnection as exc:  # over max_connections_per_user
                 await ws.close(exc.close_code, exc.reason)
                 return
+            if self._via_routes:
+                # Routed before ready: every entry fanned out after the client's catch-up reaches it
+                # live (im_actors.routes says why a route missing or stale never loses an entry).
+                routed = await asyncio.gather(
+                    *(shard.call("route", user, device, self.name, conn.id) for shard in self.peers.convs),
+                    return_exceptions=True,
+                )
+                if any(isinstance(r, BaseException) for r in routed):
+                    await ws.close(CLOSE_GOING_AWAY, "conversation shard unavailable, reconnect")
+                    return
             ready = {"t": "ready", "user": user, "device": device, "hub": self.name, "server_ms": _now_ms()}
             self._push(conn, ready)
             await self._read_loop(conn)
@@ -288,6 +299,9 @@ class Hub:
             for task in list(conn.tasks):
                 task.cancel()
             self.peers.session(user).notify("disconnect", user, device, self.name, conn.id)
+            if self._via_routes:
+                for shard in self.peers.convs:
+                    shard.notify("unroute", user, device, self.name, conn.id)
 
     def _expire(self, conn: Connection) -> None:
         """The connection's token ran out: close it 4401 (unless it is closing already)."""
@@ -647,6 +661,14 @@ class HubActor:
         ]
         if conns:
             await self._hub.peers.sessions[session_index].call("connect_many", conns)
+        return len(conns)
+
+    async def reannounce_routes(self, conv_index: int) -> int:
+        """Tell conversation shard ``conv_index`` (new or restarted) the routes of this hub's
+        connections (``fanout_via = "conv"``, :mod:`im_actors.routes`); returns how many."""
+        conns = [(c.user, c.device, self._hub.name, c.id) for c in self._hub.conns.values() if not c.closing]
+        if conns:
+            await self._hub.peers.convs[conv_index].call("route_many", conns)
         return len(conns)
 
     def deliver_events(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:

@@ -140,7 +140,12 @@ class FakePeers:
         )
         self.conv_peer: FakePeer | None = None
         self.fanned: list[tuple[int, list[tuple[dict[str, Any], list[str]]]]] = []
-        self.sessions = [FakePeer({"fanout": self._fanout(i)}) for i in range(session_shards)]
+        self.sessions = [
+            FakePeer({"fanout": self._fanout(i), "plan_push": self._fanout(i)}) for i in range(session_shards)
+        ]
+        self.hub_peers: dict[str, FakePeer] = {}
+        self.delivered: dict[str, list[tuple[dict[str, Any], list[int]]]] = {}
+        self.hub_events: dict[str, list[tuple[dict[str, Any], list[int]]]] = {}
 
     def _fanout(self, index: int) -> Any:
         def handler(items: list[tuple[dict[str, Any], list[str]]]) -> None:
@@ -150,6 +155,18 @@ class FakePeers:
 
     def contact_host(self, a: str, b: str) -> FakePeer:
         return self.contacts_peer
+
+    def hub(self, name: str) -> FakePeer:
+        """A hub that records what it is handed: ``delivered[name]`` and ``events[name]``."""
+        peer = self.hub_peers.get(name)
+        if peer is None:
+            peer = self.hub_peers[name] = FakePeer(
+                {
+                    "deliver": lambda items: self.delivered.setdefault(name, []).extend(items),
+                    "deliver_events": lambda items: self.hub_events.setdefault(name, []).extend(items),
+                }
+            )
+        return peer
 
     def conv(self, conv: str) -> FakePeer:
         assert self.conv_peer is not None, "bind a conversation shard first"

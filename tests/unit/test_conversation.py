@@ -19,6 +19,7 @@ def make_shard(
     store: FakeStore, groups: dict[str, list[str]] | None = None, **cfg: Any
 ) -> tuple[ConversationShard, FakePeers]:
     peers = FakePeers(store, groups or {})
+    cfg.setdefault("fanout_via", "session")  # these tests follow fan-out through the session shards
     config = load_config(fanout_batch_ms=0, **cfg)
     shard = ConversationShard(config, peers, store)  # type: ignore[arg-type]
     shard.start()
