@@ -46,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hubs", type=int, nargs="+", default=[2], help="hub actors")
     ap.add_argument("--shards", type=int, nargs="+", default=[1], help="session and conversation shards")
     ap.add_argument("--batch-ms", type=float, nargs="+", default=[0.0], help="hub and fan-out batch windows (ms)")
+    ap.add_argument(
+        "--fanout-via",
+        nargs="+",
+        default=["conv"],
+        choices=["conv", "session"],
+        help="who routes fan-out to the hubs: conversation shards (one hop) or session shards (two)",
+    )
     ap.add_argument("--processes", type=int, default=1, help="driver processes")
     ap.add_argument(
         "--trace-sample",
@@ -75,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             "hubs",
             "shards",
             "batch_ms",
+            "via",
             "acked/s",
             "deliv/s",
             "ack_p50",
@@ -86,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             "order",
         )
         print(" ".join(f"{h:>8}" for h in header), flush=True)
-        for rate, group, writers, hubs, shards, batch in itertools.product(
-            args.rate, args.group_size, args.store_writers, args.hubs, args.shards, args.batch_ms
+        for rate, group, writers, hubs, shards, batch, via in itertools.product(
+            args.rate, args.group_size, args.store_writers, args.hubs, args.shards, args.batch_ms, args.fanout_via
         ):
             cfg = base.model_copy(
                 update={
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     "hub_batch_ms": batch,
                     "fanout_batch_ms": batch,
                     "trace_sample": args.trace_sample,
+                    "fanout_via": via,
                 }
             )
             dep = deploy(cfg)
@@ -126,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 hubs,
                 shards,
                 batch,
+                via,
                 round(rep["throughput_msgs_per_s"], 1),
                 round(rep["deliveries_per_s"], 1),
                 a["p50"],
