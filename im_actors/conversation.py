@@ -37,8 +37,9 @@ from im_actors.protocol import body_size
 from im_actors.refs import Peers
 from im_actors.routes import Routes
 from im_actors.store import CommitResult, Store
+from im_actors.wire import Answer, SendItem, ack_answer, err_answer, stamp
 
-__all__ = [
+__all__ = [  # SendItem and stamp live in im_actors.wire; named here for older imports
     "Sequencer",
     "PendingSend",
     "ConversationShard",
@@ -67,29 +68,6 @@ DM_REFUSED = "not allowed to message this user"
 def body_digest(kind: str, body: str | bytes, meta: dict[str, Any] | None) -> bytes:
     """Digest telling a resend (same digest) from a conflicting reuse of a cmid."""
     return hashlib.blake2b(msgpack.packb([kind, body, meta or {}], use_bin_type=True), digest_size=16).digest()
-
-
-@dataclass
-class SendItem:
-    """One send as the hub hands it over: who, where, what."""
-
-    sender: str
-    conv: str
-    cmid: str
-    body: str | bytes
-    kind: str = "text"
-    meta: dict[str, Any] | None = None
-    trace: dict[str, float] | None = None  # stage -> ms since the epoch, for a sampled send (trace_sample)
-
-
-def stamp(trace: dict[str, float] | None, stage: str) -> None:
-    """Record that a sampled send reached ``stage`` now (ms since the epoch, float); no-op for
-    ``None``, the unsampled case. The stages, in order: ``hub_in`` (decoded by its hub),
-    ``shard_in`` (its batch reached the conversation shard), ``seq`` (numbered), ``committed``
-    (MongoDB confirmed), ``fanout`` (routed by a session shard), ``hub_queued`` (queued on the
-    recipient's connection); clients see them in ``msg.trace``."""
-    if trace is not None:
-        trace[stage] = time.time() * 1000.0
 
 
 @dataclass
@@ -189,10 +167,6 @@ def _visible_last(ranges: list[tuple[int, int]]) -> int:
 async def _failed(exc: BaseException) -> dict[str, Any]:
     """An awaitable that raises ``exc`` (a send whose conversation could not be prepared)."""
     raise exc
-
-
-def _ack(conv: str, seq: int, ts: int, dup: bool) -> dict[str, Any]:
-    return {"conv": conv, "seq": seq, "ts": ts, "dup": dup}
 
 
 class ConversationShard:
@@ -414,7 +388,7 @@ class ConversationShard:
 
     # --- sends -------------------------------------------------------------------------------
 
-    async def send_batch(self, items: list[SendItem]) -> list[dict[str, Any]]:
+    async def send_batch(self, items: list[SendItem]) -> list[Answer]:
         """Sequence and commit a batch of sends; one answer per item, in order.
 
         An answer is an ack ``{"conv", "seq", "ts", "dup"}`` or an error ``{"err": code, "msg",
@@ -428,10 +402,10 @@ class ConversationShard:
         out: list[dict[str, Any]] = []
         for res in results:
             if isinstance(res, RequestError):
-                out.append({"err": res.code, "msg": res.msg, "retry": res.retry})
+                out.append(err_answer(res))
             elif isinstance(res, BaseException):
                 log.error("send failed: %r", res)
-                out.append({"err": "unavailable", "msg": f"{type(res).__name__}", "retry": True})
+                out.append(err_answer(Unavailable(f"{type(res).__name__}")))
             else:
                 out.append(res)
         return out
@@ -479,7 +453,7 @@ class ConversationShard:
             if old != digest:
                 raise Conflict("cmid already committed with a different body")
             self.stats["dups"] += 1
-            return _ack(item.conv, seq, ts, True)
+            return ack_answer(item.conv, seq, ts, True)
         queued = seqr.find_pending(item.sender, item.cmid) or self._find_inflight(item)
         if queued is not None:
             if queued.digest != digest:
@@ -686,7 +660,7 @@ class ConversationShard:
                 seqr.exists = True
                 recipients = recipients | seqr.members  # the removed see their removal, the added their add
             seqr.remember(entry["sender"], entry["cmid"], entry["seq"], entry["ts"], p.digest)
-            p.future.set_result(_ack(entry["conv"], entry["seq"], entry["ts"], False))
+            p.future.set_result(ack_answer(entry["conv"], entry["seq"], entry["ts"], False))
             if p.item.trace is not None:  # a sampled send: its recipients get the stamps (never stored)
                 stamp(p.item.trace, "committed")
                 entry = {**entry, "trace": p.item.trace}
@@ -704,7 +678,7 @@ class ConversationShard:
                     self.stats["dups"] += 1
                     if p.change:
                         seqr.membership.apply(ex["sender"], ex.get("meta") or {}, int(ex["seq"]))
-                    p.future.set_result(_ack(entry["conv"], ex["seq"], ex["ts"], True))
+                    p.future.set_result(ack_answer(entry["conv"], ex["seq"], ex["ts"], True))
                     # Stored by an attempt whose answer was lost (a writer or this shard died after
                     # the write): it may never have been fanned out. Delivery is at least once and
                     # clients drop a (conv, seq) they hold, so fan it out again, to the members
@@ -958,7 +932,7 @@ class ConversationShardActor:
         """See :meth:`ConversationShard.hub_gone` (a hub that answers again re-announces, told by the router)."""
         return self._shard.hub_gone(hub)
 
-    async def send_batch(self, items: list[SendItem]) -> list[dict[str, Any]]:
+    async def send_batch(self, items: list[SendItem]) -> list[Answer]:
         """See :meth:`ConversationShard.send_batch`."""
         self._shard.start()
         return await self._shard.send_batch(items)

@@ -43,7 +43,6 @@ from im_actors import ids, protocol
 from im_actors.auth import verify_token_expiry
 from im_actors.batching import Batcher
 from im_actors.config import Config
-from im_actors.conversation import SendItem, stamp
 from im_actors.errors import (
     CLOSE_AUTH,
     CLOSE_AUTH_TIMEOUT,
@@ -62,6 +61,7 @@ from im_actors.errors import (
 from im_actors.limits import AddressRates, RefusalWindow, UserRates
 from im_actors.refs import Peers
 from im_actors.tls import server_context
+from im_actors.wire import SendItem, err_answer, stamp
 
 __all__ = ["Connection", "Hub", "HubActor", "WS_PATH"]
 
@@ -459,24 +459,13 @@ class Hub:
         try:
             answers = await self.peers.convs[shard].call("send_batch", [item for _, _, item in batch])
         except RequestError as exc:
-            answers = [{"err": exc.code, "msg": exc.msg, "retry": exc.retry}] * len(batch)
+            answers = [err_answer(exc)] * len(batch)
         elapsed_ms = (time.perf_counter() - started) * 1000
         self._batch_ms_ewma += 0.2 * (elapsed_ms - self._batch_ms_ewma)
         self.stats["send_batches"] += 1
         self.stats["send_batch_ms_total"] += elapsed_ms
         for (conn, rid, _item), ans in zip(batch, answers, strict=False):
-            if "err" in ans:
-                frame = {"t": "err", "id": rid, "code": ans["err"], "msg": ans["msg"], "retry": ans["retry"]}
-            else:
-                frame = {
-                    "t": "ack",
-                    "id": rid,
-                    "conv": ans["conv"],
-                    "seq": ans["seq"],
-                    "ts": ans["ts"],
-                    "dup": ans["dup"],
-                }
-            self._push(conn, frame)
+            self._push(conn, protocol.answer_frame(rid, ans))
             conn.answered()
 
     async def _answer(self, conn: Connection, req: protocol.Request) -> None:

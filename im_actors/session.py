@@ -26,11 +26,11 @@ from pymongo.errors import PyMongoError
 from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.contacts import accepted_contacts
-from im_actors.conversation import stamp
 from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, CloseConnection, Unavailable
 from im_actors.push.planner import JobSink, PushPlanner
 from im_actors.refs import Peers
 from im_actors.store import Store
+from im_actors.wire import stamp
 
 __all__ = ["UserSession", "SessionShard", "SessionShardActor", "JobSink"]  # JobSink: from push.planner
 
