@@ -612,7 +612,7 @@ class ConversationShard:
             self._slots.release()
             self._wake.set()
         if result is not None:
-            await self._settle(entries, sends, result)
+            self._settle(entries, sends, result)
 
     async def _index_direct(self, convs: list[str]) -> None:
         """Record new direct conversations in ``user_convs`` *before* their first commit, once per
@@ -646,7 +646,12 @@ class ConversationShard:
                 raise
             return await self.peers.next_store().call("commit", entries)
 
-    async def _settle(self, entries: list[dict[str, Any]], sends: list[PendingSend], result: CommitResult) -> None:
+    def _settle(self, entries: list[dict[str, Any]], sends: list[PendingSend], result: CommitResult) -> None:
+        """Apply a commit's outcome (synchronous, like :meth:`_take_batch`: the sequencer's two
+        transitions are plain code, the shard keeps only the awaits): the committed prefix moves
+        ``last``, is remembered and acked, and fans out; a conflicting entry is settled (a resend
+        of a stored cmid answers its seq and is fanned out again; a taken seq moves ``last`` from
+        storage); the sends after it go back to the head of their queues to be numbered again."""
         committed = entries[: result.committed]
         self.stats["commits"] += 1
         self.stats["committed"] += len(committed)
