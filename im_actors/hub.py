@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 
 WS_PATH = "/v1/ws"
 
+#: How long a new connection waits for a conversation shard to take its route (s), see Hub._route.
+ROUTE_TIMEOUT_S = 2.0
+
 
 @dataclass(eq=False)
 class Connection:
@@ -151,6 +154,7 @@ class Hub:
             "send_batches": 0,
             "send_batch_ms_total": 0.0,
             "overload_refused": 0,
+            "routes_retried": 0,
         }
 
     # --- server ------------------------------------------------------------------------------
@@ -278,15 +282,7 @@ class Hub:
                 await ws.close(exc.close_code, exc.reason)
                 return
             if self._via_routes:
-                # Routed before ready: every entry fanned out after the client's catch-up reaches it
-                # live (im_actors.routes says why a route missing or stale never loses an entry).
-                routed = await asyncio.gather(
-                    *(shard.call("route", user, device, self.name, conn.id) for shard in self.peers.convs),
-                    return_exceptions=True,
-                )
-                if any(isinstance(r, BaseException) for r in routed):
-                    await ws.close(CLOSE_GOING_AWAY, "conversation shard unavailable, reconnect")
-                    return
+                await self._route(conn)
             ready = {"t": "ready", "user": user, "device": device, "hub": self.name, "server_ms": _now_ms()}
             self._push(conn, ready)
             await self._read_loop(conn)
@@ -302,6 +298,37 @@ class Hub:
             if self._via_routes:
                 for shard in self.peers.convs:
                     shard.notify("unroute", user, device, self.name, conn.id)
+
+    async def _route(self, conn: Connection) -> None:
+        """Give every conversation shard the new connection's route before ``ready``, so every
+        entry fanned out after the client's catch-up reaches it live (``fanout_via = "conv"``).
+
+        A shard that does not answer within :data:`ROUTE_TIMEOUT_S` (restarting, or on a lost node)
+        does not hold the connection up: the route is retried in the background until it lands or
+        the connection ends, and a restarted shard asks every hub for its routes anyway. Meanwhile
+        that shard's entries miss this connection's live copy, never the client: it catches up with
+        ``sync`` (:mod:`im_actors.routes`)."""
+        args = (conn.user, conn.device, self.name, conn.id)
+        routed = await asyncio.gather(
+            *(shard.call("route", *args, timeout=ROUTE_TIMEOUT_S) for shard in self.peers.convs),
+            return_exceptions=True,
+        )
+        for index, result in enumerate(routed):
+            if isinstance(result, BaseException):
+                self.stats["routes_retried"] += 1
+                task = asyncio.get_running_loop().create_task(self._route_later(conn, index))
+                conn.tasks.add(task)
+                task.add_done_callback(conn.tasks.discard)
+
+    async def _route_later(self, conn: Connection, index: int) -> None:
+        delay = 0.1
+        while not conn.closing:
+            await asyncio.sleep(delay)
+            try:
+                await self.peers.convs[index].call("route", conn.user, conn.device, self.name, conn.id)
+                return
+            except Unavailable:
+                delay = min(2 * delay, 2.0)
 
     def _expire(self, conn: Connection) -> None:
         """The connection's token ran out: close it 4401 (unless it is closing already)."""

@@ -6,8 +6,9 @@ to the hubs itself: one batched one-way call per hub holding recipients, no sess
 path. The session shards stay the authority on connections (replacement with 4409,
 ``max_connections_per_user``, presence, offline push); the tables here are a copy kept by the hubs:
 
-- a hub adds a connection to every conversation shard (awaited) *before* it answers ``ready``, and
-  removes it when the connection ends (one-way);
+- a hub adds a connection to every conversation shard (awaited, up to 2 s) *before* it answers
+  ``ready``, and removes it when the connection ends (one-way); a shard that does not answer in
+  time (restarting) gets the route from a background retry, or asks for it on restart;
 - a restarted conversation shard comes back empty; the router calls its ``ready`` every heartbeat,
   and its first ``ready`` has every hub announce its connections again (as for session shards);
 - a hub declared gone by the router is dropped from every table; when it answers again it
