@@ -63,3 +63,28 @@ async def test_sends_over_the_queue_bound_are_refused_early_and_the_rest_commit(
         await ws.close()
     finally:
         await kit.stop()
+
+
+async def test_a_shard_that_does_not_take_a_route_does_not_hold_the_connection_up() -> None:
+    from im_actors.errors import Unavailable
+
+    kit = HubKit(hub_config())
+    attempts: list[tuple[Any, ...]] = []
+
+    def route(*conn: Any) -> None:
+        attempts.append(conn)
+        if len(attempts) < 3:
+            raise Unavailable("conversation shard restarting")
+
+    kit.peers.conv_peer.handlers["route"] = route
+    await kit.start()
+    try:
+        ws = await authed(kit, "alice")  # ready came although the shard refused the route
+        async with asyncio.timeout(10):
+            while len(attempts) < 3:
+                await asyncio.sleep(0.05)
+        assert {a[:2] for a in attempts} == {("alice", "d1")}
+        assert kit.hub.stats["routes_retried"] == 1
+        await ws.close()
+    finally:
+        await kit.stop()
