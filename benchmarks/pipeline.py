@@ -42,11 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=100, help="simulated users (one client each)")
     ap.add_argument("--group-size", type=int, nargs="+", default=[0], help="0: direct messages only")
     ap.add_argument("--duration", type=float, default=20.0, help="send phase per run (s)")
-    ap.add_argument("--store-writers", type=int, nargs="+", default=[1], help="store writer actors")
+    ap.add_argument("--store-writers", type=int, nargs="+", default=[0], help="store writer actors")
     ap.add_argument("--hubs", type=int, nargs="+", default=[2], help="hub actors")
     ap.add_argument("--shards", type=int, nargs="+", default=[1], help="session and conversation shards")
-    ap.add_argument("--batch-ms", type=float, nargs="+", default=[1.0], help="hub and fan-out batch windows (ms)")
+    ap.add_argument("--batch-ms", type=float, nargs="+", default=[0.0], help="hub and fan-out batch windows (ms)")
+    ap.add_argument(
+        "--fanout-via",
+        nargs="+",
+        default=["conv"],
+        choices=["conv", "session"],
+        help="who routes fan-out to the hubs: conversation shards (one hop) or session shards (two)",
+    )
     ap.add_argument("--processes", type=int, default=1, help="driver processes")
+    ap.add_argument(
+        "--trace-sample",
+        type=float,
+        default=0.0,
+        help="share of sends traced through every stage (0..1); prints each run's stage breakdown",
+    )
     ap.add_argument("--json", type=Path, help="write every report here")
     args = ap.parse_args(argv)
 
@@ -69,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             "hubs",
             "shards",
             "batch_ms",
+            "via",
             "acked/s",
             "deliv/s",
             "ack_p50",
@@ -80,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             "order",
         )
         print(" ".join(f"{h:>8}" for h in header), flush=True)
-        for rate, group, writers, hubs, shards, batch in itertools.product(
-            args.rate, args.group_size, args.store_writers, args.hubs, args.shards, args.batch_ms
+        for rate, group, writers, hubs, shards, batch, via in itertools.product(
+            args.rate, args.group_size, args.store_writers, args.hubs, args.shards, args.batch_ms, args.fanout_via
         ):
             cfg = base.model_copy(
                 update={
@@ -92,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                     "conv_shards": shards,
                     "hub_batch_ms": batch,
                     "fanout_batch_ms": batch,
+                    "trace_sample": args.trace_sample,
+                    "fanout_via": via,
                 }
             )
             dep = deploy(cfg)
@@ -119,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 hubs,
                 shards,
                 batch,
+                via,
                 round(rep["throughput_msgs_per_s"], 1),
                 round(rep["deliveries_per_s"], 1),
                 a["p50"],
@@ -130,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                 rep["order_violations"],
             )
             print(" ".join(f"{v:>8}" for v in row), flush=True)
+            steps = rep.get("stages", {}).get("steps") or {}
+            if steps:
+                print("   stages p50/p99 ms: " + "  ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in steps.items()))
     finally:
         if ray.is_initialized():
             ray.shutdown()

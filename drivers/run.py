@@ -44,6 +44,7 @@ import aiohttp
 from tqdm import tqdm
 
 from drivers.oracle import Partial, Recorder, device_key, latency_summary, merge, new_histogram
+from drivers.stages import StageRecorder
 from drivers.workload import DEVICE, Plan, PlannedSend, Workload
 from im_actors.client import Client
 from im_actors.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK
@@ -185,6 +186,7 @@ async def _create_group(client: Client, name: str, members: Sequence[str]) -> tu
 async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _Coordinator) -> dict[str, Any]:
     """Run this process's users through every stage; returns the picklable result for the parent."""
     recorder = Recorder()
+    stages = StageRecorder()
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     clients: dict[str, Client] = {}
     lag_hist = new_histogram()
@@ -195,7 +197,10 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
             dev = device_key(user, DEVICE)
 
             def on_msg(msg: dict[str, Any], dev: str = dev) -> None:
-                recorder.record_msg(dev, msg, time.time() * 1000.0)
+                now_ms = time.time() * 1000.0
+                recorder.record_msg(dev, msg, now_ms)
+                if "trace" in msg:
+                    stages.record(msg, now_ms)
 
             clients[user] = Client(
                 opts.router_url,
@@ -273,6 +278,7 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
         "stats": dict(stats),
         "errors": dict(errors),
         "lag_hist": lag_hist.encode().decode("ascii"),
+        "stages": stages.encode(),
         "drained": drained,
         "t0": t0,
     }
@@ -354,8 +360,10 @@ def build_report(plan: Plan, results: Sequence[dict[str, Any]], processes: int, 
     lag = new_histogram()
     stats: Counter[str] = Counter({k: 0 for k in _COUNTERS})
     errors: Counter[str] = Counter()
+    stages = StageRecorder()
     for r in results:
         lag.decode_and_add(r["lag_hist"])
+        stages.add_encoded(r.get("stages") or {})
         stats.update(r["stats"])
         errors.update(r["errors"])
     report.update(
@@ -367,6 +375,7 @@ def build_report(plan: Plan, results: Sequence[dict[str, Any]], processes: int, 
             "throughput_msgs_per_s": round(report["acked"] / send_phase_s, 3) if send_phase_s > 0 else 0.0,
             "deliveries_per_s": round(report["delivered"] / delivery_s, 3) if delivery_s > 0 else 0.0,
             "schedule_lag_ms": latency_summary(lag),
+            "stages": stages.report(),
             "reconnects": stats["reconnects"],
             "client_counters": dict(stats),
             "send_errors": dict(errors),
@@ -427,8 +436,10 @@ def run_workload(
     included), ``throughput_msgs_per_s`` (acked / duration_s), ``deliveries_per_s`` (delivered / start
     to last delivery), ``ack_latency_ms`` and ``delivery_latency_ms`` and ``schedule_lag_ms`` (each
     ``{"p50", "p95", "p99", "max", "mean", "count"}``), ``reconnects``, ``client_counters``,
-    ``send_errors`` (exception name -> count), ``drained`` (every client caught up and deliveries
-    went quiet before the drain timeout), ``workload`` (the plan's summary), ``run_id``.
+    ``send_errors`` (exception name -> count), ``stages`` (the per-step breakdown of sends the
+    server traced, :meth:`drivers.stages.StageRecorder.report`; empty without ``trace_sample``),
+    ``drained`` (every client caught up and deliveries went quiet before the drain timeout),
+    ``workload`` (the plan's summary), ``run_id``.
 
     Must not be called from a running event loop: use :func:`run_workload_async` there.
     """

@@ -52,6 +52,11 @@ class Batcher(Generic[K]):
         """Items queued and not yet handed to ``send``."""
         return sum(len(q) for q in self._queues.values())
 
+    def queued(self, key: K) -> int:
+        """Items queued for ``key`` and not yet handed to ``send`` (admission control reads it)."""
+        queue = self._queues.get(key)
+        return len(queue) if queue else 0
+
     async def _run(self, key: K) -> None:
         try:
             while True:

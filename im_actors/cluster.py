@@ -196,7 +196,7 @@ def deploy(config: Config, detached: bool = False) -> Deployment:
     if stores:
         ray.get([s.ready.remote() for s in stores], timeout=_READY_TIMEOUT_S)
     shards = [make(GroupShardActor, "group", i, i) for i in range(config.group_shards)]
-    shards += [make(ConversationShardActor, "conv", i, spread=True) for i in range(config.conv_shards)]
+    shards += [make(ConversationShardActor, "conv", i, i, spread=True) for i in range(config.conv_shards)]
     shards += [make(SessionShardActor, "session", i, i, spread=True) for i in range(config.session_shards)]
     waits = [s.ready.remote() for s in shards]
     if config.push_workers:

@@ -57,10 +57,10 @@ class Config(BaseSettings):
     conv_shards: int = Field(1, ge=1, description="Ray actors hosting per-conversation sequencers")
     group_shards: int = Field(1, ge=1, description="Ray actors hosting groups")
     store_writers: int = Field(
-        1,
+        0,
         ge=0,
         description="store writer actors (0: conversation shards commit to storage themselves, "
-        "one Ray hop less per send)",
+        "one Ray hop and one process less per send: the faster choice on small machines)",
     )
     push_workers: int = Field(1, ge=0, description="push worker actors (0: no offline push)")
     placement: Literal["spread", "pack"] = Field(
@@ -95,11 +95,37 @@ class Config(BaseSettings):
 
     # --- batching (DESIGN.md sections 2 and 9) ---
     hub_batch_max: int = Field(64, ge=1, description="frames per hub-to-conversation-shard call")
-    hub_batch_ms: float = Field(1.0, ge=0, description="window of a hub-to-conversation-shard batch (ms)")
+    hub_batch_ms: float = Field(
+        0.0,
+        ge=0,
+        description="window of a hub-to-conversation-shard batch (ms); 0 = natural batching: a batch leaves at "
+        "once when no call to that shard is in flight, and what arrives meanwhile forms the next one",
+    )
+    hub_send_queue_max: int = Field(
+        512,
+        ge=1,
+        description="admission control: sends a hub holds for one conversation shard, waiting for its batch; "
+        "a send over it is refused at once (unavailable, with retry_after_ms) instead of queueing (overload)",
+    )
     store_batch_max: int = Field(512, ge=1, description="entries per store commit")
     store_inflight: int = Field(4, ge=1, description="store commits in flight per conversation shard")
     fanout_batch_max: int = Field(256, ge=1, description="entries per fan-out call (to a session shard, to a hub)")
-    fanout_batch_ms: float = Field(1.0, ge=0, description="window of a fan-out batch (ms)")
+    fanout_via: Literal["conv", "session"] = Field(
+        "conv",
+        description="conv: conversation shards hold every connection's route and fan entries out to the hubs "
+        "themselves (one Ray hop per delivery; session shards only plan offline pushes); session: through the "
+        "recipients' session shards (one hop more)",
+    )
+    trace_sample: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of sends that carry stage timestamps (hub_in, seq, committed, fanout, hub_queued) "
+        "to their recipients in the msg frame's 'trace' field; 0 = off, and costs nothing",
+    )
+    fanout_batch_ms: float = Field(
+        0.0, ge=0, description="window of a fan-out batch (ms); 0 = natural batching, as for hub_batch_ms"
+    )
 
     # --- connections and auth (docs/security.md) ---
     jwt_secret: str = Field(

@@ -19,7 +19,9 @@ shards forget their cached contact lists (presence goes to accepted contacts).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pymongo
@@ -158,7 +160,20 @@ class ContactBook:
     async def dm_allowed(self, a: str, b: str) -> bool:
         """May ``a`` and ``b`` send each other direct messages? False when either blocked the
         other; under ``dm_policy = "contacts"`` only when both sides are ``accepted``."""
-        mine, theirs = await self._states(a, b)
+        return self._allowed(*await self._states(a, b))
+
+    async def dm_allowed_many(self, pairs: Sequence[tuple[str, str]]) -> builtins.list[bool]:
+        """:meth:`dm_allowed` for each of ``pairs``, in order, with one MongoDB read for them all
+        (a batch of first-seen direct conversations). Raises :class:`Unavailable`."""
+        keys = [k for a, b in pairs for k in (f"{a}|{b}", f"{b}|{a}")]
+        try:
+            docs = [d async for d in self.contacts.find({"_id": {"$in": keys}}, {"state": 1})]
+        except PyMongoError as exc:
+            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        state = {d["_id"]: d.get("state") for d in docs}
+        return [self._allowed(state.get(f"{a}|{b}"), state.get(f"{b}|{a}")) for a, b in pairs]
+
+    def _allowed(self, mine: State, theirs: State) -> bool:
         if "blocked" in (mine, theirs):
             return False
         if self.config.dm_policy == "contacts":

@@ -35,9 +35,19 @@ from im_actors.errors import Conflict, Forbidden, RequestError, Unavailable
 from im_actors.membership import Membership
 from im_actors.protocol import body_size
 from im_actors.refs import Peers
+from im_actors.routes import Routes
 from im_actors.store import CommitResult, Store
+from im_actors.wire import Answer, SendItem, ack_answer, err_answer, stamp
 
-__all__ = ["Sequencer", "PendingSend", "ConversationShard", "ConversationShardActor", "SendItem", "body_digest"]
+__all__ = [  # SendItem and stamp live in im_actors.wire; named here for older imports
+    "Sequencer",
+    "PendingSend",
+    "ConversationShard",
+    "ConversationShardActor",
+    "SendItem",
+    "body_digest",
+    "stamp",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +68,6 @@ DM_REFUSED = "not allowed to message this user"
 def body_digest(kind: str, body: str | bytes, meta: dict[str, Any] | None) -> bytes:
     """Digest telling a resend (same digest) from a conflicting reuse of a cmid."""
     return hashlib.blake2b(msgpack.packb([kind, body, meta or {}], use_bin_type=True), digest_size=16).digest()
-
-
-@dataclass
-class SendItem:
-    """One send as the hub hands it over: who, where, what."""
-
-    sender: str
-    conv: str
-    cmid: str
-    body: str | bytes
-    kind: str = "text"
-    meta: dict[str, Any] | None = None
 
 
 @dataclass
@@ -166,8 +164,9 @@ def _visible_last(ranges: list[tuple[int, int]]) -> int:
     return ranges[-1][1] if ranges else 0
 
 
-def _ack(conv: str, seq: int, ts: int, dup: bool) -> dict[str, Any]:
-    return {"conv": conv, "seq": seq, "ts": ts, "dup": dup}
+async def _failed(exc: BaseException) -> dict[str, Any]:
+    """An awaitable that raises ``exc`` (a send whose conversation could not be prepared)."""
+    raise exc
 
 
 class ConversationShard:
@@ -192,12 +191,24 @@ class ConversationShard:
         self._commits: set[asyncio.Task[None]] = set()
         self._fanout: Batcher[int] = Batcher(self._send_fanout, config.fanout_batch_max, config.fanout_batch_ms)
         self._events: Batcher[int] = Batcher(self._send_events, config.fanout_batch_max, config.fanout_batch_ms)
+        # fanout_via = "conv": this shard routes entries to hubs itself (see im_actors.routes); session
+        # shards then only plan offline pushes, and only when push is configured.
+        self.routes = Routes()
+        self._via_routes = config.fanout_via == "conv"
+        self._push_on = config.push_workers > 0 and bool(config.rabbitmq_url)
+        self._targets: dict[str, tuple[frozenset[str], int, dict[str, list[int]]]] = {}  # conv -> cached targets
+        self._to_hubs: Batcher[str] = Batcher(self._send_to_hub, config.fanout_batch_max, config.fanout_batch_ms)
+        self._events_to_hubs: Batcher[str] = Batcher(
+            self._send_events_to_hub, config.fanout_batch_max, config.fanout_batch_ms
+        )
         self.stats: dict[str, float] = {
             "committed": 0,
             "dups": 0,
             "commits": 0,
             "unavailable": 0,
             "commit_ms_total": 0.0,
+            "activations": 0,
+            "deliveries": 0,
         }
 
     def start(self) -> None:
@@ -238,28 +249,78 @@ class ConversationShard:
             self._absent.move_to_end(conv)
             return Sequencer(conv=conv)
         waiting = self._activating.get(conv)
-        if waiting is not None:
-            return await asyncio.shield(waiting)
-        fut: asyncio.Future[Sequencer] = asyncio.get_running_loop().create_future()
-        self._activating[conv] = fut
+        if waiting is None:
+            failed = await self._activate_many([conv])
+            if conv in failed:
+                raise failed[conv]
+            return await self.sequencer(conv)
+        return await asyncio.shield(waiting)
+
+    async def _activate_many(self, convs: list[str], index_direct: bool = False) -> dict[str, BaseException]:
+        """Activate every conversation of ``convs`` that is neither active nor activating, together.
+
+        One batch of first-seen conversations costs one Redis ``MGET`` and one MongoDB aggregate
+        for their last seqs (:meth:`Store.last_seqs`), run at the same time as the group shards'
+        membership answers and, with ``index_direct`` (a send is about to commit), one unordered
+        ``user_convs`` insert for the new direct conversations (their listing must precede their
+        first commit, see :meth:`_index_direct`). Returns the conversations whose activation failed,
+        with the error (:class:`Unavailable` when MongoDB or a group shard did not answer); waiters
+        of those get the same error.
+        """
+        todo = [
+            c
+            for c in dict.fromkeys(convs)
+            if c not in self.sequencers and c not in self._absent and c not in self._activating
+        ]
+        if not todo:
+            return {}
+        loop = asyncio.get_running_loop()
+        futs: dict[str, asyncio.Future[Sequencer]] = {c: loop.create_future() for c in todo}
+        self._activating.update(futs)
+        failed: dict[str, BaseException] = {}
         try:
-            membership, exists = await self._load_membership(conv)
-            last = await self.store.last_seq(conv)  # 0 for a made-up id; read anyway, as above
-            seqr = Sequencer(conv=conv, last=last, membership=membership, exists=exists)
-            if exists:
-                self.sequencers[conv] = seqr
-            else:  # a made-up group id: only its id is kept, in a bounded set
-                self._absent[conv] = None
-                if len(self._absent) > ABSENT_KEPT:
-                    self._absent.popitem(last=False)
-            fut.set_result(seqr)
-            return seqr
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: waiters get it through shield
+            directs = [c for c in todo if ids.conv_kind(c) == "direct"]
+            index = {c: sorted(ids.direct_members(c)) for c in directs} if index_direct else {}
+            lasts_res, index_res, *loads = await asyncio.gather(
+                self.store.last_seqs(todo),
+                self.store.add_user_convs_many(index),
+                *(self._load_membership(c) for c in todo),
+                return_exceptions=True,
+            )
+            for conv, fut, load in zip(todo, futs.values(), loads, strict=True):
+                error = next(
+                    (r for r in (lasts_res, load) if isinstance(r, BaseException)),
+                    index_res if conv in index and isinstance(index_res, BaseException) else None,
+                )
+                if error is not None:
+                    failed[conv] = error
+                    fut.set_exception(error)
+                    fut.exception()  # retrieved: waiters get it through shield
+                    continue
+                assert isinstance(lasts_res, dict) and isinstance(load, tuple)
+                membership, exists = load
+                # 0 for a made-up id; read all the same, as _load_membership explains
+                seqr = Sequencer(conv=conv, last=lasts_res.get(conv, 0), membership=membership, exists=exists)
+                seqr.indexed = conv in index
+                if exists:
+                    self.sequencers[conv] = seqr
+                else:  # a made-up group id: only its id is kept, in a bounded set
+                    self._absent[conv] = None
+                    if len(self._absent) > ABSENT_KEPT:
+                        self._absent.popitem(last=False)
+                fut.set_result(seqr)
+        except BaseException as exc:  # cancelled: nobody may wait forever
+            for conv, fut in futs.items():
+                if not fut.done():
+                    failed[conv] = exc
+                    fut.set_exception(exc)
+                    fut.exception()
             raise
         finally:
-            del self._activating[conv]
+            for conv in todo:
+                del self._activating[conv]
+        self.stats["activations"] += len(todo) - len(failed)
+        return failed
 
     @staticmethod
     def _precheck(user: str, conv: str) -> None:
@@ -297,6 +358,28 @@ class ConversationShard:
         if not seqr.dm_allowed:
             raise Forbidden(DM_REFUSED)
 
+    async def _dm_answers(self, convs: list[str]) -> tuple[dict[str, bool], dict[str, BaseException]]:
+        """Ask the contacts hosts whether each direct conversation of ``convs`` may carry messages,
+        one call per host (:meth:`ContactBook.dm_allowed_many`): ``({conv: allowed}, {conv: error})``
+        (the error of a host that did not answer)."""
+        by_host: dict[Any, list[str]] = {}
+        for conv in dict.fromkeys(convs):
+            by_host.setdefault(self.peers.contact_host(*ids.direct_members(conv)), []).append(conv)
+        hosts = list(by_host)
+        replies = await asyncio.gather(
+            *(host.call("dm_allowed_many", [ids.direct_members(c) for c in by_host[host]]) for host in hosts),
+            return_exceptions=True,
+        )
+        answers: dict[str, bool] = {}
+        failed: dict[str, BaseException] = {}
+        for host, reply in zip(hosts, replies, strict=True):
+            for i, conv in enumerate(by_host[host]):
+                if isinstance(reply, BaseException):
+                    failed[conv] = reply
+                else:
+                    answers[conv] = bool(reply[i])
+        return answers, failed
+
     def contact_changed(self, conv: str) -> None:
         """The contact state of a direct conversation's pair changed: ask again at the next send."""
         seqr = self.sequencers.get(conv)
@@ -305,24 +388,55 @@ class ConversationShard:
 
     # --- sends -------------------------------------------------------------------------------
 
-    async def send_batch(self, items: list[SendItem]) -> list[dict[str, Any]]:
+    async def send_batch(self, items: list[SendItem]) -> list[Answer]:
         """Sequence and commit a batch of sends; one answer per item, in order.
 
         An answer is an ack ``{"conv", "seq", "ts", "dup"}`` or an error ``{"err": code, "msg",
         "retry"}``: a batch mixes conversations, so one item's failure does not fail the others.
         """
-        waits = [self._enqueue(item) for item in items]
+        for it in items:
+            stamp(it.trace, "shard_in")
+        failed = await self._prepare(items)
+        waits = [self._enqueue(item) if item.conv not in failed else _failed(failed[item.conv]) for item in items]
         results = await asyncio.gather(*waits, return_exceptions=True)
         out: list[dict[str, Any]] = []
         for res in results:
             if isinstance(res, RequestError):
-                out.append({"err": res.code, "msg": res.msg, "retry": res.retry})
+                out.append(err_answer(res))
             elif isinstance(res, BaseException):
                 log.error("send failed: %r", res)
-                out.append({"err": "unavailable", "msg": f"{type(res).__name__}", "retry": True})
+                out.append(err_answer(Unavailable(f"{type(res).__name__}")))
             else:
                 out.append(res)
         return out
+
+    async def _prepare(self, items: list[SendItem]) -> dict[str, BaseException]:
+        """Activate the batch's first-seen conversations (see :meth:`_activate_many`) and, at the
+        same time, ask the contacts hosts about the direct ones whose answer is not cached, before
+        the sends queue one by one. Returns the conversations that could not be prepared, with the
+        error every send to them is answered with. A sender who is not a member is left to
+        :meth:`_enqueue` to refuse, so a non-member's send costs no storage work here."""
+        new: list[str] = []
+        ask: list[str] = []
+        for it in items:
+            direct = ids.conv_kind(it.conv) == "direct"
+            if direct and it.sender not in ids.direct_members(it.conv):
+                continue
+            seqr = self.sequencers.get(it.conv)
+            if seqr is None:
+                new.append(it.conv)
+            if direct and (seqr is None or seqr.dm_allowed is None):
+                ask.append(it.conv)
+        if not new and not ask:
+            return {}
+        activated, (answers, failed) = await asyncio.gather(
+            self._activate_many(new, index_direct=True), self._dm_answers(ask)
+        )
+        for conv, allowed in answers.items():
+            seqr = self.sequencers.get(conv)
+            if seqr is not None and seqr.dm_allowed is None:  # not asked again since (contact_changed)
+                seqr.dm_allowed = allowed
+        return {**failed, **activated}
 
     async def _enqueue(self, item: SendItem, change: bool = False) -> dict[str, Any]:
         if change:
@@ -339,7 +453,7 @@ class ConversationShard:
             if old != digest:
                 raise Conflict("cmid already committed with a different body")
             self.stats["dups"] += 1
-            return _ack(item.conv, seq, ts, True)
+            return ack_answer(item.conv, seq, ts, True)
         queued = seqr.find_pending(item.sender, item.cmid) or self._find_inflight(item)
         if queued is not None:
             if queued.digest != digest:
@@ -399,6 +513,7 @@ class ConversationShard:
             self._inflight_convs[seqr.conv] = take
             for i, p in enumerate(take):
                 it = p.item
+                stamp(it.trace, "seq")
                 entries.append(
                     {
                         "conv": it.conv,
@@ -481,6 +596,7 @@ class ConversationShard:
                 # The outcome is unknown: re-seed from storage before numbering again.
                 seqr = self.sequencers.pop(conv, None)
                 self._splits.pop(conv, None)
+                self._targets.pop(conv, None)
                 if seqr is not None and seqr.pending:
                     for p in seqr.pending:
                         if not p.future.done():
@@ -496,18 +612,24 @@ class ConversationShard:
             self._slots.release()
             self._wake.set()
         if result is not None:
-            await self._settle(entries, sends, result)
+            self._settle(entries, sends, result)
 
     async def _index_direct(self, convs: list[str]) -> None:
         """Record new direct conversations in ``user_convs`` *before* their first commit, once per
-        activation (the upsert is idempotent). Written after the commit, a shard dying between the
-        two (a node lost, seen in the node-removal test) left an acked entry in a conversation that
-        ``convs`` never listed to its recipient: one whose live delivery was lost too could not
-        catch up. Raises :class:`Unavailable` (the commit is then answered unavailable)."""
-        for conv in convs:
-            seqr = self.sequencers.get(conv)
-            if seqr is not None and not seqr.indexed and ids.conv_kind(conv) == "direct":
-                await self.store.add_user_convs(conv, sorted(seqr.members))
+        activation (the insert is idempotent), in one storage call for the batch. Written after the
+        commit, a shard dying between the two (a node lost, seen in the node-removal test) left an
+        acked entry in a conversation that ``convs`` never listed to its recipient: one whose live
+        delivery was lost too could not catch up. Usually done at activation already
+        (:meth:`_activate_many`). Raises :class:`Unavailable` (the commit is then answered
+        unavailable)."""
+        todo = [
+            seqr
+            for seqr in (self.sequencers.get(c) for c in convs)
+            if seqr is not None and not seqr.indexed and ids.conv_kind(seqr.conv) == "direct"
+        ]
+        if todo:
+            await self.store.add_user_convs_many({s.conv: sorted(s.members) for s in todo})
+            for seqr in todo:
                 seqr.indexed = True
 
     async def _commit_with_retry(self, entries: list[dict[str, Any]]) -> CommitResult:
@@ -524,7 +646,12 @@ class ConversationShard:
                 raise
             return await self.peers.next_store().call("commit", entries)
 
-    async def _settle(self, entries: list[dict[str, Any]], sends: list[PendingSend], result: CommitResult) -> None:
+    def _settle(self, entries: list[dict[str, Any]], sends: list[PendingSend], result: CommitResult) -> None:
+        """Apply a commit's outcome (synchronous, like :meth:`_take_batch`: the sequencer's two
+        transitions are plain code, the shard keeps only the awaits): the committed prefix moves
+        ``last``, is remembered and acked, and fans out; a conflicting entry is settled (a resend
+        of a stored cmid answers its seq and is fanned out again; a taken seq moves ``last`` from
+        storage); the sends after it go back to the head of their queues to be numbered again."""
         committed = entries[: result.committed]
         self.stats["commits"] += 1
         self.stats["committed"] += len(committed)
@@ -538,7 +665,10 @@ class ConversationShard:
                 seqr.exists = True
                 recipients = recipients | seqr.members  # the removed see their removal, the added their add
             seqr.remember(entry["sender"], entry["cmid"], entry["seq"], entry["ts"], p.digest)
-            p.future.set_result(_ack(entry["conv"], entry["seq"], entry["ts"], False))
+            p.future.set_result(ack_answer(entry["conv"], entry["seq"], entry["ts"], False))
+            if p.item.trace is not None:  # a sampled send: its recipients get the stamps (never stored)
+                stamp(p.item.trace, "committed")
+                entry = {**entry, "trace": p.item.trace}
             fanout.append((entry, recipients))
         rest = list(zip(entries[result.committed :], sends[result.committed :], strict=False))
         if result.conflict is not None and rest:
@@ -553,7 +683,7 @@ class ConversationShard:
                     self.stats["dups"] += 1
                     if p.change:
                         seqr.membership.apply(ex["sender"], ex.get("meta") or {}, int(ex["seq"]))
-                    p.future.set_result(_ack(entry["conv"], ex["seq"], ex["ts"], True))
+                    p.future.set_result(ack_answer(entry["conv"], ex["seq"], ex["ts"], True))
                     # Stored by an attempt whose answer was lost (a writer or this shard died after
                     # the write): it may never have been fanned out. Delivery is at least once and
                     # clients drop a (conv, seq) they hold, so fan it out again, to the members
@@ -586,28 +716,82 @@ class ConversationShard:
     # --- fan-out -----------------------------------------------------------------------------
 
     def _fan_out(self, entry: dict[str, Any], members: frozenset[str]) -> None:
-        """Queue ``entry`` for ``members``, one item per session shard (batched per shard).
+        """Queue ``entry`` for ``members``.
 
+        With ``fanout_via = "conv"``: one item per hub holding a connection of a member (batched per
+        hub, see :mod:`im_actors.routes`), plus, when push is configured, one item per session shard
+        to plan the offline pushes. With ``"session"``: one item per session shard, which routes it.
         The split of a member set by shard is kept per conversation until the set changes (a
-        membership change makes a new set): a large group pays it once, not per message."""
-        cached = self._splits.get(entry["conv"])
+        membership change makes a new set), and the hub targets until the set or a route changes: a
+        large group pays them once, not per message."""
+        conv = entry["conv"]
+        if self._via_routes:
+            if "trace" in entry:
+                stamp(entry["trace"], "fanout")
+            cached_targets = self._targets.get(conv)
+            if cached_targets is not None and cached_targets[0] is members and cached_targets[1] == self.routes.version:
+                targets = cached_targets[2]
+            else:
+                targets = self.routes.targets(members)
+                if conv in self.sequencers:
+                    self._targets[conv] = (members, self.routes.version, targets)
+            for hub, conn_ids in targets.items():
+                self.stats["deliveries"] += len(conn_ids)
+                self._to_hubs.add(hub, (entry, conn_ids))
+            if not self._push_on:
+                return
+        cached = self._splits.get(conv)
         if cached is not None and cached[0] is members:
             by_shard = cached[1]
         else:
             by_shard = {}
             for user in members:
                 by_shard.setdefault(self.peers.session_index(user), []).append(user)
-            if entry["conv"] in self.sequencers:
-                self._splits[entry["conv"]] = (members, by_shard)
+            if conv in self.sequencers:
+                self._splits[conv] = (members, by_shard)
         for shard, users in by_shard.items():
             self._fanout.add(shard, (entry, users))
 
     async def _send_fanout(self, shard: int, items: list[tuple[dict[str, Any], list[str]]]) -> None:
+        method = "plan_push" if self._via_routes else "fanout"
         try:
-            await self.peers.sessions[shard].call("fanout", items)
+            await self.peers.sessions[shard].call(method, items)
         except Unavailable as exc:
             # Committed entries are not lost: recipients catch up with sync (DESIGN.md section 4).
-            log.warning("fan-out of %d entries to session shard %d failed: %s", len(items), shard, exc)
+            log.warning("%s of %d entries to session shard %d failed: %s", method, len(items), shard, exc)
+
+    async def _send_to_hub(self, hub: str, items: list[tuple[dict[str, Any], list[int]]]) -> None:
+        try:
+            await self.peers.hub(hub).call("deliver", items)
+        except Unavailable as exc:
+            # The hub's clients reconnect elsewhere and catch up with sync.
+            log.warning("delivery of %d entries to %s failed: %s", len(items), hub, exc)
+
+    async def _send_events_to_hub(self, hub: str, items: list[tuple[dict[str, Any], list[int]]]) -> None:
+        try:
+            await self.peers.hub(hub).call("deliver_events", items)
+        except Unavailable as exc:
+            log.info("%d events to %s dropped: %s", len(items), hub, exc)
+
+    # --- routes (fanout_via = "conv", see im_actors.routes) ------------------------------------
+
+    def route(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """A hub's new connection: entries for ``user`` go to it from now on."""
+        self.routes.add(user, device, hub, conn_id)
+
+    def unroute(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """A connection ended (a newer one of the same device stays)."""
+        self.routes.remove(user, device, hub, conn_id)
+
+    def route_many(self, conns: list[tuple[str, str, str, int]]) -> int:
+        """A hub re-announces its connections ``[(user, device, hub, conn id)]``; returns how many."""
+        for user, device, hub, conn_id in conns:
+            self.routes.add(user, device, hub, conn_id)
+        return len(conns)
+
+    def hub_gone(self, hub: str) -> int:
+        """The router declared ``hub`` gone: forget its connections; returns how many."""
+        return self.routes.hub_gone(hub)
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -677,7 +861,12 @@ class ConversationShard:
         self._emit({"t": "typing", "conv": conv, "user": user}, seqr.members - {user}, origin)
 
     def _emit(self, frame: dict[str, Any], users: frozenset[str], origin: tuple[str, int] | None) -> None:
-        """Queue an unsolicited, unstored event for the online devices of ``users``, batched per shard."""
+        """Queue an unsolicited, unstored event for the online devices of ``users``, batched per hub
+        (``fanout_via = "conv"``) or per session shard; ``origin`` (hub, connection id) gets none."""
+        if self._via_routes:
+            for hub, conn_ids in self.routes.targets(users, skip=origin).items():
+                self._events_to_hubs.add(hub, (frame, conn_ids))
+            return
         by_shard: dict[int, list[str]] = {}
         for user in users:
             by_shard.setdefault(self.peers.session_index(user), []).append(user)
@@ -704,19 +893,51 @@ class ConversationShard:
 class ConversationShardActor:
     """Ray shell of :class:`ConversationShard`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, index: int = 0) -> None:
         self._config = config
+        self._index = index
         self._store = Store(config)
         self._shard = ConversationShard(config, Peers(config), self._store)
+        self._announced: set[str] = set()  # hubs that re-announced their connections to this incarnation
+        self._indexes_made = False
 
     async def ready(self) -> bool:
-        """Start the commit loop (creating the indexes when there are no store writers)."""
-        if self._config.store_writers == 0:
+        """Start the commit loop (creating the indexes when there are no store writers) and, with
+        ``fanout_via = "conv"``, the first time this incarnation is asked, have every hub announce
+        its connections here. The router calls this on every heartbeat, so a restarted shard knows
+        the routes again within one heartbeat (:mod:`im_actors.routes`). Returns True."""
+        if self._config.store_writers == 0 and not self._indexes_made:
             await self._store.setup()
+            self._indexes_made = True
         self._shard.start()
+        if self._config.fanout_via == "conv":
+            for name, hub in self._shard.peers.hubs.items():
+                if name in self._announced:
+                    continue
+                try:
+                    await hub.call("reannounce_routes", self._index, timeout=5.0)
+                    self._announced.add(name)
+                except Unavailable:
+                    pass  # not up yet, or restarting: asked again at the next heartbeat
         return True
 
-    async def send_batch(self, items: list[SendItem]) -> list[dict[str, Any]]:
+    def route(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """See :meth:`ConversationShard.route`."""
+        self._shard.route(user, device, hub, conn_id)
+
+    def unroute(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """See :meth:`ConversationShard.unroute`."""
+        self._shard.unroute(user, device, hub, conn_id)
+
+    def route_many(self, conns: list[tuple[str, str, str, int]]) -> int:
+        """See :meth:`ConversationShard.route_many`."""
+        return self._shard.route_many(conns)
+
+    def hub_gone(self, hub: str) -> int:
+        """See :meth:`ConversationShard.hub_gone` (a hub that answers again re-announces, told by the router)."""
+        return self._shard.hub_gone(hub)
+
+    async def send_batch(self, items: list[SendItem]) -> list[Answer]:
         """See :meth:`ConversationShard.send_batch`."""
         self._shard.start()
         return await self._shard.send_batch(items)
@@ -757,4 +978,4 @@ class ConversationShardActor:
     def stats(self) -> dict[str, float]:
         """Counters: committed, dups, commits, unavailable, commit_ms_total (time in store calls)."""
         store = {f"store_{k}": v for k, v in self._store.stats.items()}
-        return {**self._shard.stats, **store, "active": len(self._shard.sequencers)}
+        return {**self._shard.stats, **store, "active": len(self._shard.sequencers), "routes": len(self._shard.routes)}

@@ -24,6 +24,7 @@ import asyncio
 import ipaddress
 import itertools
 import logging
+import random
 import secrets
 import socket
 import time
@@ -42,7 +43,6 @@ from im_actors import ids, protocol
 from im_actors.auth import verify_token_expiry
 from im_actors.batching import Batcher
 from im_actors.config import Config
-from im_actors.conversation import SendItem
 from im_actors.errors import (
     CLOSE_AUTH,
     CLOSE_AUTH_TIMEOUT,
@@ -61,12 +61,16 @@ from im_actors.errors import (
 from im_actors.limits import AddressRates, RefusalWindow, UserRates
 from im_actors.refs import Peers
 from im_actors.tls import server_context
+from im_actors.wire import SendItem, err_answer, stamp
 
 __all__ = ["Connection", "Hub", "HubActor", "WS_PATH"]
 
 log = logging.getLogger(__name__)
 
 WS_PATH = "/v1/ws"
+
+#: How long a new connection waits for a conversation shard to take its route (s), see Hub._route.
+ROUTE_TIMEOUT_S = 2.0
 
 
 @dataclass(eq=False)
@@ -121,6 +125,9 @@ class Hub:
         self._ids = itertools.count(secrets.randbits(52) << 10)
         self._server: Server | None = None
         self._sends: Batcher[int] = Batcher(self._send_batch, config.hub_batch_max, config.hub_batch_ms)
+        self._trace_sample = config.trace_sample
+        self._via_routes = config.fanout_via == "conv"
+        self._batch_ms_ewma = 1.0  # recent duration of a send batch's call (ms), for retry_after_ms
         self._limits = protocol.Limits(
             max_body_bytes=config.max_body_bytes,
             max_members=config.max_group_members,
@@ -146,6 +153,8 @@ class Hub:
             "connections_total": 0,
             "send_batches": 0,
             "send_batch_ms_total": 0.0,
+            "overload_refused": 0,
+            "routes_retried": 0,
         }
 
     # --- server ------------------------------------------------------------------------------
@@ -272,6 +281,8 @@ class Hub:
             except CloseConnection as exc:  # over max_connections_per_user
                 await ws.close(exc.close_code, exc.reason)
                 return
+            if self._via_routes:
+                await self._route(conn)
             ready = {"t": "ready", "user": user, "device": device, "hub": self.name, "server_ms": _now_ms()}
             self._push(conn, ready)
             await self._read_loop(conn)
@@ -284,6 +295,40 @@ class Hub:
             for task in list(conn.tasks):
                 task.cancel()
             self.peers.session(user).notify("disconnect", user, device, self.name, conn.id)
+            if self._via_routes:
+                for shard in self.peers.convs:
+                    shard.notify("unroute", user, device, self.name, conn.id)
+
+    async def _route(self, conn: Connection) -> None:
+        """Give every conversation shard the new connection's route before ``ready``, so every
+        entry fanned out after the client's catch-up reaches it live (``fanout_via = "conv"``).
+
+        A shard that does not answer within :data:`ROUTE_TIMEOUT_S` (restarting, or on a lost node)
+        does not hold the connection up: the route is retried in the background until it lands or
+        the connection ends, and a restarted shard asks every hub for its routes anyway. Meanwhile
+        that shard's entries miss this connection's live copy, never the client: it catches up with
+        ``sync`` (:mod:`im_actors.routes`)."""
+        args = (conn.user, conn.device, self.name, conn.id)
+        routed = await asyncio.gather(
+            *(shard.call("route", *args, timeout=ROUTE_TIMEOUT_S) for shard in self.peers.convs),
+            return_exceptions=True,
+        )
+        for index, result in enumerate(routed):
+            if isinstance(result, BaseException):
+                self.stats["routes_retried"] += 1
+                task = asyncio.get_running_loop().create_task(self._route_later(conn, index))
+                conn.tasks.add(task)
+                task.add_done_callback(conn.tasks.discard)
+
+    async def _route_later(self, conn: Connection, index: int) -> None:
+        delay = 0.1
+        while not conn.closing:
+            await asyncio.sleep(delay)
+            try:
+                await self.peers.convs[index].call("route", conn.user, conn.device, self.name, conn.id)
+                return
+            except Unavailable:
+                delay = min(2 * delay, 2.0)
 
     def _expire(self, conn: Connection) -> None:
         """The connection's token ran out: close it 4401 (unless it is closing already)."""
@@ -409,34 +454,45 @@ class Hub:
         if req.t == "send":
             f = req.fields
             self.stats["sends"] += 1
+            shard = self.peers.conv_index(f["conv"])
+            if self._sends.queued(shard) >= self.config.hub_send_queue_max:
+                self._refuse_overload(conn, req.id, shard)
+                return
             item = SendItem(conn.user, f["conv"], f["cmid"], f["body"], f["kind"], f["meta"])
-            self._sends.add(self.peers.conv_index(f["conv"]), (conn, req.id, item))
+            if self._trace_sample and random.random() < self._trace_sample:
+                item.trace = {}
+                stamp(item.trace, "hub_in")
+            self._sends.add(shard, (conn, req.id, item))
             return
         task = asyncio.get_running_loop().create_task(self._answer(conn, req))
         conn.tasks.add(task)
         task.add_done_callback(conn.tasks.discard)
+
+    def _refuse_overload(self, conn: Connection, rid: int | None, shard: int) -> None:
+        """Admission control: conversation shard ``shard`` is behind by ``hub_send_queue_max`` sends
+        queued here. The send is refused at once, not queued behind them where it would wait for
+        seconds and time out (and be resent: the congestion collapse of an unbounded queue). The
+        answer is ``unavailable`` (nothing committed; resend the same cmid) with ``retry_after_ms``,
+        the time the queue takes to drain at the shard's recent pace, with up to 50 % jitter so
+        refused clients do not come back together."""
+        self.stats["overload_refused"] += 1
+        batches = self._sends.queued(shard) / self.config.hub_batch_max + 1
+        wait_ms = int(min(max(batches * self._batch_ms_ewma, 10.0), 5000.0) * random.uniform(1.0, 1.5))
+        self._push(conn, Unavailable("server overloaded, resend later", retry_after_ms=wait_ms).frame(rid))
+        conn.answered()
 
     async def _send_batch(self, shard: int, batch: list[tuple[Connection, int, SendItem]]) -> None:
         started = time.perf_counter()
         try:
             answers = await self.peers.convs[shard].call("send_batch", [item for _, _, item in batch])
         except RequestError as exc:
-            answers = [{"err": exc.code, "msg": exc.msg, "retry": exc.retry}] * len(batch)
+            answers = [err_answer(exc)] * len(batch)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self._batch_ms_ewma += 0.2 * (elapsed_ms - self._batch_ms_ewma)
         self.stats["send_batches"] += 1
-        self.stats["send_batch_ms_total"] += (time.perf_counter() - started) * 1000
+        self.stats["send_batch_ms_total"] += elapsed_ms
         for (conn, rid, _item), ans in zip(batch, answers, strict=False):
-            if "err" in ans:
-                frame = {"t": "err", "id": rid, "code": ans["err"], "msg": ans["msg"], "retry": ans["retry"]}
-            else:
-                frame = {
-                    "t": "ack",
-                    "id": rid,
-                    "conv": ans["conv"],
-                    "seq": ans["seq"],
-                    "ts": ans["ts"],
-                    "dup": ans["dup"],
-                }
-            self._push(conn, frame)
+            self._push(conn, protocol.answer_frame(rid, ans))
             conn.answered()
 
     async def _answer(self, conn: Connection, req: protocol.Request) -> None:
@@ -534,6 +590,9 @@ class Hub:
         Returns the number of frames queued; ids of connections that are gone are skipped (their
         clients catch up with sync).
         """
+        for entry, _ in items:
+            if "trace" in entry:
+                stamp(entry["trace"], "hub_queued")
         return self._queue_frames((protocol.msg_frame(entry), conn_ids) for entry, conn_ids in items)
 
     def deliver_events(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:
@@ -618,6 +677,14 @@ class HubActor:
         ]
         if conns:
             await self._hub.peers.sessions[session_index].call("connect_many", conns)
+        return len(conns)
+
+    async def reannounce_routes(self, conv_index: int) -> int:
+        """Tell conversation shard ``conv_index`` (new or restarted) the routes of this hub's
+        connections (``fanout_via = "conv"``, :mod:`im_actors.routes`); returns how many."""
+        conns = [(c.user, c.device, self._hub.name, c.id) for c in self._hub.conns.values() if not c.closing]
+        if conns:
+            await self._hub.peers.convs[conv_index].call("route_many", conns)
         return len(conns)
 
     def deliver_events(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:

@@ -196,7 +196,34 @@ def msg_frame(entry: dict[str, Any]) -> dict[str, Any]:
     }
     if entry.get("meta"):
         out["meta"] = entry["meta"]
+    if "trace" in entry:  # stage timestamps of a sampled send (config trace_sample); never stored
+        out["trace"] = entry["trace"]
     return out
+
+
+def answer_frame(request_id: int | None, answer: dict[str, Any]) -> dict[str, Any]:
+    """The frame answering ``send`` request ``request_id`` from a conversation shard's answer
+    (:data:`im_actors.wire.Answer`): ``{"t": "ack", "id", "conv", "seq", "ts", "dup"}``, or
+    ``{"t": "err", "id", "code", "msg", "retry", ...}`` with the error's extra fields such as
+    ``retry_after_ms`` (PROTOCOL.md sections 4 and 6)."""
+    if "err" in answer:
+        extra = {k: v for k, v in answer.items() if k not in ("err", "msg", "retry")}
+        return {
+            "t": "err",
+            "id": request_id,
+            "code": answer["err"],
+            "msg": answer["msg"],
+            "retry": answer["retry"],
+            **extra,
+        }
+    return {
+        "t": "ack",
+        "id": request_id,
+        "conv": answer["conv"],
+        "seq": answer["seq"],
+        "ts": answer["ts"],
+        "dup": answer["dup"],
+    }
 
 
 # --- validation --------------------------------------------------------------------------------

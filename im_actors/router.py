@@ -26,7 +26,7 @@ from im_actors import web as web_pages
 from im_actors.auth import issue_token
 from im_actors.config import Config
 from im_actors.errors import ConfigError, Unavailable
-from im_actors.refs import Peers
+from im_actors.refs import Peer, Peers
 from im_actors.tls import server_context
 
 __all__ = ["HubInfo", "HubTable", "make_app", "RouterActor"]
@@ -205,16 +205,24 @@ class RouterActor:
             await asyncio.sleep(max(0.0, interval - (asyncio.get_running_loop().time() - started)))
 
     async def _supervise(self) -> None:
-        """Every heartbeat, call ``ready`` on each session shard: a restarted one comes back
-        empty, and its first ``ready`` has the hubs re-announce their connections to it."""
+        """Every heartbeat, call ``ready`` on each session shard and, with ``fanout_via = "conv"``,
+        each conversation shard: a restarted one comes back empty, and its first ``ready`` has the
+        hubs re-announce their connections to it (:mod:`im_actors.routes`)."""
         interval = self._config.heartbeat_s
+        holders = self._route_holders()
         while True:
-            for session in self._peers.sessions:
+            for peer in holders:
                 try:
-                    await session.call("ready", timeout=10 * interval)
+                    await peer.call("ready", timeout=10 * interval)
                 except Unavailable as exc:
-                    log.info("%s not ready: %s", session.name, exc)
+                    log.info("%s not ready: %s", peer.name, exc)
             await asyncio.sleep(interval)
+
+    def _route_holders(self) -> list[Peer]:
+        """The peers that hold hubs' connections: session shards, and conversation shards when
+        they route fan-out themselves."""
+        convs = self._peers.convs if self._config.fanout_via == "conv" else []
+        return [*self._peers.sessions, *convs]
 
     async def _probe(self, name: str, timeout: float) -> None:
         try:
@@ -240,9 +248,13 @@ class RouterActor:
             log.warning("hub %s answers again", name)
             for index in range(len(self._peers.sessions)):
                 self._peers.hub(name).notify("reannounce", index)
+            if self._config.fanout_via == "conv":
+                for index in range(len(self._peers.convs)):
+                    self._peers.hub(name).notify("reannounce_routes", index)
         self._table.update(name, load["url"], int(load.get("connections", 0)))
 
     def _hub_gone(self, name: str) -> None:
-        """Sessions stop routing to ``name``: its connections are gone (offline devices get pushes)."""
-        for session in self._peers.sessions:
-            session.notify("hub_gone", name)
+        """Sessions (and route-holding conversation shards) stop routing to ``name``: its
+        connections are gone (offline devices get pushes)."""
+        for peer in self._route_holders():
+            peer.notify("hub_gone", name)

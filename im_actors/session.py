@@ -30,6 +30,7 @@ from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, CloseConnection, Unavai
 from im_actors.push.planner import JobSink, PushPlanner
 from im_actors.refs import Peers
 from im_actors.store import Store
+from im_actors.wire import stamp
 
 __all__ = ["UserSession", "SessionShard", "SessionShardActor", "JobSink"]  # JobSink: from push.planner
 
@@ -279,15 +280,32 @@ class SessionShard:
                 log.warning("push tokens not loaded (%s): offline pushes of this batch skipped", exc)
         self._route(items)
 
-    def _route(self, items: list[tuple[dict[str, Any], list[str]]]) -> None:
-        """Decide where each entry goes (synchronous), then hand it to the per-hub batcher."""
+    async def plan_push(self, items: list[tuple[dict[str, Any], list[str]]]) -> None:
+        """Offline pushes only, for entries a conversation shard delivered to the hubs itself
+        (``fanout_via = "conv"``): devices with a push token and no live connection get a job.
+        ``items`` as for :meth:`fanout`."""
+        if self.push is None:
+            return
+        unknown = {u for _, users in items for u in users if self._session(u).tokens is None}
+        try:
+            await self._load_tokens(sorted(unknown))
+        except PyMongoError as exc:
+            log.warning("push tokens not loaded (%s): offline pushes of this batch skipped", exc)
+        self._route(items, deliver=False)
+
+    def _route(self, items: list[tuple[dict[str, Any], list[str]]], deliver: bool = True) -> None:
+        """Decide where each entry goes (synchronous), then hand it to the per-hub batcher
+        (``deliver``) and offer the offline devices' pushes to the planner."""
         for entry, users in items:
             self.stats["fanout_entries"] += 1
+            if "trace" in entry:
+                stamp(entry["trace"], "fanout")
             per_hub: dict[str, list[int]] = {}
             for user in users:
                 s = self._session(user)
-                for hub, conn_id in s.devices.values():
-                    per_hub.setdefault(hub, []).append(conn_id)
+                if deliver:
+                    for hub, conn_id in s.devices.values():
+                        per_hub.setdefault(hub, []).append(conn_id)
                 if self.planner is not None and s.tokens:
                     for device, (provider, token) in s.tokens.items():
                         if device not in s.devices:  # never a connected device
@@ -408,6 +426,11 @@ class SessionShardActor:
         """See :meth:`SessionShard.fanout`."""
         await self._start_publisher()  # after a restart, before the router's next ready
         await self._core.fanout(items)
+
+    async def plan_push(self, items: list[tuple[dict[str, Any], list[str]]]) -> None:
+        """See :meth:`SessionShard.plan_push`."""
+        await self._start_publisher()
+        await self._core.plan_push(items)
 
     def events(self, items: list[tuple[dict[str, Any], list[str], tuple[str, int] | None]]) -> None:
         """See :meth:`SessionShard.events`."""

@@ -19,6 +19,7 @@ the caller must re-seed the conversation from storage before assigning seqs agai
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ from im_actors.errors import Unavailable
 __all__ = ["Store", "CommitResult", "StoreWriter", "SEQ_INDEX", "CMID_INDEX", "mongo_client", "redis_client"]
 
 log = logging.getLogger(__name__)
+
+#: Redis cache writes of committed entries in flight per :class:`Store` (see ``_cache_later``).
+CACHE_WRITES_IN_FLIGHT = 16
 
 SEQ_INDEX = "conv_seq"
 CMID_INDEX = "conv_sender_cmid"
@@ -100,6 +104,7 @@ class Store:
         self.redis = redis_client(config)
         self._prefix = config.key_prefix
         self.stats: dict[str, float] = {"commits": 0, "mongo_ms_total": 0.0, "redis_ms_total": 0.0}
+        self._cache_tasks: set[asyncio.Task[None]] = set()
 
     async def setup(self) -> None:
         """Create the indexes (idempotent). Raises :class:`Unavailable` when MongoDB does not answer."""
@@ -115,7 +120,8 @@ class Store:
             raise Unavailable(f"MongoDB: {exc}") from exc
 
     async def close(self) -> None:
-        """Close both clients."""
+        """Finish the Redis writes in flight, then close both clients."""
+        await self.flush_cache()
         await self._mongo.close()
         await self.redis.aclose()
 
@@ -144,12 +150,30 @@ class Store:
         except PyMongoError as exc:
             log.warning("commit of %d entries ambiguous (%s); reading back", len(entries), type(exc).__name__)
             result = await self._read_back(entries)
-        cached = time.perf_counter()
-        await self._cache(entries[: result.committed])
         self.stats["commits"] += 1
-        self.stats["mongo_ms_total"] += (cached - started) * 1000
-        self.stats["redis_ms_total"] += (time.perf_counter() - cached) * 1000
+        self.stats["mongo_ms_total"] += (time.perf_counter() - started) * 1000
+        await self._cache_later(entries[: result.committed])
         return result
+
+    async def _cache_later(self, entries: list[dict[str, Any]]) -> None:
+        """Write ``entries`` to Redis without holding up the ack: MongoDB has them, and every
+        reader falls back to it for an entry Redis lacks (:meth:`read_range`), while a sequencer's
+        activation takes the larger of both last seqs (:meth:`last_seqs`), so a cache write still
+        on its way is never a lost entry nor a reused seq. At most :data:`CACHE_WRITES_IN_FLIGHT`
+        writes are in flight: past that, a commit waits for the oldest (backpressure on a slow Redis).
+        """
+        if not entries:
+            return
+        while len(self._cache_tasks) >= CACHE_WRITES_IN_FLIGHT:
+            await asyncio.wait(self._cache_tasks, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.get_running_loop().create_task(self._cache(entries))
+        self._cache_tasks.add(task)
+        task.add_done_callback(self._cache_tasks.discard)
+
+    async def flush_cache(self) -> None:
+        """Wait until every Redis write started by a commit has ended (tests, shutdown)."""
+        while self._cache_tasks:
+            await asyncio.wait(set(self._cache_tasks))
 
     async def _settle_conflict(self, entries: list[dict[str, Any]], exc: BulkWriteError) -> CommitResult:
         details = exc.details or {}
@@ -191,6 +215,7 @@ class Store:
     async def _cache(self, entries: list[dict[str, Any]]) -> None:
         if not entries:
             return
+        started = time.perf_counter()
         last: dict[str, int] = {}
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -207,16 +232,31 @@ class Store:
         except RedisError as exc:
             # MongoDB holds the entries; readers fall back to it (DESIGN.md section 4).
             log.warning("Redis cache write failed: %s", exc)
+        finally:
+            self.stats["redis_ms_total"] += (time.perf_counter() - started) * 1000
 
     async def add_user_convs(self, conv: str, users: list[str]) -> None:
         """Record that each of ``users`` belongs to ``conv`` (for ``convs``); idempotent."""
-        if not users:
+        await self.add_user_convs_many({conv: users})
+
+    async def add_user_convs_many(self, convs: dict[str, list[str]]) -> None:
+        """:meth:`add_user_convs` for every ``{conv: [user, ...]}``, in one unordered insert.
+
+        The documents are fixed by their ``_id`` (``user|conv``), so one already there is the same
+        document: its duplicate-key refusal is success (an insert costs the MongoDB-wire servers a
+        fifth of an upsert). Raises :class:`Unavailable` for any other failure.
+        """
+        docs = [{"_id": f"{u}|{conv}", "user": u, "conv": conv} for conv, users in convs.items() for u in users]
+        if not docs:
             return
-        ops = [
-            pymongo.UpdateOne({"_id": f"{u}|{conv}"}, {"$set": {"user": u, "conv": conv}}, upsert=True) for u in users
-        ]
         try:
-            await self.db["user_convs"].bulk_write(ops, ordered=False)
+            await self.db["user_convs"].insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            details = exc.details or {}
+            if details.get("writeConcernErrors") or any(
+                e.get("code") != 11000 for e in details.get("writeErrors") or []
+            ):
+                raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
         except PyMongoError as exc:
             raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
 
@@ -256,16 +296,37 @@ class Store:
 
         Raises :class:`Unavailable` when MongoDB does not answer (Redis alone is never trusted).
         """
+        return (await self.last_seqs([conv]))[conv]
+
+    async def last_seqs(self, convs: list[str]) -> dict[str, int]:
+        """:meth:`last_seq` of each of ``convs``, in two round trips for them all: one Redis
+        ``MGET``, then one MongoDB aggregate of the largest seq per conversation, over the entries
+        at or above Redis's last where Redis has one (a narrow index range) and over the whole
+        conversation where it has none (a new conversation, or Redis lost its keys).
+
+        Raises :class:`Unavailable` when MongoDB does not answer (Redis alone is never trusted).
+        """
+        convs = list(dict.fromkeys(convs))
+        if not convs:
+            return {}
         try:
-            raw = await self.redis.get(self._last_key(conv))
-            redis_last = int(raw) if raw else 0
+            raws = await self.redis.mget([self._last_key(c) for c in convs])
+            redis_last = {c: int(r) if r else 0 for c, r in zip(convs, raws, strict=True)}
         except RedisError:
-            redis_last = 0
+            redis_last = dict.fromkeys(convs, 0)
+        clauses: list[dict[str, Any]] = [{"conv": c, "seq": {"$gte": r}} for c, r in redis_last.items() if r > 0]
+        unknown = [c for c, r in redis_last.items() if r == 0]
+        if unknown:
+            clauses.append({"conv": unknown[0]} if len(unknown) == 1 else {"conv": {"$in": unknown}})
+        match = clauses[0] if len(clauses) == 1 else {"$or": clauses}
         try:
-            mongo_last = await self._mongo_last(conv, redis_last)
+            cursor = await self.messages.aggregate(
+                [{"$match": match}, {"$group": {"_id": "$conv", "last": {"$max": "$seq"}}}]
+            )
+            mongo_last = {d["_id"]: int(d["last"]) async for d in cursor}
         except PyMongoError as exc:
             raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
-        return max(mongo_last, redis_last)
+        return {c: max(redis_last[c], mongo_last.get(c, 0)) for c in convs}
 
     async def system_entries(self, conv: str, after: int) -> list[dict[str, Any]]:
         """The ``system`` entries of ``conv`` with seq > ``after``, ascending (membership changes

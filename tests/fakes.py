@@ -76,6 +76,9 @@ class FakeStore:
             raise Unavailable("MongoDB unreachable: fake")
         return max(self._last(conv), self.redis_last.get(conv, 0))
 
+    async def last_seqs(self, convs: list[str]) -> dict[str, int]:
+        return {c: await self.last_seq(c) for c in convs}
+
     async def read_range(self, conv: str, after: int, upto: int) -> list[dict[str, Any]]:
         return [self.entries[(conv, s)] for s in range(after + 1, upto + 1)]
 
@@ -86,6 +89,12 @@ class FakeStore:
 
     async def add_user_convs(self, conv: str, users: list[str]) -> None:
         self.user_convs_rows |= {(u, conv) for u in users}
+
+    async def add_user_convs_many(self, convs: dict[str, list[str]]) -> None:
+        if convs and self.down:
+            raise Unavailable("MongoDB unreachable: fake")
+        for conv, users in convs.items():
+            await self.add_user_convs(conv, users)
 
     async def set_read(self, user: str, conv: str, seq: int) -> None:
         self.cursors[(user, conv)] = max(self.cursors.get((user, conv), 0), seq)
@@ -123,10 +132,20 @@ class FakePeers:
         )
         self.groups = [self.group_peer]
         self.blocked: set[tuple[str, str]] = set()  # (a, b) sorted pairs whose direct messages are refused
-        self.contacts_peer = FakePeer({"dm_allowed": lambda a, b: (min(a, b), max(a, b)) not in self.blocked})
+        self.contacts_peer = FakePeer(
+            {
+                "dm_allowed": lambda a, b: (min(a, b), max(a, b)) not in self.blocked,
+                "dm_allowed_many": lambda pairs: [(min(a, b), max(a, b)) not in self.blocked for a, b in pairs],
+            }
+        )
         self.conv_peer: FakePeer | None = None
         self.fanned: list[tuple[int, list[tuple[dict[str, Any], list[str]]]]] = []
-        self.sessions = [FakePeer({"fanout": self._fanout(i)}) for i in range(session_shards)]
+        self.sessions = [
+            FakePeer({"fanout": self._fanout(i), "plan_push": self._fanout(i)}) for i in range(session_shards)
+        ]
+        self.hub_peers: dict[str, FakePeer] = {}
+        self.delivered: dict[str, list[tuple[dict[str, Any], list[int]]]] = {}
+        self.hub_events: dict[str, list[tuple[dict[str, Any], list[int]]]] = {}
 
     def _fanout(self, index: int) -> Any:
         def handler(items: list[tuple[dict[str, Any], list[str]]]) -> None:
@@ -136,6 +155,18 @@ class FakePeers:
 
     def contact_host(self, a: str, b: str) -> FakePeer:
         return self.contacts_peer
+
+    def hub(self, name: str) -> FakePeer:
+        """A hub that records what it is handed: ``delivered[name]`` and ``events[name]``."""
+        peer = self.hub_peers.get(name)
+        if peer is None:
+            peer = self.hub_peers[name] = FakePeer(
+                {
+                    "deliver": lambda items: self.delivered.setdefault(name, []).extend(items),
+                    "deliver_events": lambda items: self.hub_events.setdefault(name, []).extend(items),
+                }
+            )
+        return peer
 
     def conv(self, conv: str) -> FakePeer:
         assert self.conv_peer is not None, "bind a conversation shard first"

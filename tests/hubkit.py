@@ -65,7 +65,9 @@ class KitPeers:
                 "convs": lambda user: [],
             }
         )
-        self.conv_peer = FakePeer({"send_batch": self._send_batch, "sync": self._sync})
+        self.conv_peer = FakePeer(
+            {"send_batch": self._send_batch, "sync": self._sync, "route": lambda *conn: None}  # routes: see _send_batch
+        )
         self.convs = [self.conv_peer]
         self.router = FakePeer({})
 

@@ -49,7 +49,15 @@ def test_demo_leaves_out_servers_it_did_not_start_and_refuses_to_restart_them() 
         _chaos_spec("hub,rabbitmq", shared, mongo_given=False)
     assert exc.value.exit_code == 2
 
-    own = load_config()  # no URLs: the demo starts private servers for the restart kinds
+    own = load_config(store_writers=1)  # no URLs: the demo starts private servers for the restart kinds
     spec = _chaos_spec("all:5", own, mongo_given=False)
     assert spec.kinds == KINDS and spec.interval_s == 5.0
     assert _private_kinds(spec) == {"mongodb", "redis", "rabbitmq"}
+
+
+def test_all_leaves_out_store_writer_kills_when_shards_commit_themselves() -> None:
+    from im_actors.cli import _chaos_spec
+    from im_actors.config import load_config
+
+    spec = _chaos_spec("all", load_config(store_writers=0), mongo_given=False)
+    assert "store" not in spec.kinds and "conv" in spec.kinds

@@ -19,6 +19,7 @@ def make_shard(
     store: FakeStore, groups: dict[str, list[str]] | None = None, **cfg: Any
 ) -> tuple[ConversationShard, FakePeers]:
     peers = FakePeers(store, groups or {})
+    cfg.setdefault("fanout_via", "session")  # these tests follow fan-out through the session shards
     config = load_config(fanout_batch_ms=0, **cfg)
     shard = ConversationShard(config, peers, store)  # type: ignore[arg-type]
     shard.start()
@@ -213,3 +214,51 @@ async def test_a_direct_conversation_is_listed_for_both_users_before_its_first_c
     assert store.user_convs_rows == {("alice", CONV), ("bob", CONV)}
     await shard.send_batch([item("c2")])
     assert order == ["index", "commit", "commit"]  # once per activation
+
+
+async def test_first_seen_conversations_of_a_batch_activate_together() -> None:
+    store = FakeStore()
+    calls: list[list[str]] = []
+    real = store.last_seqs
+
+    async def last_seqs(convs: list[str]) -> dict[str, int]:
+        calls.append(list(convs))
+        return await real(convs)
+
+    store.last_seqs = last_seqs  # type: ignore[method-assign]
+    shard, peers = make_shard(store)
+    convs = [f"d:alice:u{i:02d}" for i in range(20)]
+    acks = await shard.send_batch([item("c1", conv=c) for c in convs])
+    assert [a["seq"] for a in acks] == [1] * 20
+    assert calls == [convs]  # one storage read for the batch's twenty new conversations
+    assert [m for m, _ in peers.contacts_peer.calls] == ["dm_allowed_many"]  # one contacts question
+    assert store.user_convs_rows == {(u, c) for c in convs for u in ("alice", c.split(":")[2])}
+
+
+async def test_failed_activation_answers_unavailable_and_the_resend_commits() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store)
+    store.down = True
+    answers = await shard.send_batch([item("c1"), item("c2", conv="d:alice:carol")])
+    assert [a.get("err") for a in answers] == ["unavailable", "unavailable"]
+    assert not store.entries and not store.user_convs_rows
+    store.down = False
+    acks = await shard.send_batch([item("c1"), item("c2", conv="d:alice:carol")])
+    assert [a["seq"] for a in acks] == [1, 1]
+
+
+async def test_a_traced_send_carries_its_stage_stamps_to_the_fanout_only() -> None:
+    store = FakeStore()
+    shard, peers = make_shard(store)
+    traced = item("c1")
+    traced.trace = {"hub_in": 1.0}
+    await shard.send_batch([traced, item("c2")])
+    for _ in range(50):
+        if sum(len(items) for _, items in peers.fanned) >= 4:
+            break
+        await asyncio.sleep(0.01)
+    entries = {e["cmid"]: e for _, items in peers.fanned for e, _ in items}
+    assert set(entries["c1"]["trace"]) == {"hub_in", "shard_in", "seq", "committed"}
+    assert entries["c1"]["trace"]["hub_in"] <= entries["c1"]["trace"]["seq"] <= entries["c1"]["trace"]["committed"]
+    assert "trace" not in entries["c2"]
+    assert all("trace" not in e for e in store.entries.values())  # never stored

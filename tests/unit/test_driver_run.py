@@ -166,3 +166,31 @@ async def test_hub_kills_during_a_run_lose_nothing() -> None:
     assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0), report["lost_entries"]
     assert report["reconnects"] >= 12
     assert report["client_counters"]["resends"] >= 13
+
+
+def test_stage_recorder_steps_add_up_and_merge() -> None:
+    from drivers.stages import STAGES, StageRecorder
+
+    msg = {
+        "t": "msg",
+        "meta": {"t": 1000.0},
+        "trace": {
+            "hub_in": 1001.0,
+            "shard_in": 1002.0,
+            "seq": 1003.0,
+            "committed": 1010.0,
+            "fanout": 1011.0,
+            "hub_queued": 1012.5,
+        },
+    }
+    a, b = StageRecorder(), StageRecorder()
+    a.record(msg, 1014.0)
+    b.record(msg, 1014.0)
+    b.record({"t": "msg", "meta": {"t": 1.0}}, 5.0)  # not traced: ignored
+    a.add_encoded(b.encode())
+    rep = a.report()
+    assert rep["traced"] == 2
+    assert list(rep["steps"]) == list(STAGES)
+    assert abs(rep["steps"]["committed"]["p50"] - 7.0) < 0.01  # HdrHistogram: 3 significant digits
+    assert rep["steps"]["hub_queued"]["count"] == 2
+    assert abs(sum(s["p50"] for s in rep["steps"].values()) - 14.0) < 0.05

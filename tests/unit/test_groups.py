@@ -23,6 +23,7 @@ class World:
 
     def __init__(self, store: FakeStore | None = None, **cfg: Any) -> None:
         self.store = store or FakeStore()
+        cfg.setdefault("fanout_via", "session")  # these tests follow fan-out through the session shards
         self.config = load_config(fanout_batch_ms=0, **cfg)
         self.peers = FakePeers(self.store, {})
         self.conv = ConversationShard(self.config, self.peers, self.store)  # type: ignore[arg-type]
@@ -265,7 +266,7 @@ def test_membership_spans_and_ranges() -> None:
 async def test_blocked_direct_messages_are_refused_until_the_contact_host_says_otherwise() -> None:
     store = FakeStore()
     peers = FakePeers(store, {})
-    shard = ConversationShard(load_config(fanout_batch_ms=0), peers, store)  # type: ignore[arg-type]
+    shard = ConversationShard(load_config(fanout_batch_ms=0, fanout_via="session"), peers, store)  # type: ignore[arg-type]
     shard.start()
     conv = "d:alice:bob"
     ok = await shard.send_batch([SendItem("alice", conv, "c1", "hi")])

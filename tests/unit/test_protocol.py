@@ -151,3 +151,38 @@ def test_storable_meta_passes() -> None:
     meta = {"t": 1795960000000, "tags": ["a", "b"], "nested": {"ok": True, "f": 1.5, "raw": b"\x00"}}
     req = protocol.parse_request({"t": "send", "id": 4, "conv": "d:a:b", "cmid": "c", "body": "x", "meta": meta})
     assert req.fields["meta"] == meta
+
+
+def test_the_hub_imports_no_storage_client() -> None:
+    """The hub never touches storage: the wire values it shares with the shards live in
+    im_actors.wire, so importing it loads neither pymongo nor redis (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = "import sys, im_actors.hub; print(sorted(m for m in ('pymongo', 'redis', 'aiormq') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_answer_frames_carry_the_ack_or_the_error_with_its_extras() -> None:
+    from im_actors.errors import Unavailable
+    from im_actors.protocol import answer_frame
+    from im_actors.wire import ack_answer, err_answer
+
+    assert answer_frame(3, ack_answer("d:a:b", 7, 1000, False)) == {
+        "t": "ack",
+        "id": 3,
+        "conv": "d:a:b",
+        "seq": 7,
+        "ts": 1000,
+        "dup": False,
+    }
+    refused = err_answer(Unavailable("server overloaded, resend later", retry_after_ms=40))
+    assert answer_frame(4, refused) == {
+        "t": "err",
+        "id": 4,
+        "code": "unavailable",
+        "msg": "server overloaded, resend later",
+        "retry": True,
+        "retry_after_ms": 40,
+    }

@@ -1,0 +1,97 @@
+"""Routes held by conversation shards (``fanout_via = "conv"``): the table, and a shard that fans
+entries and events out to the hubs itself. No Ray: see tests/fakes.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from im_actors.config import load_config
+from im_actors.conversation import ConversationShard, SendItem
+from im_actors.routes import Routes
+from tests.fakes import FakePeers, FakeStore
+
+CONV = "d:alice:bob"
+
+
+def test_a_newer_connection_of_a_device_wins_and_its_old_close_is_ignored() -> None:
+    routes = Routes()
+    routes.add("alice", "d1", "hub-a", 1)
+    routes.add("alice", "d1", "hub-b", 2)  # the same device again, elsewhere (4409 replaced the first)
+    assert not routes.remove("alice", "d1", "hub-a", 1)  # the old connection's close comes late
+    assert routes.targets(["alice"]) == {"hub-b": [2]}
+    assert routes.remove("alice", "d1", "hub-b", 2)
+    assert routes.targets(["alice"]) == {} and len(routes) == 0
+
+
+def test_targets_group_by_hub_skip_the_origin_and_hub_gone_forgets() -> None:
+    routes = Routes()
+    routes.add("alice", "d1", "hub-a", 1)
+    routes.add("alice", "d2", "hub-b", 2)
+    routes.add("bob", "d1", "hub-a", 3)
+    assert routes.targets(["alice", "bob", "carol"]) == {"hub-a": [1, 3], "hub-b": [2]}
+    assert routes.targets(["alice", "bob"], skip=("hub-a", 1)) == {"hub-b": [2], "hub-a": [3]}
+    version = routes.version
+    assert routes.hub_gone("hub-a") == 2 and routes.version > version
+    assert routes.targets(["alice", "bob"]) == {"hub-b": [2]}
+
+
+async def _settled(peers: FakePeers, hub: str, count: int) -> list[tuple[dict[str, Any], list[int]]]:
+    for _ in range(200):
+        if len(peers.delivered.get(hub, [])) >= count:
+            break
+        await asyncio.sleep(0.01)
+    return peers.delivered.get(hub, [])
+
+
+def make_shard(**cfg: Any) -> tuple[ConversationShard, FakePeers]:
+    store = FakeStore()
+    peers = FakePeers(store, {})
+    shard = ConversationShard(load_config(fanout_batch_ms=0, **cfg), peers, store)  # type: ignore[arg-type]
+    shard.start()
+    return shard, peers
+
+
+async def test_a_shard_delivers_to_the_hubs_of_the_routes_it_holds_and_no_session_shard() -> None:
+    shard, peers = make_shard()
+    shard.route("alice", "d1", "hub-a", 1)
+    shard.route("bob", "d1", "hub-b", 7)
+    shard.route("bob", "d2", "hub-a", 8)
+    await shard.send_batch([SendItem("alice", CONV, "c1", "hi")])
+    assert [(e["seq"], sorted(ids)) for e, ids in await _settled(peers, "hub-a", 1)] == [(1, [1, 8])]
+    assert [(e["seq"], ids) for e, ids in await _settled(peers, "hub-b", 1)] == [(1, [7])]
+    assert peers.fanned == []  # push is off: no session shard on the path
+    shard.unroute("bob", "d1", "hub-b", 7)
+    await shard.send_batch([SendItem("bob", CONV, "c2", "yo")])
+    assert [e["seq"] for e, _ in await _settled(peers, "hub-a", 2)] == [1, 2]
+    assert len(peers.delivered["hub-b"]) == 1  # bob's d1 left: nothing more to hub-b
+
+
+async def test_with_push_on_the_session_shards_plan_offline_pushes() -> None:
+    shard, peers = make_shard(push_workers=1, rabbitmq_url="amqp://guest:guest@127.0.0.1:5672/")
+    shard.route("alice", "d1", "hub-a", 1)
+    await shard.send_batch([SendItem("alice", CONV, "c1", "hi")])
+    await _settled(peers, "hub-a", 1)
+    for _ in range(200):
+        if peers.fanned:
+            break
+        await asyncio.sleep(0.01)
+    methods = {m for session in peers.sessions for m, _ in session.calls}
+    assert methods == {"plan_push"}
+    assert sorted(u for _, items in peers.fanned for _, users in items for u in users) == ["alice", "bob"]
+
+
+async def test_a_receipt_reaches_every_routed_device_but_the_reading_one() -> None:
+    shard, peers = make_shard()
+    shard.route("alice", "d1", "hub-a", 1)
+    shard.route("alice", "d2", "hub-a", 2)
+    shard.route("bob", "d1", "hub-b", 3)
+    await shard.send_batch([SendItem("alice", CONV, "c1", "hi")])
+    await shard.read("bob", CONV, 1, origin=("hub-b", 3))
+    for _ in range(200):
+        if peers.hub_events:
+            break
+        await asyncio.sleep(0.01)
+    assert {h: [(f, sorted(ids)) for f, ids in items] for h, items in peers.hub_events.items()} == {
+        "hub-a": [({"t": "receipt", "conv": CONV, "user": "bob", "seq": 1}, [1, 2])]
+    }
