@@ -37,6 +37,7 @@ __all__ = [
     "parse_auth",
     "parse_request",
     "msg_frame",
+    "answer_frame",
     "body_size",
 ]
 

@@ -36,6 +36,7 @@ PUBLIC: dict[str, list[str]] = {
         "parse_auth",
         "parse_request",
         "msg_frame",
+        "answer_frame",
         "body_size",
     ],
     "im_actors.errors": [
