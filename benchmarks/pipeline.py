@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=["conv", "session"],
         help="who routes fan-out to the hubs: conversation shards (one hop) or session shards (two)",
     )
+    ap.add_argument(
+        "--hub-inflight", type=int, nargs="+", default=[4], help="send batches in flight per hub and conversation shard"
+    )
     ap.add_argument("--processes", type=int, default=1, help="driver processes")
     ap.add_argument(
         "--trace-sample",
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             "shards",
             "batch_ms",
             "via",
+            "inflight",
             "acked/s",
             "deliv/s",
             "ack_p50",
@@ -94,8 +98,15 @@ def main(argv: list[str] | None = None) -> int:
             "order",
         )
         print(" ".join(f"{h:>8}" for h in header), flush=True)
-        for rate, group, writers, hubs, shards, batch, via in itertools.product(
-            args.rate, args.group_size, args.store_writers, args.hubs, args.shards, args.batch_ms, args.fanout_via
+        for rate, group, writers, hubs, shards, batch, via, inflight in itertools.product(
+            args.rate,
+            args.group_size,
+            args.store_writers,
+            args.hubs,
+            args.shards,
+            args.batch_ms,
+            args.fanout_via,
+            args.hub_inflight,
         ):
             cfg = base.model_copy(
                 update={
@@ -108,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     "fanout_batch_ms": batch,
                     "trace_sample": args.trace_sample,
                     "fanout_via": via,
+                    "hub_inflight": inflight,
                 }
             )
             dep = deploy(cfg)
@@ -136,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 shards,
                 batch,
                 via,
+                inflight,
                 round(rep["throughput_msgs_per_s"], 1),
                 round(rep["deliveries_per_s"], 1),
                 a["p50"],

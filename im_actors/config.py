@@ -101,6 +101,12 @@ class Config(BaseSettings):
         description="window of a hub-to-conversation-shard batch (ms); 0 = natural batching: a batch leaves at "
         "once when no call to that shard is in flight, and what arrives meanwhile forms the next one",
     )
+    hub_inflight: int = Field(
+        4,
+        ge=1,
+        description="send batches a hub has in flight to one conversation shard; a batch's call lasts until its "
+        "commit, so more than one keeps the pipeline full (the shard still queues them in arrival order)",
+    )
     hub_send_queue_max: int = Field(
         512,
         ge=1,

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,6 +170,17 @@ async def _failed(exc: BaseException) -> dict[str, Any]:
     raise exc
 
 
+async def _done(answer: Answer) -> Answer:
+    """An awaitable that answers ``answer`` at once."""
+    return answer
+
+
+async def _dup_of(first: asyncio.Future[Answer]) -> Answer:
+    """The answer of a resend while the first send of its cmid is queued or committing."""
+    res = await asyncio.shield(first)
+    return {**res, "dup": True}
+
+
 class ConversationShard:
     """Hosts the sequencers of the conversations that hash to this shard.
 
@@ -183,6 +195,7 @@ class ConversationShard:
         self._splits: dict[str, tuple[frozenset[str], dict[int, list[str]]]] = {}  # conv -> members by shard
         self._absent: OrderedDict[str, None] = OrderedDict()  # made-up conversation ids, see ABSENT_KEPT
         self._activating: dict[str, asyncio.Future[Sequencer]] = {}
+        self._arrivals = asyncio.Lock()  # send batches are prepared one at a time, in arrival order
         self._inflight_convs: dict[str, list[PendingSend]] = {}
         self._ready: dict[str, None] = {}  # convs with sends waiting and no commit in flight, oldest first
         self._wake = asyncio.Event()
@@ -396,8 +409,24 @@ class ConversationShard:
         """
         for it in items:
             stamp(it.trace, "shard_in")
-        failed = await self._prepare(items)
-        waits = [self._enqueue(item) if item.conv not in failed else _failed(failed[item.conv]) for item in items]
+        waits: list[Awaitable[Answer]] = []
+        # Batches are prepared and queued one at a time, in the order they came: a hub may have
+        # several in flight (hub_inflight), and its sends to one conversation keep their order.
+        # Only the preparation is serialised; the commits of every batch overlap.
+        async with self._arrivals:
+            failed = await self._prepare(items)
+            for item in items:
+                if item.conv in failed:
+                    waits.append(_failed(failed[item.conv]))
+                    continue
+                seqr = self.sequencers.get(item.conv)
+                if seqr is None or not self._may_send(item, seqr):
+                    waits.append(self._enqueue(item))  # the general path, which refuses or waits
+                    continue
+                try:
+                    waits.append(self._enqueue_now(item, seqr))
+                except RequestError as exc:
+                    waits.append(_failed(exc))
         results = await asyncio.gather(*waits, return_exceptions=True)
         out: list[dict[str, Any]] = []
         for res in results:
@@ -409,6 +438,14 @@ class ConversationShard:
             else:
                 out.append(res)
         return out
+
+    @staticmethod
+    def _may_send(item: SendItem, seqr: Sequencer) -> bool:
+        """``item``'s sender is a member now and, for a direct conversation, the contacts host's
+        answer allows it (False: let :meth:`_enqueue` decide, and refuse)."""
+        if item.sender not in seqr.membership.members:
+            return False
+        return ids.conv_kind(seqr.conv) != "direct" or seqr.dm_allowed is True
 
     async def _prepare(self, items: list[SendItem]) -> dict[str, BaseException]:
         """Activate the batch's first-seen conversations (see :meth:`_activate_many`) and, at the
@@ -445,6 +482,13 @@ class ConversationShard:
         else:
             seqr = await self._member_sequencer(item.sender, item.conv)
             await self._check_dm(seqr, item.sender)
+        return await self._enqueue_now(item, seqr, change)
+
+    def _enqueue_now(self, item: SendItem, seqr: Sequencer, change: bool = False) -> Awaitable[Answer]:
+        """Queue ``item`` on its activated, authorized sequencer (synchronous: sends queued this way
+        keep the order of the calls that made them); returns what to await for its answer. A
+        resend of a committed cmid answers its seq (``dup``), of a queued one the first send's
+        answer; raises :class:`Conflict` when the cmid came with another body."""
         seqr = self.sequencers.setdefault(item.conv, seqr)  # a membership change makes the group exist
         digest = body_digest(item.kind, item.body, item.meta)
         known = seqr.cmids.get((item.sender, item.cmid))
@@ -453,19 +497,18 @@ class ConversationShard:
             if old != digest:
                 raise Conflict("cmid already committed with a different body")
             self.stats["dups"] += 1
-            return ack_answer(item.conv, seq, ts, True)
+            return _done(ack_answer(item.conv, seq, ts, True))
         queued = seqr.find_pending(item.sender, item.cmid) or self._find_inflight(item)
         if queued is not None:
             if queued.digest != digest:
                 raise Conflict("cmid already sent with a different body")
-            res = await asyncio.shield(queued.future)
-            return {**res, "dup": True}
+            return _dup_of(queued.future)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         seqr.pending.append(PendingSend(item, digest, fut, change))
         if not seqr.inflight:
             self._ready[seqr.conv] = None
         self._wake.set()
-        return await fut
+        return fut
 
     def _find_inflight(self, item: SendItem) -> PendingSend | None:
         for p in self._inflight_convs.get(item.conv, ()):

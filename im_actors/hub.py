@@ -124,7 +124,9 @@ class Hub:
         # session shard may still hold for a connection of its previous incarnation.
         self._ids = itertools.count(secrets.randbits(52) << 10)
         self._server: Server | None = None
-        self._sends: Batcher[int] = Batcher(self._send_batch, config.hub_batch_max, config.hub_batch_ms)
+        self._sends: Batcher[int] = Batcher(
+            self._send_batch, config.hub_batch_max, config.hub_batch_ms, config.hub_inflight
+        )
         self._trace_sample = config.trace_sample
         self._via_routes = config.fanout_via == "conv"
         self._batch_ms_ewma = 1.0  # recent duration of a send batch's call (ms), for retry_after_ms

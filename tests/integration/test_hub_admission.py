@@ -19,7 +19,7 @@ MP = SUBPROTOCOL_MSGPACK
 
 
 async def test_sends_over_the_queue_bound_are_refused_early_and_the_rest_commit() -> None:
-    kit = HubKit(hub_config(hub_send_queue_max=4, hub_batch_max=1))
+    kit = HubKit(hub_config(hub_send_queue_max=4, hub_batch_max=1, hub_inflight=1))
     gate, entered = asyncio.Event(), asyncio.Event()
     real = kit.peers.conv_peer.handlers["send_batch"]
 

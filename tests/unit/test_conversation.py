@@ -262,3 +262,22 @@ async def test_a_traced_send_carries_its_stage_stamps_to_the_fanout_only() -> No
     assert entries["c1"]["trace"]["hub_in"] <= entries["c1"]["trace"]["seq"] <= entries["c1"]["trace"]["committed"]
     assert "trace" not in entries["c2"]
     assert all("trace" not in e for e in store.entries.values())  # never stored
+
+
+async def test_batches_in_flight_together_keep_their_arrival_order() -> None:
+    """A hub has several send batches in flight (hub_inflight); a later batch must not overtake an
+    earlier one that waits for its conversation's activation."""
+    store = FakeStore()
+    real = store.last_seqs
+
+    async def slow_last_seqs(convs: list[str]) -> dict[str, int]:
+        await asyncio.sleep(0.02)  # activation waits on storage
+        return await real(convs)
+
+    store.last_seqs = slow_last_seqs  # type: ignore[method-assign]
+    shard, _ = make_shard(store)
+    first = asyncio.ensure_future(shard.send_batch([item("a1")]))
+    await asyncio.sleep(0)  # the first batch is preparing (activating the conversation)
+    second = asyncio.ensure_future(shard.send_batch([item("a2"), item("a3")]))
+    acks = [*await first, *await second]
+    assert [a["seq"] for a in acks] == [1, 2, 3]
