@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         help="who routes fan-out to the hubs: conversation shards (one hop) or session shards (two)",
     )
     ap.add_argument(
-        "--hub-inflight", type=int, nargs="+", default=[4], help="send batches in flight per hub and conversation shard"
+        "--hub-inflight", type=int, nargs="+", default=[1], help="send batches in flight per hub and conversation shard"
     )
     ap.add_argument("--processes", type=int, default=1, help="driver processes")
     ap.add_argument(

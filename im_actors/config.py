@@ -102,10 +102,11 @@ class Config(BaseSettings):
         "once when no call to that shard is in flight, and what arrives meanwhile forms the next one",
     )
     hub_inflight: int = Field(
-        4,
+        1,
         ge=1,
-        description="send batches a hub has in flight to one conversation shard; a batch's call lasts until its "
-        "commit, so more than one keeps the pipeline full (the shard still queues them in arrival order)",
+        description="send batches a hub has in flight to one conversation shard (a batch's call lasts until its "
+        "commit; the shard queues them in arrival order). 1 makes the biggest batches: on 2 cores 4 carried "
+        "a third less at 500-1,000 msgs/s offered (benchmarks/pipeline.py --hub-inflight 4 1)",
     )
     hub_send_queue_max: int = Field(
         512,

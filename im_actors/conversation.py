@@ -18,6 +18,7 @@ whether or not the conversation exists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -195,7 +196,8 @@ class ConversationShard:
         self._splits: dict[str, tuple[frozenset[str], dict[int, list[str]]]] = {}  # conv -> members by shard
         self._absent: OrderedDict[str, None] = OrderedDict()  # made-up conversation ids, see ABSENT_KEPT
         self._activating: dict[str, asyncio.Future[Sequencer]] = {}
-        self._arrivals = asyncio.Lock()  # send batches are prepared one at a time, in arrival order
+        # send batches prepared one at a time, in arrival order (only needed with hub_inflight > 1)
+        self._arrivals: asyncio.Lock | None = asyncio.Lock() if config.hub_inflight > 1 else None
         self._inflight_convs: dict[str, list[PendingSend]] = {}
         self._ready: dict[str, None] = {}  # convs with sends waiting and no commit in flight, oldest first
         self._wake = asyncio.Event()
@@ -410,10 +412,11 @@ class ConversationShard:
         for it in items:
             stamp(it.trace, "shard_in")
         waits: list[Awaitable[Answer]] = []
-        # Batches are prepared and queued one at a time, in the order they came: a hub may have
-        # several in flight (hub_inflight), and its sends to one conversation keep their order.
-        # Only the preparation is serialised; the commits of every batch overlap.
-        async with self._arrivals:
+        # With hub_inflight > 1 a hub has several batches in flight: they are prepared and queued
+        # one at a time, in the order they came, so its sends to one conversation keep their order.
+        # Only the preparation is serialised; the commits of every batch overlap. With one batch in
+        # flight per hub (the default) there is nothing to order and batches of hubs overlap.
+        async with self._arrivals or contextlib.nullcontext():
             failed = await self._prepare(items)
             for item in items:
                 if item.conv in failed:

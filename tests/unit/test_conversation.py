@@ -275,7 +275,7 @@ async def test_batches_in_flight_together_keep_their_arrival_order() -> None:
         return await real(convs)
 
     store.last_seqs = slow_last_seqs  # type: ignore[method-assign]
-    shard, _ = make_shard(store)
+    shard, _ = make_shard(store, hub_inflight=4)
     first = asyncio.ensure_future(shard.send_batch([item("a1")]))
     await asyncio.sleep(0)  # the first batch is preparing (activating the conversation)
     second = asyncio.ensure_future(shard.send_batch([item("a2"), item("a3")]))
