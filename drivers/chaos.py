@@ -7,7 +7,7 @@ services). It injects one fault every ``interval_s``, cycling through the reques
 kind       fault
 =========  =======================================================================================
 hub        a hub actor killed (Ray restarts it empty; its clients reconnect elsewhere and sync)
-drain      a hub drained and replaced, as one step of ``im-actors restart hubs``
+drain      the busiest hub drained and replaced, as one step of ``im-actors restart hubs``
            (:func:`im_actors.cluster.restart_hub`): the router stops handing it out, its clients
            are closed with 1001 spread over ``drain_window_s`` and reconnect elsewhere, its
            process is replaced and it serves again once ``GET /ready`` answers 200. The fault
@@ -313,11 +313,21 @@ class ChaosMonkey:
         return name
 
     async def _drain_hub(self, fault: Fault) -> None:
-        """Drain and replace a random hub (:func:`im_actors.cluster.restart_hub`); the fault cannot
-        count as recovered before the hub is ready again."""
+        """Drain and replace the hub with the most connections, ties at random
+        (:func:`im_actors.cluster.restart_hub`): a hub just replaced is empty, and draining it
+        again would show nothing. The fault cannot count as recovered before the hub is ready again."""
         from im_actors.cluster import restart_hub
 
-        index = self.rng.randrange(self.config.hubs)
+        loads: list[int] = []
+        for i in range(self.config.hubs):
+            name = ids.actor_name("hub", i, self.config.actor_prefix)
+            try:
+                load = await ray.get_actor(name, namespace=ids.NAMESPACE).load.remote()
+                loads.append(int(load.get("connections", 0)))
+            except Exception:  # noqa: BLE001 - a hub that does not answer is not drained
+                loads.append(-1)
+        most = max(loads)
+        index = self.rng.choice([i for i, n in enumerate(loads) if n == most])
         fault.target = ids.actor_name("hub", index, self.config.actor_prefix)
         fault.floor_s = math.inf  # until the hub is back
         fault.drain = await asyncio.to_thread(restart_hub, self.config, index)
