@@ -54,6 +54,8 @@ def _connect_ray(address: str) -> None:
 
     from im_actors.ids import NAMESPACE
 
+    if ray.is_initialized():  # called from a process already connected (tests, a notebook)
+        return
     try:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
     except ConnectionError as exc:

@@ -150,3 +150,41 @@ def test_teardown_finds_actors_the_config_does_not_name(base_config: Config, loc
     finally:
         teardown(cfg)
         purge_deployment(cfg, drop_mongo_db=True)
+
+
+def test_cli_down_status_purge_name_the_deployment(base_config: Config, local_ray: None, own: Deployment) -> None:
+    from typer.testing import CliRunner
+
+    from im_actors.cli import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["down", "--deployment", "nosuchdeployment"])
+    assert missing.exit_code == 1 and "not running" in missing.output
+    assert own.config.deployment in missing.output  # the running ones are named
+    status = runner.invoke(app, ["status", "--deployment", own.config.deployment])
+    assert ids.actor_name("hub", 2, own.config.actor_prefix) in status.output
+    busy = runner.invoke(app, ["purge", "--deployment", own.config.deployment, "--yes"])
+    assert busy.exit_code == 1 and "is running" in busy.output
+
+    name = f"cl{secrets.token_hex(3)}"
+    cfg = base_config.model_copy(
+        update={"deployment": name, "hubs": 1, "mongo_db": f"im_{name}", "push_workers": 0, "store_writers": 0}
+    )
+    try:
+        dep = deploy(cfg, detached=True)
+        assert dep.hub_urls
+        refused = runner.invoke(app, ["down", "--deployment", name, "--drain-window", "0", "--purge"], input="n\n")
+        assert refused.exit_code == 1 and "nothing removed" in refused.output  # the actors went, the data stays
+        for _ in range(50):
+            if name not in list_deployments():
+                break
+            time.sleep(0.1)
+        assert name not in list_deployments()
+        env = {"IM_REDIS_URL": cfg.redis_url, "IM_RABBITMQ_URL": cfg.rabbitmq_url, "IM_MONGO_URL": cfg.mongo_url}
+        env["IM_MONGO_DB"] = cfg.mongo_db
+        purged = runner.invoke(app, ["purge", "--deployment", name, "--yes"], env=env)
+        assert purged.exit_code == 0, purged.output
+        assert f"purged deployment '{name}'" in purged.output
+    finally:
+        teardown(cfg)
+        purge_deployment(cfg, drop_mongo_db=True)
