@@ -247,7 +247,15 @@ def ray_start(net: Net, i: int, env: dict[str, str], temp_dir: str) -> None:
         argv.append("--disable-usage-stats")
     else:
         argv = [ray_bin, "start", "--address", f"{net.ip(0)}:{RAY_PORT}"]
-    sh("ip", "netns", "exec", net.ns(i), *argv, *common, env=env, timeout=120)
+    try:
+        sh("ip", "netns", "exec", net.ns(i), *argv, *common, env=env, timeout=120)
+    except RuntimeError as exc:
+        if i == 0:
+            raise
+        # A worker's start can time out on a loaded machine: end what it left and try once more.
+        print(f"ray start in {net.ns(i)} failed, once more: {str(exc)[-300:]}", flush=True)
+        kill_namespace_processes(net.ns(i))
+        sh("ip", "netns", "exec", net.ns(i), *argv, *common, env=env, timeout=180)
 
 
 # --- the traffic phase, inside the head's namespace --------------------------------------------------
@@ -451,17 +459,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["run_s"] = round(time.monotonic() - started, 1)
         return result
     finally:
-        if os.environ.get("IM_MULTIHOST_KEEP_LOGS"):
-            shutil.copytree(temp_dir, os.environ["IM_MULTIHOST_KEEP_LOGS"], dirs_exist_ok=True, symlinks=True)
-        remove_net(net)
-        if forwarder is not None:
-            forwarder.stop()
-        if services is not None:
+        try:
+            keep = os.environ.get("IM_MULTIHOST_KEEP_LOGS")  # for a post-mortem of Ray's own logs
+            if keep:
+                with contextlib.suppress(OSError, shutil.Error):
+                    shutil.copytree(temp_dir, keep, dirs_exist_ok=True, ignore=shutil.ignore_patterns("sockets"))
+        finally:
             try:
-                purge_deployment(cfg, drop_mongo_db=False)
+                remove_net(net)
             finally:
-                services.stop()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+                try:
+                    if forwarder is not None:
+                        forwarder.stop()
+                finally:
+                    try:
+                        if services is not None:
+                            purge_deployment(cfg, drop_mongo_db=False)
+                    finally:
+                        if services is not None:
+                            services.stop()
+                        shutil.rmtree(temp_dir, ignore_errors=True)
         left = [n for n in sh("ip", "netns", "list", check=False).split() if n.startswith(f"imh{net.run}")]
         print(f"cleaned up: namespaces left {left or 'none'}", flush=True)
 
