@@ -11,7 +11,9 @@ is started again on it. The oracle must be clean.
 Printed (and written with ``--report``): the placement of the hubs, the oracle's counts, and
 
 - ``recovery_s``: from the cut until a probe message sent after it was acked and delivered to every
-  probe client (at least one on each hub, the cut host's included);
+  probe client (at least one on each hub, the cut host's included). A probe client on the cut host's
+  hub sees no close (its peer is just gone): it notices by its WebSocket pings (``--probe-ping``,
+  2 s) and reconnects elsewhere;
 - ``node_dead_s``: from the cut until Ray's head declared the host's node dead;
 - ``actors_moved_s``: from the cut until every actor of the cut host was alive on another host
   (None when that did not happen while the host was cut off);
@@ -289,7 +291,7 @@ async def traffic(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, A
             raise RuntimeError(f"no worker host holds a hub without the router: {placed}")
         victim = victims[0]
         moved = [name for name, ip in placed.items() if ip == net.ip(victim)]
-        monkey = ChaosMonkey(cfg, dep.router_url, ChaosSpec(()), None, probes=4)
+        monkey = ChaosMonkey(cfg, dep.router_url, ChaosSpec(()), None, probes=4, client_ping_s=args.probe_ping)
         await monkey.start()
         workload = SyntheticWorkload(
             users=args.users, rate=args.rate, duration_s=args.duration, group_size=4, direct_share=0.3, seed=11
@@ -336,6 +338,7 @@ async def traffic(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, A
             "router_at": router_ip,
             "cut_host": net.ns(victim),
             "cut_for_s": args.cut_for,
+            "probe_ping_s": args.probe_ping,
             "actors_on_cut_host": sorted(moved),
             "node_dead_s": node_dead_s,
             "actors_moved_s": actors_moved_s,
@@ -448,7 +451,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         spec_file.chmod(0o600)
         argv = [sys.executable, str(Path(__file__).resolve()), "--phase", "traffic", "--spec", str(spec_file)]
         argv += ["--users", str(args.users), "--rate", str(args.rate), "--duration", str(args.duration)]
-        argv += ["--cut-at", str(args.cut_at), "--cut-for", str(args.cut_for)]
+        argv += ["--cut-at", str(args.cut_at), "--cut-for", str(args.cut_for), "--probe-ping", str(args.probe_ping)]
         done = subprocess.run(
             ["ip", "netns", "exec", net.ns(0), *argv], capture_output=True, text=True, env=env, timeout=900
         )
@@ -490,6 +493,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=45.0, help="seconds of traffic")
     p.add_argument("--cut-at", type=float, default=12.0, help="seconds after the traffic starts to cut a host off")
     p.add_argument("--cut-for", type=float, default=12.0, help="seconds the host stays cut off")
+    p.add_argument(
+        "--probe-ping",
+        type=float,
+        default=2.0,
+        help="WebSocket ping interval (and timeout) of the probe clients, s: how soon a probe client on the "
+        "cut host notices (the workload's clients keep the library's 20 s)",
+    )
     p.add_argument("--report", type=Path, help="write the results here as JSON")
     p.add_argument("--phase", choices=["all", "traffic"], default="all", help=argparse.SUPPRESS)
     p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)

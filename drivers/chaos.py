@@ -175,8 +175,12 @@ class ChaosMonkey:
         probes: int = 4,
         rng: random.Random | None = None,
         cluster: Any = None,
+        client_ping_s: float | None = 20.0,
     ) -> None:
         self.config = config
+        #: WebSocket ping interval of the probe clients (s; the client library's default): how soon a
+        #: probe client notices a connection whose peer vanished without a close (a host cut off).
+        self.client_ping_s = client_ping_s
         self.router_url = router_url
         self.spec = spec
         self.services = services
@@ -205,7 +209,13 @@ class ChaosMonkey:
         prefix = f"probe{secrets.token_hex(3)}"
         for i in range(self.n_probes + self.config.hubs):
             name = f"{prefix}-{i}"
-            client = Client(self.router_url, name, on_msg=self._on_msg(name), send_deadline_s=120.0)
+            client = Client(
+                self.router_url,
+                name,
+                on_msg=self._on_msg(name),
+                send_deadline_s=120.0,
+                ping_interval_s=self.client_ping_s,
+            )
             await client.connect()
             self._clients.append(client)
             if len(self._clients) >= self.n_probes and len({c.hub for c in self._clients}) >= self.config.hubs:

@@ -362,8 +362,8 @@ def _deployment_of(name: str) -> str | None:
 
 def running_config(deployment: str, timeout_s: float = 10.0) -> Config | None:
     """The configuration the running deployment ``deployment`` was made with (its router keeps it),
-    or None when it has no router. Raises ``ray.exceptions.GetTimeoutError`` when the router does
-    not answer within ``timeout_s``."""
+    or None when it has no router (or one that is dead). Raises ``ray.exceptions.GetTimeoutError``
+    when the router does not answer within ``timeout_s``."""
     name = ids.actor_name("router", 0, f"{deployment}-" if deployment else "")
     try:
         router = ray.get_actor(name, namespace=ids.NAMESPACE)
@@ -373,7 +373,10 @@ def running_config(deployment: str, timeout_s: float = 10.0) -> Config | None:
         method: Any = router.deployment_config
     except AttributeError:  # a router of a version that does not keep it
         return None
-    config: Any = ray.get(method.remote(), timeout=timeout_s)
+    try:
+        config: Any = ray.get(method.remote(), timeout=timeout_s)
+    except ray.exceptions.RayActorError:  # killed a moment ago (a teardown): not running
+        return None
     return config if isinstance(config, Config) else None
 
 
