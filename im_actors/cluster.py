@@ -212,7 +212,8 @@ def deploy(config: Config, detached: bool = False, replace: bool = False) -> Dep
     ``detached`` actors outlive the driver (``im-actors up``); otherwise they go with it. When the
     deployment is already running with a different configuration, raises :class:`ConfigError`
     naming the keys that differ, unless ``replace``: then the running one is torn down first (its
-    hubs drained over ``drain_window_s``) and deployed anew; its data stays.
+    hubs drained over ``drain_window_s``, ``TimeoutError`` when its actors are not gone within 120 s)
+    and deployed anew; its data stays.
     Raises :class:`ConfigError` for a missing secret or service URL, and
     ``ray.exceptions.GetTimeoutError`` when an actor is not ready within 120 s.
     """
@@ -232,6 +233,11 @@ def deploy(config: Config, detached: bool = False, replace: bool = False) -> Dep
         if differ:
             log.warning("replacing deployment %s (changed: %s)", config.deployment, ", ".join(differ))
             teardown(running, drain_window_s=running.drain_window_s)
+            deadline = time.monotonic() + _READY_TIMEOUT_S
+            while config.deployment in list_deployments():  # names free only once the kills are done
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the actors of {config.deployment} were not gone within {_READY_TIMEOUT_S} s")
+                time.sleep(0.1)
     dep = Deployment(config)
     group = _spread_group(config, detached) if config.placement == "spread" else None
     ray_actor_log = logging.getLogger("ray.actor")

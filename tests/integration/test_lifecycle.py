@@ -136,10 +136,13 @@ def test_teardown_finds_actors_the_config_does_not_name(base_config: Config, loc
     cfg = base_config.model_copy(
         update={"deployment": name, "hubs": 2, "mongo_db": f"im_{name}", "push_workers": 0, "store_writers": 0}
     )
+    smaller = cfg.model_copy(update={"hubs": 1})
     try:
-        dep = deploy(cfg)  # kept: a non-detached actor goes when the last handle to it does
-        assert len(dep.hub_urls) == 2
-        smaller = cfg.model_copy(update={"hubs": 1})  # a config that forgot a hub
+        first = deploy(smaller)  # kept: a non-detached actor goes when the last handle to it does
+        assert len(first.hub_urls) == 1
+        dep = deploy(cfg, replace=True)  # a changed configuration replaces the running one
+        assert len(dep.hub_urls) == 2 and running_config(name) == cfg
+        # A config that forgot a hub still removes it.
         killed = teardown(smaller)
         assert ids.actor_name("hub", 1, cfg.actor_prefix) in killed
         for _ in range(50):

@@ -73,3 +73,21 @@ def test_drain_window_knob_is_checked() -> None:
     assert load_config().drain_window_s == 10.0
     with pytest.raises(ConfigError, match="drain_window_s"):
         load_config(drain_window_s=-1)
+
+
+def test_rays_placement_group_warning_is_filtered_and_explained() -> None:
+    import logging
+
+    from im_actors.cluster import PLACEMENT_GROUP_NOTE, _DropPlacementGroupWarning
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("ray.actor", logging.WARNING, __file__, 1, msg, None, None)
+
+    quiet = _DropPlacementGroupWarning()
+    warning = (
+        "Scheduling a restartable detached actor with a placement group is not recommended because Ray will "
+        "kill the actor when the placement group is removed and the actor will not be able to be restarted."
+    )
+    assert not quiet.filter(record(warning))
+    assert quiet.filter(record("some other warning"))
+    assert "im-actors down" in PLACEMENT_GROUP_NOTE and "restarts them" in PLACEMENT_GROUP_NOTE
