@@ -554,7 +554,7 @@ def restart_hubs_cmd(
 
     try:
         restart_hubs(cfg, drain_window, on_done=done)
-    except TimeoutError as exc:
+    except (TimeoutError, ValueError) as exc:  # not back in time; a hub or the router not running
         typer.echo(f"im-actors: {exc}", err=True)
         raise typer.Exit(1) from None
 
