@@ -7,6 +7,13 @@ services). It injects one fault every ``interval_s``, cycling through the reques
 kind       fault
 =========  =======================================================================================
 hub        a hub actor killed (Ray restarts it empty; its clients reconnect elsewhere and sync)
+drain      the busiest hub drained and replaced, as one step of ``im-actors restart hubs``
+           (:func:`im_actors.cluster.restart_hub`): the router stops handing it out, its clients
+           are closed with 1001 spread over ``drain_window_s`` and reconnect elsewhere, its
+           process is replaced and it serves again once ``GET /ready`` answers 200. The fault
+           record carries the drain's figures (``drain``) and the reconnect spread
+           (``reconnect_spread_s``: from the first client closed to the last); it counts as
+           recovered no sooner than the hub is ready again
 conv       a conversation shard killed (sequencers re-activate from storage)
 session    a session shard killed (hubs re-announce their connections to it)
 store      a store writer killed (the commit is retried once on another writer, else unavailable)
@@ -57,7 +64,19 @@ __all__ = ["KINDS", "PRIVATE_SERVICE_KINDS", "ChaosSpec", "Fault", "ChaosMonkey"
 log = logging.getLogger(__name__)
 
 #: Every fault kind, in the order ``all`` cycles through them.
-KINDS = ("hub", "conv", "session", "store", "push", "mongodb", "redis", "redis-restart", "rabbitmq", "node")
+KINDS = (
+    "hub",
+    "drain",
+    "conv",
+    "session",
+    "store",
+    "push",
+    "mongodb",
+    "redis",
+    "redis-restart",
+    "rabbitmq",
+    "node",
+)
 #: Kinds that need a server of this run's own (never the machine's shared one).
 PRIVATE_SERVICE_KINDS = {"mongodb": "mongodb", "redis-restart": "redis", "rabbitmq": "rabbitmq"}
 _ACTOR_KINDS = {"hub": "hub", "conv": "conv", "session": "session", "store": "store", "push": "push"}
@@ -106,10 +125,13 @@ class Fault:
     #: Seconds after the fault before which it cannot count as recovered (for ``rabbitmq``: until
     #: every push publisher and worker has reconnected), None when only the probes decide.
     floor_s: float | None = None
+    #: For ``drain``: the figures of :func:`im_actors.cluster.restart_hub` (connections closed,
+    #: window, first and last close, spread, drain and ready times in s).
+    drain: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for the report."""
-        return {
+        out: dict[str, Any] = {
             "kind": self.kind,
             "target": self.target,
             "at_s": round(self.at_s, 3),
@@ -117,6 +139,10 @@ class Fault:
             "worst_delivery_latency_ms": self.worst_latency_ms,
             "error": self.error,
         }
+        if self.drain is not None:
+            out["drain"] = self.drain
+            out["reconnect_spread_s"] = self.drain.get("spread_s")
+        return out
 
 
 @dataclass
@@ -149,8 +175,12 @@ class ChaosMonkey:
         probes: int = 4,
         rng: random.Random | None = None,
         cluster: Any = None,
+        client_ping_s: float | None = 20.0,
     ) -> None:
         self.config = config
+        #: WebSocket ping interval of the probe clients (s; the client library's default): how soon a
+        #: probe client notices a connection whose peer vanished without a close (a host cut off).
+        self.client_ping_s = client_ping_s
         self.router_url = router_url
         self.spec = spec
         self.services = services
@@ -179,7 +209,13 @@ class ChaosMonkey:
         prefix = f"probe{secrets.token_hex(3)}"
         for i in range(self.n_probes + self.config.hubs):
             name = f"{prefix}-{i}"
-            client = Client(self.router_url, name, on_msg=self._on_msg(name), send_deadline_s=120.0)
+            client = Client(
+                self.router_url,
+                name,
+                on_msg=self._on_msg(name),
+                send_deadline_s=120.0,
+                ping_interval_s=self.client_ping_s,
+            )
             await client.connect()
             self._clients.append(client)
             if len(self._clients) >= self.n_probes and len({c.hub for c in self._clients}) >= self.config.hubs:
@@ -229,6 +265,8 @@ class ChaosMonkey:
         try:
             if kind in _ACTOR_KINDS:
                 fault.target = self._kill_actor(_ACTOR_KINDS[kind])
+            elif kind == "drain":
+                await self._drain_hub(fault)
             elif kind == "mongodb":
                 fault.target = "mongodb"
                 if self.services is None or self.services.mongo_proc is None:
@@ -283,6 +321,27 @@ class ChaosMonkey:
         name = ids.actor_name(role, self.rng.randrange(count), self.config.actor_prefix)
         ray.kill(ray.get_actor(name, namespace=ids.NAMESPACE), no_restart=False)
         return name
+
+    async def _drain_hub(self, fault: Fault) -> None:
+        """Drain and replace the hub with the most connections, ties at random
+        (:func:`im_actors.cluster.restart_hub`): a hub just replaced is empty, and draining it
+        again would show nothing. The fault cannot count as recovered before the hub is ready again."""
+        from im_actors.cluster import restart_hub
+
+        loads: list[int] = []
+        for i in range(self.config.hubs):
+            name = ids.actor_name("hub", i, self.config.actor_prefix)
+            try:
+                load = await ray.get_actor(name, namespace=ids.NAMESPACE).load.remote()
+                loads.append(int(load.get("connections", 0)))
+            except Exception:  # noqa: BLE001 - a hub that does not answer is not drained
+                loads.append(-1)
+        most = max(loads)
+        index = self.rng.choice([i for i, n in enumerate(loads) if n == most])
+        fault.target = ids.actor_name("hub", index, self.config.actor_prefix)
+        fault.floor_s = math.inf  # until the hub is back
+        fault.drain = await asyncio.to_thread(restart_hub, self.config, index)
+        fault.floor_s = self.now() - fault.at_s
 
     async def _remove_node(self, fault: Fault) -> str:
         """Add a fresh node, then remove the worker node holding the most of this deployment's
@@ -406,4 +465,7 @@ def summarize(faults: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "median_recovery_s": round(statistics.median(rec), 3) if rec else None,
             "worst_recovery_s": rec[-1] if rec else None,
         }
+        spreads = [f["reconnect_spread_s"] for f in faults if f["kind"] == kind and "reconnect_spread_s" in f]
+        if spreads:
+            out[kind]["reconnect_spread_s"] = spreads
     return out

@@ -1,4 +1,4 @@
-"""The ``im-actors`` command: ``demo``, ``up``, ``down``, ``status``.
+"""The ``im-actors`` command: ``demo``, ``up``, ``down``, ``purge``, ``restart hubs``, ``status``.
 
 ``demo`` is the main job: it starts a local Ray cluster and the backing services it must, deploys
 every actor, replays real chat traffic (or a synthetic workload) through real WebSocket clients,
@@ -54,6 +54,8 @@ def _connect_ray(address: str) -> None:
 
     from im_actors.ids import NAMESPACE
 
+    if ray.is_initialized():  # called from a process already connected (tests, a notebook)
+        return
     try:
         ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
     except ConnectionError as exc:
@@ -198,6 +200,8 @@ def _summary(report: dict[str, Any]) -> str:
             f"  fault {kind:13} injected {row['injected']}  recovered {row['recovered']}  "
             f"recovery median {row['median_recovery_s']} s  worst {row['worst_recovery_s']} s"
         )
+        if "reconnect_spread_s" in row:
+            lines.append(f"  {'':19}reconnect spread s {row['reconnect_spread_s']}")
     return "\n".join(lines)
 
 
@@ -226,7 +230,7 @@ def demo(
     chaos: Annotated[
         str | None,
         typer.Option(
-            help="inject faults during the run: all, or a comma list of hub, conv, session, store, push, "
+            help="inject faults during the run: all, or a comma list of hub, drain, conv, session, store, push, "
             "mongodb, redis, redis-restart, rabbitmq, node; optionally :INTERVAL_S"
         ),
     ] = None,
@@ -365,10 +369,21 @@ def up(
     mongo_url: ClusterMongoOpt = None,
     redis_url: ClusterRedisOpt = None,
     rabbitmq_url: ClusterAmqpOpt = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="when the deployment is running with a different configuration, tear it down (its hubs "
+            "drained) and deploy this one; without it, up refuses",
+        ),
+    ] = False,
 ) -> None:
-    """Deploy im-actors onto a running Ray cluster as detached actors (stays up after this command)."""
+    """Deploy im-actors onto a running Ray cluster as detached actors (stays up after this command).
 
-    from im_actors.cluster import deploy
+    Run again with the same configuration, it finds the actors running and changes nothing.
+    """
+
+    from im_actors.cluster import PLACEMENT_GROUP_NOTE, deploy
 
     cfg = _config(
         config,
@@ -399,39 +414,162 @@ def up(
         raise typer.Exit(2)
     _connect_ray(address)
     try:
-        dep = deploy(cfg, detached=True)
+        dep = deploy(cfg, detached=True, replace=replace)
     except ConfigError as exc:
         typer.echo(f"im-actors: {exc}", err=True)
         raise typer.Exit(2) from None
+    if cfg.placement == "spread":
+        typer.echo(f"note: {PLACEMENT_GROUP_NOTE}", err=True)
     typer.echo(json.dumps({"router": dep.router_url, "hubs": dep.hub_urls}, indent=2))
+
+
+DeploymentOpt = Annotated[
+    str | None,
+    typer.Option("--deployment", "-d", help="deployment name [default: the configuration's deployment]"),
+]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="do not ask before removing data")]
+WindowOpt = Annotated[
+    float | None,
+    typer.Option("--drain-window", help="spread hub clients' 1001 closes over this many s [default: drain_window_s]"),
+]
+
+
+def _running_target(address: str, config: Path | None, deployment: str | None) -> Config:
+    """Connect to Ray and find the running deployment named by ``--deployment`` (or the
+    configuration); returns its configuration, as its router keeps it unless ``--config`` was given.
+
+    Exits 1 naming the running deployments when that one is not running (rather than doing nothing
+    and exiting 0).
+    """
+    from im_actors.cluster import list_deployments, running_config
+
+    cfg = _config(config, deployment=deployment)
+    _connect_ray(address)
+    running = list_deployments()
+    if cfg.deployment not in running:
+        shown = ", ".join(repr(name) for name in running) or "none"
+        typer.echo(
+            f"im-actors: deployment {cfg.deployment!r} is not running on this cluster (running: {shown}); "
+            "pass --deployment NAME",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if config is None:
+        kept = running_config(cfg.deployment)
+        if kept is not None:
+            return kept
+    return cfg
+
+
+def _purge(cfg: Config, yes: bool) -> None:
+    """Remove the deployment's data after asking (``--yes`` skips the question; no answer = no)."""
+    from im_actors.config import mask_url
+    from im_actors.services import purge_deployment
+
+    what = (
+        f"Redis keys {cfg.key_prefix}* at {mask_url(cfg.redis_url)}, RabbitMQ exchange and queues "
+        f"{cfg.amqp_prefix}im.push* at {mask_url(cfg.rabbitmq_url)}, MongoDB database {cfg.mongo_db!r} at "
+        f"{mask_url(cfg.mongo_url)}"
+    )
+    if not yes and not typer.confirm(f"remove every message and key of deployment {cfg.deployment!r}: {what}?"):
+        typer.echo("im-actors: nothing removed", err=True)
+        raise typer.Exit(1)
+    removed = purge_deployment(cfg, drop_mongo_db=True)
+    typer.echo(f"purged deployment {cfg.deployment!r}: {removed.get('redis_keys', 0)} Redis keys; {what}")
 
 
 @app.command()
 def down(
     address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
     config: ConfigOpt = None,
+    deployment: DeploymentOpt = None,
+    drain_window: WindowOpt = None,
+    purge: Annotated[bool, typer.Option("--purge", help="also remove the deployment's data (asks first)")] = False,
+    yes: YesOpt = False,
 ) -> None:
-    """Remove a deployment's actors from the Ray cluster (hubs close clients with 1001 first)."""
+    """Remove a deployment's actors from the Ray cluster (hubs drain first: clients closed with 1001
+    spread over the drain window); with --purge, its data too.
+
+    The actors are found by listing Ray's "im" namespace; the deployment's configuration is the one
+    its router keeps (no --config needed). Exits 1 when the deployment is not running.
+    """
 
     from im_actors.cluster import teardown
 
-    cfg = _config(config)
+    cfg = _running_target(address, config, deployment)
+    window = cfg.drain_window_s if drain_window is None else drain_window
+    killed = teardown(cfg, drain_window_s=window)
+    typer.echo(f"removed {len(killed)} actors of deployment {cfg.deployment!r}")
+    if purge:
+        _purge(cfg, yes)
+
+
+@app.command("purge")
+def purge_cmd(
+    address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
+    config: ConfigOpt = None,
+    deployment: DeploymentOpt = None,
+    yes: YesOpt = False,
+) -> None:
+    """Remove a stopped deployment's data: its Redis keys, its RabbitMQ exchange and queues and its
+    MongoDB database (asks first; --yes does not). The service URLs come from --config or IM_*.
+    Refuses (exit 1) while the deployment's actors run: `im-actors down --purge` does both."""
+    from im_actors.cluster import list_deployments
+
+    cfg = _config(config, deployment=deployment)
     _connect_ray(address)
-    killed = teardown(cfg)
-    typer.echo(f"removed {len(killed)} actors")
+    if cfg.deployment in list_deployments():
+        typer.echo(
+            f"im-actors: deployment {cfg.deployment!r} is running; `im-actors down --purge` stops it first", err=True
+        )
+        raise typer.Exit(1)
+    missing = [k for k in ("mongo_url", "redis_url", "rabbitmq_url") if not getattr(cfg, k)]
+    if missing:
+        typer.echo(f"im-actors: purge needs {', '.join(missing)} (TOML file, IM_* environment)", err=True)
+        raise typer.Exit(2)
+    _purge(cfg, yes)
+
+
+restart_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Rolling restarts.")
+app.add_typer(restart_app, name="restart")
+
+
+@restart_app.command("hubs")
+def restart_hubs_cmd(
+    address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
+    config: ConfigOpt = None,
+    deployment: DeploymentOpt = None,
+    drain_window: WindowOpt = None,
+) -> None:
+    """Restart the hubs one at a time: drain (the router stops handing the hub out, its clients are
+    closed with 1001 spread over the drain window and reconnect to the others), replace its process,
+    wait until it answers GET /ready; then the next. Prints one JSON line per hub; exits 1 when a
+    hub does not come back."""
+    from im_actors.cluster import restart_hubs
+
+    cfg = _running_target(address, config, deployment)
+
+    def done(result: dict[str, Any]) -> None:
+        typer.echo(json.dumps(result))
+
+    try:
+        restart_hubs(cfg, drain_window, on_done=done)
+    except (TimeoutError, ValueError) as exc:  # not back in time; a hub or the router not running
+        typer.echo(f"im-actors: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
 def status(
     address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
     config: ConfigOpt = None,
+    deployment: DeploymentOpt = None,
 ) -> None:
     """Print every actor of the deployment, whether it is up, and its counters (JSON)."""
 
     from im_actors.cluster import status as cluster_status
 
-    cfg = _config(config)
-    _connect_ray(address)
+    cfg = _running_target(address, config, deployment)
     out = cluster_status(cfg)
     typer.echo(json.dumps(out, indent=2, default=str))
     if not all(a["up"] for a in out["actors"].values()):

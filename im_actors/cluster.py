@@ -3,12 +3,24 @@
 Every actor is named by :func:`im_actors.ids.actor_name` in the ``im`` namespace. Deployment order
 follows the dependencies: store writers (they create the indexes), group, conversation and session
 shards, push workers, hubs, and last the router, which then heartbeats the hubs.
+
+Lifecycle: :func:`restart_hub` drains one hub (the router stops handing it out, its clients are
+closed with 1001 spread over ``drain_window_s`` and reconnect elsewhere), replaces its process and
+waits until it answers ``GET /ready``; :func:`restart_hubs` does so one hub at a time.
+:func:`list_deployments` finds deployments by listing the ``im`` namespace, so that tearing one
+down needs only its name; the router keeps the configuration it was made with
+(:func:`running_config`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +49,14 @@ __all__ = [
     "add_local_node",
     "actor_nodes",
     "ray_env",
+    "list_deployments",
+    "running_config",
+    "config_differences",
+    "drain_hub",
+    "restart_hub",
+    "restart_hubs",
+    "hub_ready",
+    "PLACEMENT_GROUP_NOTE",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,6 +178,24 @@ def _spread_group(config: Config, detached: bool) -> Any:
     return group
 
 
+#: What Ray's warning "Scheduling a restartable detached actor with a placement group is not
+#: recommended ..." is about, and why it does not apply (the warning is filtered out at ``up``).
+PLACEMENT_GROUP_NOTE = (
+    "hubs and shards are detached actors placed through the deployment's placement group (one bundle "
+    "per node, to spread them). Ray restarts them as usual (max_restarts=-1), also on another node when "
+    "theirs dies; it could not only once the group is removed, and only `im-actors down` removes it, "
+    "after it has removed the actors."
+)
+
+
+class _DropPlacementGroupWarning(logging.Filter):
+    """Drops Ray's warning about restartable detached actors in a placement group (see
+    :data:`PLACEMENT_GROUP_NOTE`): it is printed once per actor and reads as if they will not restart."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Scheduling a restartable detached actor with a placement group")
+
+
 def _options(config: Config, name: str, detached: bool, group: Any, index: int) -> dict[str, Any]:
     opts: dict[str, Any] = {"name": name, "namespace": ids.NAMESPACE, "get_if_exists": True}
     if detached:
@@ -168,10 +206,14 @@ def _options(config: Config, name: str, detached: bool, group: Any, index: int) 
     return opts
 
 
-def deploy(config: Config, detached: bool = False) -> Deployment:
+def deploy(config: Config, detached: bool = False, replace: bool = False) -> Deployment:
     """Create every actor of ``config`` (or find it running) and wait until all are ready.
 
-    ``detached`` actors outlive the driver (``im-actors up``); otherwise they go with it.
+    ``detached`` actors outlive the driver (``im-actors up``); otherwise they go with it. When the
+    deployment is already running with a different configuration, raises :class:`ConfigError`
+    naming the keys that differ, unless ``replace``: then the running one is torn down first (its
+    hubs drained over ``drain_window_s``, ``TimeoutError`` when its actors are not gone within 120 s)
+    and deployed anew; its data stays.
     Raises :class:`ConfigError` for a missing secret or service URL, and
     ``ray.exceptions.GetTimeoutError`` when an actor is not ready within 120 s.
     """
@@ -180,9 +222,36 @@ def deploy(config: Config, detached: bool = False) -> Deployment:
     for key in ("mongo_url", "redis_url", "rabbitmq_url"):
         if not getattr(config, key):
             raise ConfigError(f"{key} must be set (im_actors.services.ensure_services fills it for local runs)")
-    p = config.actor_prefix
+    running = running_config(config.deployment)
+    if running is not None:
+        differ = config_differences(running, config)
+        if differ and not replace:
+            raise ConfigError(
+                f"deployment {config.deployment or '(unnamed)'} is running with a different configuration "
+                f"({', '.join(differ)}); `im-actors up --replace` replaces it, `im-actors down` removes it"
+            )
+        if differ:
+            log.warning("replacing deployment %s (changed: %s)", config.deployment, ", ".join(differ))
+            teardown(running, drain_window_s=running.drain_window_s)
+            deadline = time.monotonic() + _READY_TIMEOUT_S
+            while config.deployment in list_deployments():  # names free only once the kills are done
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the actors of {config.deployment} were not gone within {_READY_TIMEOUT_S} s")
+                time.sleep(0.1)
     dep = Deployment(config)
     group = _spread_group(config, detached) if config.placement == "spread" else None
+    ray_actor_log = logging.getLogger("ray.actor")
+    quiet = _DropPlacementGroupWarning()
+    ray_actor_log.addFilter(quiet)
+    try:
+        _create(config, detached, group, dep)
+    finally:
+        ray_actor_log.removeFilter(quiet)
+    return dep
+
+
+def _create(config: Config, detached: bool, group: Any, dep: Deployment) -> None:
+    p = config.actor_prefix
 
     def make(cls: Any, role: str, index: int, *args: Any, spread: bool = False) -> Any:
         name = ids.actor_name(role, index, p)
@@ -211,7 +280,6 @@ def deploy(config: Config, detached: bool = False) -> Deployment:
     dep.router_url = ray.get(router.ready.remote(), timeout=_READY_TIMEOUT_S)
     for name, url in dep.hub_urls.items():
         router.register.remote(name, url)
-    return dep
 
 
 def _names(config: Config) -> list[str]:
@@ -228,22 +296,32 @@ def _names(config: Config) -> list[str]:
     return [ids.actor_name(role, i, p) for role, n in counts.items() for i in range(n)]
 
 
-def teardown(config: Config) -> list[str]:
-    """Kill every actor of the deployment (hubs drain first, closing clients with 1001).
+def teardown(config: Config, drain_window_s: float = 0.0) -> list[str]:
+    """Kill every actor of the deployment: the ones ``config`` names and every other actor of its
+    name found in the namespace (a deployment made with more hubs or shards). Hubs drain first,
+    all at once, each closing its clients with 1001 spread over ``drain_window_s`` s.
 
     Returns the names of the actors that were found and killed.
     """
-    killed = []
-    for name in _names(config):
+    names = list(dict.fromkeys([*_names(config), *list_deployments().get(config.deployment, [])]))
+    handles: dict[str, Any] = {}
+    for name in names:
         try:
-            handle = ray.get_actor(name, namespace=ids.NAMESPACE)
+            handles[name] = ray.get_actor(name, namespace=ids.NAMESPACE)
         except ValueError:
             continue
+    hubs = {n: h for n, h in handles.items() if ids.parse_actor_name(n, config.actor_prefix)[0] == "hub"}
+    drains = {n: h.drain.remote(drain_window_s) for n, h in hubs.items()}
+    for name, ref in drains.items():
+        try:
+            ray.get(ref, timeout=drain_window_s + 15)
+        except Exception as exc:  # noqa: BLE001 - best effort before the kill
+            log.warning("%s did not drain cleanly: %s", name, exc)
+    killed = []
+    for name, handle in handles.items():
         role, _ = ids.parse_actor_name(name, config.actor_prefix)
         try:
-            if role == "hub":
-                ray.get(handle.drain.remote(), timeout=10)
-            elif role == "session":
+            if role == "session":
                 ray.get(handle.flush_push.remote(5.0), timeout=10)
             elif role == "push":
                 ray.get(handle.close.remote(), timeout=10)
@@ -256,6 +334,146 @@ def teardown(config: Config) -> list[str]:
     except ValueError:
         pass  # placement "pack", or already removed
     return killed
+
+
+def list_deployments() -> dict[str, list[str]]:
+    """``{deployment name: [actor name, ...]}`` of every im-actors actor in the ``im`` namespace
+    (``""`` for an unnamed deployment), from Ray's GCS; needs a connected driver."""
+    out: dict[str, list[str]] = {}
+    entries: list[dict[str, str]] = ray.util.list_named_actors(all_namespaces=True)  # type: ignore[assignment]
+    for entry in entries:
+        if entry["namespace"] != ids.NAMESPACE:
+            continue
+        deployment = _deployment_of(entry["name"])
+        if deployment is not None:
+            out.setdefault(deployment, []).append(entry["name"])
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def _deployment_of(name: str) -> str | None:
+    """The deployment an actor name belongs to (``""`` unnamed), None for other names."""
+    start = 0
+    while (at := name.find("im-", start)) >= 0:
+        prefix = name[:at]
+        if prefix == "" or prefix.endswith("-"):
+            try:
+                ids.parse_actor_name(name, prefix)
+            except ValueError:
+                pass
+            else:
+                return prefix[:-1]
+        start = at + 1
+    return None
+
+
+def running_config(deployment: str, timeout_s: float = 10.0) -> Config | None:
+    """The configuration the running deployment ``deployment`` was made with (its router keeps it),
+    or None when it has no router (or one that is dead). Raises ``ray.exceptions.GetTimeoutError``
+    when the router does not answer within ``timeout_s``."""
+    name = ids.actor_name("router", 0, f"{deployment}-" if deployment else "")
+    try:
+        router = ray.get_actor(name, namespace=ids.NAMESPACE)
+    except ValueError:
+        return None
+    try:
+        method: Any = router.deployment_config
+    except AttributeError:  # a router of a version that does not keep it
+        return None
+    try:
+        config: Any = ray.get(method.remote(), timeout=timeout_s)
+    except ray.exceptions.RayActorError:  # killed a moment ago (a teardown): not running
+        return None
+    return config if isinstance(config, Config) else None
+
+
+def config_differences(running: Config, new: Config) -> list[str]:
+    """Names of the knobs whose values differ between two configurations (values never shown:
+    some are secrets)."""
+    a, b = running.model_dump(), new.model_dump()
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def hub_ready(url: str, timeout_s: float = 2.0) -> bool:
+    """True when the hub at WebSocket ``url`` answers ``GET /ready`` with 200 (``ws://h:p/v1/ws``
+    is probed at ``http://h:p/ready``; ``wss`` at ``https``, without certificate checks: this
+    asks the hub's own process whether it serves, it sends nothing secret)."""
+    scheme, _, rest = url.partition("://")
+    hostport = rest.split("/", 1)[0]
+    probe = f"{'https' if scheme == 'wss' else 'http'}://{hostport}/ready"
+    context = ssl._create_unverified_context() if scheme == "wss" else None  # noqa: S323
+    try:
+        with urllib.request.urlopen(probe, timeout=timeout_s, context=context) as resp:  # noqa: S310
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def drain_hub(config: Config, index: int, window_s: float | None = None) -> dict[str, Any]:
+    """Drain hub ``index``: the router stops handing it out, then its clients are closed with 1001
+    spread over ``window_s`` s (default ``drain_window_s``) and it stops listening; the actor stays,
+    empty. Returns the figures of :meth:`im_actors.hub.Hub.drain`. Raises ``ValueError`` for a
+    hub that is not running."""
+    window = config.drain_window_s if window_s is None else window_s
+    name = ids.actor_name("hub", index, config.actor_prefix)
+    hub = ray.get_actor(name, namespace=ids.NAMESPACE)
+    router = ray.get_actor(ids.actor_name("router", 0, config.actor_prefix), namespace=ids.NAMESPACE)
+    ray.get(router.drain.remote(name), timeout=10)
+    result: dict[str, Any] = ray.get(hub.drain.remote(window), timeout=window + 30)
+    return result
+
+
+def restart_hub(config: Config, index: int, window_s: float | None = None) -> dict[str, Any]:
+    """Drain hub ``index`` (:func:`drain_hub`), replace its process (Ray starts a new one under the
+    same name, in the same placement bundle) and wait until the new one answers ``GET /ready`` and
+    the router hands it out again.
+
+    Returns the drain's figures plus ``drain_s`` (from the drain's start until its last client was
+    closed and the hub stopped), ``ready_s`` (from the replacement until ready) and ``url``.
+    Raises ``TimeoutError`` when the new process is not ready within ``hub_ready_timeout_s``.
+    """
+    name = ids.actor_name("hub", index, config.actor_prefix)
+    hub = ray.get_actor(name, namespace=ids.NAMESPACE)
+    router = ray.get_actor(ids.actor_name("router", 0, config.actor_prefix), namespace=ids.NAMESPACE)
+    before: Any = ray.get(hub.load.remote(), timeout=10)
+    old = before["incarnation"]
+    began = time.monotonic()
+    result = drain_hub(config, index, window_s)
+    result["drain_s"] = round(time.monotonic() - began, 3)
+    replaced = time.monotonic()
+    ray.kill(hub, no_restart=False)
+    deadline = replaced + config.hub_ready_timeout_s
+    while time.monotonic() < deadline:
+        try:
+            load: Any = ray.get(hub.load.remote(), timeout=5)
+            if load["url"] and load["incarnation"] != old and not load["draining"] and hub_ready(load["url"]):
+                hubs: Any = ray.get(router.hubs.remote(), timeout=5)
+                table = {h["name"]: h for h in hubs}
+                entry = table.get(name, {})
+                if entry.get("alive") and not entry.get("draining") and entry.get("incarnation") != old:
+                    result["ready_s"] = round(time.monotonic() - replaced, 3)
+                    result["url"] = load["url"]
+                    return result
+            # An empty url: the new process waits for the router's next heartbeat to start it.
+        except (ray.exceptions.RayError, KeyError):
+            pass  # restarting
+        time.sleep(0.1)
+    raise TimeoutError(f"{name} not ready within {config.hub_ready_timeout_s} s after its replacement")
+
+
+def restart_hubs(
+    config: Config, window_s: float | None = None, on_done: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Restart every hub of the deployment, one at a time (:func:`restart_hub`): at any moment at
+    most one hub is out, so the others take its clients. ``on_done`` gets each hub's figures as
+    soon as that hub is ready again. Returns them all. Raises ``TimeoutError`` (and stops there)
+    when a hub does not come back."""
+    out = []
+    for index in range(config.hubs):
+        result = restart_hub(config, index, window_s)
+        if on_done is not None:
+            on_done(result)
+        out.append(result)
+    return out
 
 
 def status(config: Config) -> dict[str, Any]:

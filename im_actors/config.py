@@ -250,6 +250,18 @@ class Config(BaseSettings):
     heartbeat_s: float = Field(1.0, gt=0, description="router heartbeat of every hub (s); a hub missing one is dropped")
     hub_ttl_s: int = Field(30, ge=1, description="ttl_s answered with a hub (s)")
 
+    # --- lifecycle (drain, rolling restart) ---
+    drain_window_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="a draining hub closes its clients with 1001 at random times spread over this window (s), "
+        "so that they reconnect elsewhere without a storm; 0 = all at once",
+    )
+    hub_ready_timeout_s: float = Field(
+        60.0, gt=0, description="how long a restarted hub may take to answer GET /ready with 200 (s)"
+    )
+
     # --- offline push (DESIGN.md section 6) ---
     push_collapse_ms: int = Field(
         0, ge=0, description="pushes for one device and conversation within this window coalesce (ms, 0 = off)"

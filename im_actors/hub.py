@@ -16,6 +16,11 @@ Hostile clients (docs/security.md) cost at most their own connection: frames ove
 and ``max_frame_depth`` (4400 above); every request passes the user's token buckets
 (:mod:`im_actors.limits`, ``rate_limited``, 4429 for a connection that keeps going); handshakes pass
 a per-address bucket (HTTP 429) and, when configured, an ``Origin`` allow-list (HTTP 403).
+
+Lifecycle: ``GET /ready`` on the hub's port answers 200 ``ready`` while the hub serves and 503
+``draining`` once :meth:`Hub.drain` started (load balancers and ``im-actors restart hubs`` probe
+it). A draining hub refuses new WebSocket handshakes with 503 (clients ask the router for another
+hub) and closes its clients with 1001 at random times spread over the drain window.
 """
 
 from __future__ import annotations
@@ -63,11 +68,13 @@ from im_actors.refs import Peers
 from im_actors.tls import server_context
 from im_actors.wire import SendItem, err_answer, stamp
 
-__all__ = ["Connection", "Hub", "HubActor", "WS_PATH"]
+__all__ = ["Connection", "Hub", "HubActor", "WS_PATH", "READY_PATH"]
 
 log = logging.getLogger(__name__)
 
 WS_PATH = "/v1/ws"
+#: Readiness check on the hub's own port: 200 while it serves, 503 while it drains.
+READY_PATH = "/ready"
 
 #: How long a new connection waits for a conversation shard to take its route (s), see Hub._route.
 ROUTE_TIMEOUT_S = 2.0
@@ -123,6 +130,10 @@ class Hub:
         # Connection ids start at a random point so that a restarted hub never reuses an id that a
         # session shard may still hold for a connection of its previous incarnation.
         self._ids = itertools.count(secrets.randbits(52) << 10)
+        #: Tells this process of the hub from a restarted one (the router clears a drain mark on a new one).
+        self.incarnation = secrets.token_hex(6)
+        #: Set for good by :meth:`drain`: no new connections, ``GET /ready`` answers 503.
+        self.draining = False
         self._server: Server | None = None
         self._sends: Batcher[int] = Batcher(
             self._send_batch, config.hub_batch_max, config.hub_batch_ms, config.hub_inflight
@@ -189,9 +200,15 @@ class Hub:
         return self.url
 
     def _check_request(self, conn: ServerConnection, request: HttpRequest) -> HttpResponse | None:
-        """Handshake checks: the path (404), then the per-address connection limits (429)."""
-        if request.path.split("?", 1)[0] != WS_PATH:
+        """Handshake checks: the readiness path (200/503), the path (404), a draining hub (503),
+        then the per-address connection limits (429)."""
+        path = request.path.split("?", 1)[0]
+        if path == READY_PATH:
+            return conn.respond(503, "draining\n") if self.draining else conn.respond(200, "ready\n")
+        if path != WS_PATH:
             return conn.respond(404, f"WebSocket endpoint is {WS_PATH}\n")
+        if self.draining:
+            return conn.respond(503, "hub draining, ask the router for another hub\n")
         address = _address_key(conn)
         if self._is_exempt(address):
             return None
@@ -211,9 +228,57 @@ class Hub:
             self._server.close()
             await self._server.wait_closed()
 
+    async def drain(self, window_s: float, rng: random.Random | None = None) -> dict[str, Any]:
+        """Drain the hub: refuse new connections, then close every client with 1001 ("hub
+        draining") at a time drawn uniformly from ``[0, window_s]`` s, so that the clients reconnect
+        to other hubs spread over the window rather than in one storm (the router stops handing
+        a draining hub out: :meth:`load` reports ``draining``).
+
+        Connections that finished their handshake after the drain began are closed at the end of
+        the window. The hub stays draining (``GET /ready`` 503) until its process is replaced.
+        Returns ``{"hub", "connections", "closed", "window_s", "first_close_s", "last_close_s",
+        "spread_s"}``: close times in s since the drain began (None when there was no client).
+        """
+        self.draining = True
+        rng = rng or random.Random()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        closed_at: list[float] = []
+
+        async def close_later(delay_s: float, conn: Connection) -> None:
+            await asyncio.sleep(delay_s)
+            if conn.closing or conn.id not in self.conns:
+                return  # it went on its own meanwhile
+            closed_at.append(loop.time() - began)
+            await self._close(conn, CLOSE_GOING_AWAY, "hub draining")
+
+        planned = list(self.conns.values())
+        await asyncio.gather(
+            *(close_later(rng.uniform(0.0, window_s) if window_s > 0 else 0.0, conn) for conn in planned)
+        )
+        late = [c for c in self.conns.values() if not c.closing]
+        await asyncio.gather(*(close_later(0.0, conn) for conn in late))
+        first = min(closed_at, default=None)
+        last = max(closed_at, default=None)
+        return {
+            "hub": self.name,
+            "connections": len(planned) + len(late),
+            "closed": len(closed_at),
+            "window_s": window_s,
+            "first_close_s": None if first is None else round(first, 3),
+            "last_close_s": None if last is None else round(last, 3),
+            "spread_s": None if first is None or last is None else round(last - first, 3),
+        }
+
     def load(self) -> dict[str, Any]:
-        """``{"hub", "url", "connections"}`` for the router's heartbeat."""
-        return {"hub": self.name, "url": self.url, "connections": len(self.conns)}
+        """``{"hub", "url", "connections", "draining", "incarnation"}`` for the router's heartbeat."""
+        return {
+            "hub": self.name,
+            "url": self.url,
+            "connections": len(self.conns),
+            "draining": self.draining,
+            "incarnation": self.incarnation,
+        }
 
     # --- one connection ----------------------------------------------------------------------
 
@@ -697,9 +762,12 @@ class HubActor:
         """See :meth:`Hub.close_conn`."""
         await self._hub.close_conn(conn_id, code, reason)
 
-    async def drain(self) -> None:
-        """Close every connection with 1001 and stop listening."""
+    async def drain(self, window_s: float = 0.0) -> dict[str, Any]:
+        """Drain (:meth:`Hub.drain`: clients closed with 1001 spread over ``window_s`` s), then stop
+        listening; returns the drain's figures. The actor stays up, empty, until it is killed."""
+        result = await self._hub.drain(window_s)
         await self._hub.stop()
+        return result
 
     def stats(self) -> dict[str, Any]:
         """Counters: frames in and out, sends, slow consumers closed, rate refusals, connections, and

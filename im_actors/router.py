@@ -3,7 +3,11 @@
 :class:`HubTable` is the plain core: the live hubs and their load, least connections first, ties at
 random. :class:`RouterActor` serves it with aiohttp and heartbeats every hub each
 ``heartbeat_s``: a hub that does not answer within the interval is dropped at once, and comes back
-when it answers again.
+when it answers again. A draining hub (:meth:`HubTable.drain`, or a heartbeat answer saying so) is
+no longer handed out until a new process of it (another ``incarnation``) answers.
+
+With ``host`` 0.0.0.0 (or ``::``) and no ``advertise_host``, the router's URL carries the Ray node's
+address, as the hubs' URLs do.
 
 Endpoints: ``GET /v1/hub[?exclude=<hub>...]``, ``POST /v1/login`` (development login only, when
 ``dev_login`` is on), ``GET /v1/health``; the browser chat page (:mod:`im_actors.web`) at ``GET /chat/``
@@ -42,6 +46,8 @@ class HubInfo:
     url: str
     connections: int = 0
     alive: bool = True
+    draining: bool = False
+    incarnation: str = ""
 
 
 class HubTable:
@@ -59,10 +65,28 @@ class HubTable:
         else:
             info.url, info.alive = url, True
 
-    def update(self, name: str, url: str, connections: int) -> None:
-        """A heartbeat answer: the hub is alive with ``connections`` clients."""
+    def update(self, name: str, url: str, connections: int, draining: bool = False, incarnation: str = "") -> None:
+        """A heartbeat answer: the hub is alive with ``connections`` clients.
+
+        A drain mark stays until the hub answers from a new process (another ``incarnation``) that is
+        not draining: an answer sent before the hub learnt of its drain cannot clear it.
+        """
         self.register(name, url)
-        self.hubs[name].connections = connections
+        info = self.hubs[name]
+        info.connections = connections
+        if incarnation and incarnation != info.incarnation:
+            if info.incarnation:
+                info.draining = False  # a replaced process: whatever drained was the old one
+            info.incarnation = incarnation
+        info.draining = info.draining or draining
+
+    def drain(self, name: str) -> bool:
+        """Stop handing ``name`` out (it is draining); False when the hub is unknown."""
+        info = self.hubs.get(name)
+        if info is None:
+            return False
+        info.draining = True
+        return True
 
     def mark_dead(self, name: str) -> None:
         """A heartbeat went unanswered: stop handing the hub out."""
@@ -70,8 +94,8 @@ class HubTable:
             self.hubs[name].alive = False
 
     def live(self) -> list[HubInfo]:
-        """Hubs that answered their last heartbeat."""
-        return [h for h in self.hubs.values() if h.alive and h.url]
+        """Hubs that answered their last heartbeat and are not draining."""
+        return [h for h in self.hubs.values() if h.alive and h.url and not h.draining]
 
     def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> HubInfo | None:
         """The live hub with the fewest connections (ties at random), not in ``exclude``.
@@ -124,7 +148,13 @@ def make_app(config: Config, table: HubTable, health: Any = None) -> web.Applica
             {
                 "hubs_live": len(live),
                 "hubs": [
-                    {"hub": h.name, "url": h.url, "connections": h.connections, "alive": h.alive}
+                    {
+                        "hub": h.name,
+                        "url": h.url,
+                        "connections": h.connections,
+                        "alive": h.alive,
+                        "draining": h.draining,
+                    }
                     for h in table.hubs.values()
                 ],
             }
@@ -180,6 +210,8 @@ class RouterActor:
             await site.start()
             port = self._runner.addresses[0][1]
             host = self._config.advertise_host or self._config.host
+            if not self._config.advertise_host and self._config.host in ("0.0.0.0", "::"):
+                host = ray.util.get_node_ip_address()  # clients cannot connect to "every interface"
             self.url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
             self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
             self._sessions_beat = asyncio.get_running_loop().create_task(self._supervise())
@@ -193,8 +225,17 @@ class RouterActor:
         self._table.register(name, url)
 
     def hubs(self) -> list[dict[str, Any]]:
-        """Every hub known, with its liveness and load."""
+        """Every hub known, with its liveness, drain mark and load."""
         return [vars(h).copy() for h in self._table.hubs.values()]
+
+    def drain(self, name: str) -> bool:
+        """Stop handing hub ``name`` out (see :meth:`HubTable.drain`); False when it is unknown."""
+        return self._table.drain(name)
+
+    def deployment_config(self) -> Config:
+        """The configuration this deployment was made with (``im-actors up`` compares it with a
+        new one; ``down --deployment`` and ``purge`` read its service URLs from it)."""
+        return self._config
 
     async def _heartbeat(self) -> None:
         interval = self._config.heartbeat_s
@@ -251,7 +292,13 @@ class RouterActor:
             if self._config.fanout_via == "conv":
                 for index in range(len(self._peers.convs)):
                     self._peers.hub(name).notify("reannounce_routes", index)
-        self._table.update(name, load["url"], int(load.get("connections", 0)))
+        self._table.update(
+            name,
+            load["url"],
+            int(load.get("connections", 0)),
+            bool(load.get("draining", False)),
+            str(load.get("incarnation", "")),
+        )
 
     def _hub_gone(self, name: str) -> None:
         """Sessions (and route-holding conversation shards) stop routing to ``name``: its
