@@ -83,8 +83,8 @@ def init_local_cluster(config: Config, nodes: int) -> Any:
     raylet and object store; ``ray.cluster_utils.Cluster``) and connect to it; returns the cluster.
 
     This is how the demo and the tests lose a whole node (``cluster.remove_node``) without a second
-    machine. Each node offers one CPU (our actors ask for none). Stop it with ``ray.shutdown()``,
-    then ``cluster.shutdown()``.
+    machine. Each node offers one CPU (the default ``*_num_cpus`` of the actors fit in it). Stop it
+    with ``ray.shutdown()``, then ``cluster.shutdown()``.
     """
     from ray.cluster_utils import Cluster
 
@@ -128,20 +128,54 @@ class Deployment:
     hub_urls: dict[str, str] = field(default_factory=dict)
 
 
-#: The share of a CPU each bundle of the spread placement group reserves: a token, since the actors
-#: ask for no CPU themselves; a bundle must hold some resource to be placed on a node.
+#: The least CPU a bundle of the spread placement group reserves: a bundle must hold some resource
+#: to be placed on a node, even when the actors placed in it ask for none (``*_num_cpus = 0``).
 _BUNDLE_CPU = 0.001
+
+#: The roles placed in the spread group's bundles (the i-th of each in bundle i, round robin).
+_SPREAD_ROLES = ("hub", "session", "conv")
+
+
+def role_cpus(config: Config, role: str) -> float:
+    """The CPUs an actor of ``role`` asks Ray for (``config.<role>_num_cpus``; issue 11 item 5)."""
+    return float(getattr(config, f"{role}_num_cpus"))
+
+
+def _role_counts(config: Config) -> dict[str, int]:
+    return {
+        "router": 1,
+        "hub": config.hubs,
+        "push": config.push_workers,
+        "session": config.session_shards,
+        "conv": config.conv_shards,
+        "group": config.group_shards,
+        "store": config.store_writers,
+    }
+
+
+def bundle_cpus(config: Config, bundles: int) -> list[float]:
+    """The CPU of each of ``bundles`` bundles: the sum of what the hubs, session and conversation shards
+    placed in it ask for (the i-th actor of each role goes to bundle ``i % bundles``), at least
+    :data:`_BUNDLE_CPU`. An actor in a bundle takes its CPU from the bundle, so the scheduler and the
+    autoscaler see the demand and every bundle still lands on its own node."""
+    out = [0.0] * bundles
+    counts = _role_counts(config)
+    for role in _SPREAD_ROLES:
+        for i in range(counts[role]):
+            out[i % bundles] += role_cpus(config, role)
+    return [max(_BUNDLE_CPU, round(cpu, 6)) for cpu in out]
 
 
 def _spread_group(config: Config, detached: bool) -> Any:
     """The deployment's placement group: one bundle per alive node, strategy SPREAD (or the one
     already made, found by name), once it is ready.
 
-    Why a placement group: Ray's SPREAD strategy and soft node affinity are best effort for actors
-    that ask for no CPU (tried here on a three-node cluster: three hubs landed on two nodes, or
-    all on one), while bundles of a SPREAD group go to distinct nodes when there are enough. When a
-    node dies, Ray places its bundle on another node and restarts the bundle's actors there
-    (about 3 s here with the fast health checks of :func:`ray_env`).
+    Why a placement group: Ray's SPREAD strategy and soft node affinity are best effort (tried here on
+    a three-node cluster with actors that asked for no CPU: three hubs landed on two nodes, or all on
+    one), while bundles of a SPREAD group go to distinct nodes when there are enough. Each bundle
+    carries the CPU of the actors placed in it (:func:`bundle_cpus`). When a node dies, Ray places its
+    bundle on another node with room for it and restarts the bundle's actors there (about 3 s here
+    with the fast health checks of :func:`ray_env`).
     """
     name = ids.placement_group_name(config.actor_prefix)
     try:
@@ -149,7 +183,7 @@ def _spread_group(config: Config, detached: bool) -> Any:
     except ValueError:
         nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= _BUNDLE_CPU]
         group = placement_group(
-            [{"CPU": _BUNDLE_CPU}] * max(1, len(nodes)),
+            [{"CPU": cpu} for cpu in bundle_cpus(config, max(1, len(nodes)))],
             strategy="SPREAD",
             name=name,
             lifetime="detached" if detached else None,
@@ -159,7 +193,13 @@ def _spread_group(config: Config, detached: bool) -> Any:
 
 
 def _options(config: Config, name: str, detached: bool, group: Any, index: int) -> dict[str, Any]:
-    opts: dict[str, Any] = {"name": name, "namespace": ids.NAMESPACE, "get_if_exists": True}
+    role, _ = ids.parse_actor_name(name, config.actor_prefix)
+    opts: dict[str, Any] = {
+        "name": name,
+        "namespace": ids.NAMESPACE,
+        "get_if_exists": True,
+        "num_cpus": role_cpus(config, role),
+    }
     if detached:
         opts["lifetime"] = "detached"
     if group is not None:
@@ -216,15 +256,7 @@ def deploy(config: Config, detached: bool = False) -> Deployment:
 
 def _names(config: Config) -> list[str]:
     p = config.actor_prefix
-    counts = {
-        "router": 1,
-        "hub": config.hubs,
-        "push": config.push_workers,
-        "session": config.session_shards,
-        "conv": config.conv_shards,
-        "group": config.group_shards,
-        "store": config.store_writers,
-    }
+    counts = _role_counts(config)
     return [ids.actor_name(role, i, p) for role, n in counts.items() for i in range(n)]
 
 

@@ -198,6 +198,7 @@ class ConversationShard:
             "commits": 0,
             "unavailable": 0,
             "commit_ms_total": 0.0,
+            "activations": 0,
         }
 
     def start(self) -> None:
@@ -248,6 +249,7 @@ class ConversationShard:
             seqr = Sequencer(conv=conv, last=last, membership=membership, exists=exists)
             if exists:
                 self.sequencers[conv] = seqr
+                self.stats["activations"] += 1
             else:  # a made-up group id: only its id is kept, in a bounded set
                 self._absent[conv] = None
                 if len(self._absent) > ABSENT_KEPT:
@@ -704,10 +706,23 @@ class ConversationShard:
 class ConversationShardActor:
     """Ray shell of :class:`ConversationShard`."""
 
-    def __init__(self, config: Config) -> None:
+    async def __init__(self, config: Config) -> None:  # type: ignore[misc]  # Ray awaits it
+        from im_actors import metrics
+
         self._config = config
         self._store = Store(config)
         self._shard = ConversationShard(config, Peers(config), self._store)
+        # Histograms from the increments the core counts already (im_actors.metrics.IncrementProbe).
+        self._metrics = m = metrics.for_actor(
+            config, "conv", self.stats, histograms_of=("store",) if config.store_writers == 0 else ()
+        )
+        self._shard.stats = m.probe(
+            self._shard.stats, commit_ms_total="im_conv_commit_ms", committed="im_conv_commit_batch"
+        )
+        self._store.stats = m.probe(
+            self._store.stats, mongo_ms_total="im_store_mongo_ms", redis_ms_total="im_store_redis_ms"
+        )
+        m.start()
 
     async def ready(self) -> bool:
         """Start the commit loop (creating the indexes when there are no store writers)."""
@@ -755,6 +770,7 @@ class ConversationShardActor:
         return await self._shard.members(user, conv)
 
     def stats(self) -> dict[str, float]:
-        """Counters: committed, dups, commits, unavailable, commit_ms_total (time in store calls)."""
+        """Counters: committed, dups, commits, unavailable, commit_ms_total (time in store calls),
+        activations (sequencers activated from storage); ``active``: sequencers now."""
         store = {f"store_{k}": v for k, v in self._store.stats.items()}
         return {**self._shard.stats, **store, "active": len(self._shard.sequencers)}

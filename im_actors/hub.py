@@ -147,6 +147,7 @@ class Hub:
             "send_batches": 0,
             "send_batch_ms_total": 0.0,
         }
+        self.answers: dict[str, int] = {}  # acks ("ack") and error frames by code, for im_actors.metrics
 
     # --- server ------------------------------------------------------------------------------
 
@@ -373,6 +374,8 @@ class Hub:
             pass
 
     def _push(self, conn: Connection, frame: dict[str, Any]) -> None:
+        if frame["t"] in ("ack", "err"):
+            self.answers[frame.get("code", "ack")] = self.answers.get(frame.get("code", "ack"), 0) + 1
         self._enqueue(conn, protocol.encode(frame, conn.subprotocol))
 
     def _enqueue(self, conn: Connection, data: bytes | str) -> None:
@@ -583,11 +586,16 @@ def _address_key(conn: ServerConnection) -> str:
 class HubActor:
     """Ray shell of :class:`Hub`: starts the WebSocket server and registers with the router."""
 
-    def __init__(self, config: Config, index: int) -> None:
+    async def __init__(self, config: Config, index: int) -> None:  # type: ignore[misc]  # Ray awaits it
+        from im_actors import metrics
+
         self._config = config
         self._index = index
         name = ids.actor_name("hub", index, config.actor_prefix)
         self._hub = Hub(config, name, Peers(config))
+        self._metrics = metrics.for_actor(config, "hub", self.stats)
+        self._metrics.start()
+        self._delivery_ms = metrics.delivery_latency_ms
 
     async def ready(self) -> str:
         """Start listening (once) and register with the router; returns the hub's URL."""
@@ -605,7 +613,10 @@ class HubActor:
         return self._hub.load()
 
     def deliver(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:
-        """See :meth:`Hub.deliver`."""
+        """See :meth:`Hub.deliver`; records each entry's delivery latency (``im_hub_delivery_ms``)."""
+        if self._metrics.enabled:
+            for ms in self._delivery_ms(items):
+                self._metrics.observe("im_hub_delivery_ms", ms)
         return self._hub.deliver(items)
 
     async def reannounce(self, session_index: int) -> int:
@@ -633,11 +644,13 @@ class HubActor:
         await self._hub.stop()
 
     def stats(self) -> dict[str, Any]:
-        """Counters: frames in and out, sends, slow consumers closed, rate refusals, connections, and
-        the bytes now queued for sending (in all, and on the fullest connection)."""
+        """Counters: frames in and out, sends, slow consumers closed, rate refusals, connections, the
+        bytes now queued for sending (in all, and on the fullest connection), and ``answers``: acks
+        (``"ack"``) and error frames by code."""
         queued = [c.queued_bytes for c in self._hub.conns.values()]
         return {
             **self._hub.stats,
+            "answers": dict(self._hub.answers),
             "connections": len(self._hub.conns),
             "queued_bytes": sum(queued),
             "queued_bytes_max": max(queued, default=0),

@@ -348,7 +348,9 @@ class SessionShard:
 class SessionShardActor:
     """Ray shell of :class:`SessionShard`; owns the push publisher when push is configured."""
 
-    def __init__(self, config: Config, index: int = 0) -> None:
+    async def __init__(self, config: Config, index: int = 0) -> None:  # type: ignore[misc]  # Ray awaits it
+        from im_actors import metrics
+
         self._config = config
         self._index = index
         self._announced: set[str] = set()  # hubs that re-announced their connections to this incarnation
@@ -361,6 +363,8 @@ class SessionShardActor:
             self._publisher = PushPublisher(config)
         self._core = SessionShard(config, Peers(config), self._store, self._publisher)
         self._core.index = index
+        self._metrics = metrics.for_actor(config, "session", self.stats)
+        self._metrics.start()
 
     async def ready(self) -> bool:
         """Start the push publisher (it connects in the background) and, the first time this
