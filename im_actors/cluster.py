@@ -36,6 +36,9 @@ __all__ = [
     "init_local_cluster",
     "add_local_node",
     "actor_nodes",
+    "metrics_endpoints",
+    "role_cpus",
+    "bundle_cpus",
     "ray_env",
 ]
 
@@ -116,6 +119,18 @@ def actor_nodes(config: Config) -> dict[str, str]:
         if name in wanted and info.get("State") == "ALIVE":
             out[name] = info["Address"]["NodeID"]
     return out
+
+
+def metrics_endpoints() -> list[str]:
+    """The Prometheus endpoint of every alive Ray node, ``http://<node ip>:<port>/metrics``: Ray's metrics
+    agent serves the ``ray_im_*`` series of the actors on that node there (and Ray's own ``ray_*``). The
+    port is the node's ``MetricsExportPort`` (random unless ``ray start --metrics-export-port`` fixes
+    it); it needs ``ray[default]``, not the dashboard."""
+    return [
+        f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+        for n in ray.nodes()
+        if n.get("Alive") and n.get("MetricsExportPort")
+    ]
 
 
 @dataclass
