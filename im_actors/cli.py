@@ -425,17 +425,44 @@ def down(
 def status(
     address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
     config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print everything as JSON, for scripts")] = False,
 ) -> None:
-    """Print every actor of the deployment, whether it is up, and its counters (JSON)."""
+    """Show every actor of the deployment: up, restarts, CPUs asked, load and key counters (a table;
+    --json for scripts). Exits 1 when an actor is down."""
 
     from im_actors.cluster import status as cluster_status
+    from im_actors.cluster import status_table
 
     cfg = _config(config)
     _connect_ray(address)
     out = cluster_status(cfg)
-    typer.echo(json.dumps(out, indent=2, default=str))
+    if as_json:
+        typer.echo(json.dumps(out, indent=2, default=str))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        console.print(status_table(out))
+        console.print(f"metrics (Prometheus): {', '.join(out['metrics']) or 'none (is ray[default] installed?)'}")
     if not all(a["up"] for a in out["actors"].values()):
         raise typer.Exit(1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from im_actors import __version__
+
+        typer.echo(f"im-actors {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """im-actors: an IM backend on Ray actors."""
 
 
 def main() -> None:

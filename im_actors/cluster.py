@@ -32,6 +32,7 @@ __all__ = [
     "deploy",
     "teardown",
     "status",
+    "status_table",
     "init_local_ray",
     "init_local_cluster",
     "add_local_node",
@@ -305,26 +306,131 @@ def teardown(config: Config) -> list[str]:
     return killed
 
 
+def _actor_table(names: set[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"state", "restarts", "node", "pid"}}`` of the named actors from Ray's GCS: the alive
+    record of each name, else its newest (a name taken again after a kill has several records)."""
+    out: dict[str, dict[str, Any]] = {}
+    for info in ray._private.state.actors().values():  # noqa: SLF001 - the one way without the dashboard
+        name = info.get("Name", "")
+        if name not in names:
+            continue
+        prev = out.get(name)
+        alive = info.get("State") == "ALIVE"
+        if prev is not None and (prev["state"] == "ALIVE" or (not alive and prev["_start"] > info.get("StartTime", 0))):
+            continue
+        out[name] = {
+            "state": info.get("State", "?"),
+            "restarts": int(info.get("NumRestarts", 0)),
+            "node": info.get("Address", {}).get("NodeID", ""),
+            "pid": info.get("Pid", 0),
+            "_start": info.get("StartTime", 0),
+        }
+    for entry in out.values():
+        entry.pop("_start")
+    return out
+
+
 def status(config: Config) -> dict[str, Any]:
-    """Every expected actor with ``"up"``, its role, its stats (or the error), the router's URL, and the
-    summed push metrics under ``"push"`` (:func:`~im_actors.push.metrics.push_summary`)."""
+    """Every expected actor with ``"up"``, its role, Ray's record of it (``state``, ``restarts``, ``node``
+    id, ``pid``, the ``num_cpus`` it asks for), its stats (or the error), the router's URL, the
+    nodes' Prometheus endpoints under ``"metrics"``, and the summed push metrics under ``"push"``
+    (:func:`~im_actors.push.metrics.push_summary`)."""
     out: dict[str, Any] = {"actors": {}, "router_url": None}
-    for name in _names(config):
+    names = _names(config)
+    table = _actor_table(set(names))
+    for name in names:
+        role, _ = ids.parse_actor_name(name, config.actor_prefix)
         try:
             handle = ray.get_actor(name, namespace=ids.NAMESPACE)
         except ValueError:
-            out["actors"][name] = {"up": False}
+            out["actors"][name] = {"up": False, "role": role, **table.get(name, {})}
             continue
-        role, _ = ids.parse_actor_name(name, config.actor_prefix)
-        entry: dict[str, Any] = {"up": True, "role": role}
+        entry: dict[str, Any] = {"up": True, "role": role, "num_cpus": role_cpus(config, role), **table.get(name, {})}
         try:
             if role == "router":
                 out["router_url"] = ray.get(handle.ready.remote(), timeout=5)
                 entry["hubs"] = ray.get(handle.hubs.remote(), timeout=5)
-            elif hasattr(handle, "stats"):
+            if hasattr(handle, "stats"):
                 entry["stats"] = ray.get(handle.stats.remote(), timeout=5)
         except Exception as exc:  # noqa: BLE001
             entry["error"] = str(exc)
         out["actors"][name] = entry
     out["push"] = push_summary(out["actors"])
+    out["metrics"] = metrics_endpoints()
     return out
+
+
+def _avg(total: Any, count: Any) -> str:
+    return f"{float(total) / float(count):.1f}" if count else "-"
+
+
+def _load_and_counters(role: str, s: dict[str, Any]) -> tuple[str, str]:
+    """The load column and the key counters of one actor's stats, for :func:`status_table`."""
+    if role == "hub":
+        answers = s.get("answers", {})
+        errors = sum(v for k, v in answers.items() if k != "ack")
+        return f"{s.get('connections', 0)} conns", (
+            f"frames in {s.get('frames_in', 0)} out {s.get('frames_out', 0)}, sends {s.get('sends', 0)}, "
+            f"acks {answers.get('ack', 0)}, errors {errors}, slow closed {s.get('slow_closed', 0)}, "
+            f"queued {s.get('queued_bytes', 0)} B"
+        )
+    if role == "conv":
+        return f"{s.get('active', 0)} sequencers", (
+            f"committed {s.get('committed', 0)} in {s.get('commits', 0)} commits "
+            f"(avg {_avg(s.get('commit_ms_total', 0), s.get('commits', 0))} ms), dups {s.get('dups', 0)}, "
+            f"unavailable {s.get('unavailable', 0)}, activations {s.get('activations', 0)}"
+        )
+    if role == "session":
+        push = s.get("push", {})
+        return f"{s.get('users', 0)} users", (
+            f"fanned out {s.get('fanout_entries', 0)}, deliveries {s.get('deliveries', 0)}, "
+            f"push jobs {s.get('push_jobs', 0)}, published {push.get('published', 0)}, outbox {push.get('outbox', 0)}"
+        )
+    if role == "store":
+        n = s.get("commits", 0)
+        return f"{n} commits", (
+            f"mongo avg {_avg(s.get('mongo_ms_total', 0), n)} ms, redis avg {_avg(s.get('redis_ms_total', 0), n)} ms"
+        )
+    if role == "push":
+        q = s.get("queues", {})
+        return f"{s.get('in_flight', 0)} in flight", (
+            f"delivered {s.get('delivered', 0)}, retried {s.get('retried', 0)}, dead {s.get('dead', 0)}, "
+            f"invalid {s.get('invalid', 0)}, queues jobs {q.get('jobs', '-')} retry {q.get('retry', '-')} "
+            f"dead {q.get('dead', '-')}, connected {s.get('connected', '-')}"
+        )
+    if role == "router":
+        return (
+            f"{s.get('hubs_live', 0)}/{s.get('hubs', 0)} hubs live",
+            f"clients on live hubs {s.get('connections', 0)}",
+        )
+    if role == "group":
+        return f"{s.get('cached', 0)} groups cached", ""
+    return "", ""
+
+
+def status_table(out: dict[str, Any]) -> Any:
+    """:func:`status` as a ``rich.table.Table``: one row per actor, grouped by role (actor, up, restarts,
+    CPUs asked, load, key counters)."""
+    from rich.table import Table
+
+    table = Table(title=f"router {out.get('router_url') or '-'}", title_justify="left")
+    for column in ("actor", "role", "up", "restarts", "cpus", "load", "key counters"):
+        table.add_column(column, overflow="fold", no_wrap=column != "key counters")
+    order = {role: i for i, role in enumerate(("router", "hub", "session", "conv", "group", "store", "push"))}
+    rows = sorted(out["actors"].items(), key=lambda kv: (order.get(kv[1].get("role", ""), 99), kv[0]))
+    for name, entry in rows:
+        role = entry.get("role", "?")
+        if not entry["up"]:
+            up = "[red]no[/red]"
+        elif "error" in entry:
+            up = "[yellow]no answer[/yellow]"
+        else:
+            up = "[green]yes[/green]"
+        load, counters = _load_and_counters(role, entry.get("stats") or {})
+        if "error" in entry:
+            counters = entry["error"][:200]
+        cpus = entry.get("num_cpus")
+        table.add_row(
+            name, role, up, str(entry.get("restarts", "-")), "-" if cpus is None else f"{cpus:g}", load, counters
+        )
+    return table

@@ -104,3 +104,22 @@ async def test_every_role_exports_its_series(deployment: Deployment, uid: Any) -
     assert roles == set(ids.ROLES)  # the table covers every role
     acked = sum(s.value for s in ours if s.name == "ray_im_hub_acks_total")
     assert acked >= 5
+
+
+def test_status_of_a_live_deployment(deployment: Deployment) -> None:
+    from rich.console import Console
+
+    from im_actors.cluster import status, status_table
+
+    out = status(deployment.config)
+    assert set(out["actors"]) == set(deployment.actors)
+    for name, entry in out["actors"].items():
+        assert entry["up"] and entry["state"] == "ALIVE", name
+        assert isinstance(entry["restarts"], int) and entry["num_cpus"] > 0
+        assert "error" not in entry and isinstance(entry["stats"], dict), name  # every role answers stats
+    assert out["router_url"] == deployment.router_url
+    assert out["metrics"] == metrics_endpoints()
+    console = Console(record=True, width=240)
+    console.print(status_table(out))
+    text = console.export_text()
+    assert all(name in text for name in deployment.actors)
