@@ -49,13 +49,11 @@ def find_corpus() -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _connect_ray(address: str) -> None:
-    import ray
-
-    from im_actors.ids import NAMESPACE
+def _connect_ray(address: str, cfg: Config | None = None) -> None:
+    from im_actors.cluster import connect
 
     try:
-        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+        connect(address, cfg)  # with cfg: the actors created log as cfg says (log_level, log_format)
     except ConnectionError as exc:
         typer.echo(f"im-actors: no Ray cluster at {address!r}: {exc}", err=True)
         raise typer.Exit(4) from None
@@ -397,7 +395,7 @@ def up(
     if len(cfg.jwt_secret) < 16 and cfg.jwt_algorithm == "HS256":
         typer.echo("im-actors: jwt_secret must be at least 16 characters: it signs every client token", err=True)
         raise typer.Exit(2)
-    _connect_ray(address)
+    _connect_ray(address, cfg)
     try:
         dep = deploy(cfg, detached=True)
     except ConfigError as exc:

@@ -41,6 +41,8 @@ __all__ = [
     "role_cpus",
     "bundle_cpus",
     "ray_env",
+    "ray_logging",
+    "connect",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,38 @@ def ray_env(config: Config) -> dict[str, str]:
     }
 
 
+def ray_logging(config: Config) -> Any:
+    """The ``ray.LoggingConfig`` of the deployment's actors (issue 11 item 4): ``config.log_format``
+    ``json`` is Ray's JSON encoding, one object per line with Ray's ``job_id``, ``worker_id``,
+    ``node_id``, ``actor_id`` and ``task_name`` and the ids our log calls pass as ``extra``
+    (``user``, ``device``, ``conv``, ``cmid``, ``request_id``); ``text`` is Ray's text encoding with the same
+    fields after the message. ``config.log_level`` is the level of the actors' root logger. Ray hands
+    it to every worker of the job that deploys, detached actors and their restarts included."""
+    return ray.LoggingConfig(encoding="JSON" if config.log_format == "json" else "TEXT", log_level=config.log_level)
+
+
+def _init_keeping_driver_logging(**kwargs: Any) -> None:
+    """``ray.init(**kwargs)``; Ray's logging config also configures this process's root logger, and the
+    driver (the CLI, a test) keeps its own: only the actors get it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        ray.init(**kwargs)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def connect(address: str, config: Config | None = None) -> None:
+    """Connect this process to the Ray cluster at ``address`` in the ``im`` namespace; with ``config``,
+    the actors this process creates log as :func:`ray_logging` says. Raises ``ConnectionError`` when
+    no cluster answers there."""
+    kwargs: dict[str, Any] = {"address": address, "namespace": ids.NAMESPACE, "logging_level": logging.WARNING}
+    if config is not None:
+        kwargs["logging_config"] = ray_logging(config)
+    _init_keeping_driver_logging(**kwargs)
+
+
 def init_local_ray(config: Config, num_cpus: int | None = None) -> None:
     """Start a one-machine Ray cluster (GCS on a free port, never Redis's 6379).
 
@@ -66,14 +100,15 @@ def init_local_ray(config: Config, num_cpus: int | None = None) -> None:
     its token authentication, on by default, is what guards them.
     """
     os.environ.update(ray_env(config))
-    ray.init(
+    _init_keeping_driver_logging(
         address="local",  # always a new cluster, even when a stale or running one is recorded in /tmp/ray
         num_cpus=num_cpus or os.cpu_count() or 2,
-        include_dashboard=False,
+        include_dashboard=False,  # the metrics agent runs without it (ray[default]); see metrics_endpoints
         namespace=ids.NAMESPACE,
         logging_level=logging.WARNING,
         log_to_driver=True,
         configure_logging=True,
+        logging_config=ray_logging(config),
     )
 
 
@@ -102,7 +137,13 @@ def init_local_cluster(config: Config, nodes: int) -> Any:
     for _ in range(nodes - 1):
         add_local_node(cluster)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace=ids.NAMESPACE, logging_level=logging.WARNING, log_to_driver=True)
+    _init_keeping_driver_logging(
+        address=cluster.address,
+        namespace=ids.NAMESPACE,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        logging_config=ray_logging(config),
+    )
     return cluster
 
 

@@ -330,7 +330,10 @@ class Config(BaseSettings):
         "Prometheus endpoint exports them as ray_im_* (im_actors/metrics.py)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", description="level of the actors' logs (and of the driver's im_actors logger)"
+        "WARNING",
+        description="level of the actors' logs (Ray's logging config of the job that deploys them); INFO adds "
+        "connections of push publishers and workers, presence and event drops; the websockets library's own "
+        "per-connection lines stay at WARNING",
     )
     log_format: Literal["json", "text"] = Field(
         "json",

@@ -316,11 +316,11 @@ class ConversationShard:
         waits = [self._enqueue(item) for item in items]
         results = await asyncio.gather(*waits, return_exceptions=True)
         out: list[dict[str, Any]] = []
-        for res in results:
+        for item, res in zip(items, results, strict=True):
             if isinstance(res, RequestError):
                 out.append({"err": res.code, "msg": res.msg, "retry": res.retry})
             elif isinstance(res, BaseException):
-                log.error("send failed: %r", res)
+                log.error("send failed: %r", res, extra={"user": item.sender, "conv": item.conv, "cmid": item.cmid})
                 out.append({"err": "unavailable", "msg": f"{type(res).__name__}", "retry": True})
             else:
                 out.append(res)
@@ -475,7 +475,7 @@ class ConversationShard:
             self.stats["unavailable"] += len(entries)
             msg = exc.msg if isinstance(exc, Unavailable) else f"commit failed: {type(exc).__name__}"
             if not isinstance(exc, Unavailable):
-                log.exception("commit of %d entries failed", len(entries))
+                log.exception("commit of %d entries failed", len(entries), extra={"conv": convs})
             for p in sends:
                 if not p.future.done():
                     p.future.set_exception(Unavailable(msg))
@@ -567,7 +567,11 @@ class ConversationShard:
                     p.future.set_exception(Conflict("cmid already committed with a different body"))
             else:
                 log.warning(
-                    "%s: seq %d taken in storage; moving last to %d", entry["conv"], entry["seq"], result.last_seq
+                    "%s: seq %d taken in storage; moving last to %d",
+                    entry["conv"],
+                    entry["seq"],
+                    result.last_seq,
+                    extra={"conv": entry["conv"], "cmid": entry["cmid"], "user": entry["sender"]},
                 )
                 seqr.last = max(seqr.last, result.last_seq)
                 rest.insert(0, (entry, p))

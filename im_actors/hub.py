@@ -329,7 +329,12 @@ class Hub:
                     self._push(conn, exc.frame(exc.request_id))
                     continue
                 except Exception:  # noqa: BLE001 - a bug in validation costs one answer, not the hub
-                    log.exception("frame from %s/%s not handled", conn.user, conn.device)
+                    log.exception(
+                        "frame from %s/%s not handled",
+                        conn.user,
+                        conn.device,
+                        extra={"user": conn.user, "device": conn.device},
+                    )
                     self._push(conn, Internal("frame not handled").frame(None))
                     continue
                 admitted = await self._admit(conn, request)
@@ -450,7 +455,8 @@ class Hub:
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - answered as internal, logged with the request id
-            log.exception("request %s id=%s of %s failed", req.t, req.id, conn.user)
+            ids_ = {"user": conn.user, "device": conn.device, "request_id": req.id, "conv": req.fields.get("conv")}
+            log.exception("request %s id=%s of %s failed", req.t, req.id, conn.user, extra=ids_)
             frame = Internal("internal error").frame(req.id)
         if frame is not None:
             self._push(conn, frame)
@@ -589,6 +595,9 @@ class HubActor:
     async def __init__(self, config: Config, index: int) -> None:  # type: ignore[misc]  # Ray awaits it
         from im_actors import metrics
 
+        # websockets logs every connection at INFO, with its connection object as an extra field that
+        # Ray's JSON log encoding cannot write: its own lines stay at WARNING whatever log_level says.
+        logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
         self._config = config
         self._index = index
         name = ids.actor_name("hub", index, config.actor_prefix)

@@ -170,7 +170,7 @@ class SessionShard:
             await self._announce_now(user)
         except Exception:  # noqa: BLE001 - a task nobody awaits: log, never lose the error
             self.stats["presence_errors"] += 1
-            log.exception("presence of %s not announced", user)
+            log.exception("presence of %s not announced", user, extra={"user": user})
 
     async def _announce_now(self, user: str) -> None:
         s = self._session(user)
@@ -187,7 +187,7 @@ class SessionShard:
                 if version == s.contacts_version:  # no change arrived while loading
                     contacts = s.contacts = loaded
         except Unavailable as exc:
-            log.info("presence of %s not announced: %s", user, exc)
+            log.info("presence of %s not announced: %s", user, exc, extra={"user": user})
             return
         frame = {"t": "presence", "user": user, "online": online, "last_seen": s.last_seen_ms}
         by_shard: dict[int, list[str]] = {}
@@ -201,7 +201,7 @@ class SessionShard:
             try:
                 await self.peers.sessions[index].call("events", [(frame, contacts, None)])
             except Unavailable as exc:
-                log.info("presence of %s to session shard %d dropped: %s", user, index, exc)
+                log.info("presence of %s to session shard %d dropped: %s", user, index, exc, extra={"user": user})
 
     # --- push tokens -------------------------------------------------------------------------
 

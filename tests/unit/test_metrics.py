@@ -196,3 +196,17 @@ def test_every_role_asks_for_cpu_and_default_deployments_fit_two_cpus() -> None:
     assert 2 * 0.25 + sum(role_cpus(three, r) for r in ("router", "group", "store")) <= 1.0
     zero = load_config(hub_num_cpus=0, session_num_cpus=0, conv_num_cpus=0)
     assert bundle_cpus(zero, 2) == [0.001, 0.001]  # a bundle must hold some resource
+
+
+def test_log_knobs_map_to_rays_logging_config() -> None:
+    from im_actors.cluster import ray_logging
+    from im_actors.errors import ConfigError
+
+    json_cfg = ray_logging(load_config(log_level="INFO"))
+    assert (json_cfg.encoding, json_cfg.log_level) == ("JSON", "INFO")
+    text_cfg = ray_logging(load_config(log_format="text"))
+    assert (text_cfg.encoding, text_cfg.log_level) == ("TEXT", "WARNING")
+    with pytest.raises(ConfigError, match="log_level"):
+        load_config(log_level="LOUD")
+    with pytest.raises(ConfigError, match="hub_num_cpus"):
+        load_config(hub_num_cpus=-1)
