@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from im_actors import ids
@@ -41,6 +42,10 @@ DRIVEN = (
     "ray_im_session_fanout_entries_total",
     "ray_im_session_deliveries_total",
     "ray_im_router_hubs_live",
+    "ray_im_push_jobs_total",
+    "ray_im_push_published_total",
+    "ray_im_push_confirmed_total",
+    "ray_im_push_delivered_total",
 )
 #: Gauges that may well be 0 here, but are exported.
 PRESENT = ("ray_im_push_in_flight", "ray_im_group_cached")
@@ -61,17 +66,37 @@ def _ours(samples: list[Any], deployment: str) -> list[Any]:
     return [s for s in samples if s.name.startswith("ray_im_") and s.labels.get("deployment") == deployment]
 
 
+async def _webhook(received: list[bytes]) -> tuple[web.AppRunner, str]:
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+
+
 async def test_every_role_exports_its_series(deployment: Deployment, uid: Any) -> None:
     cfg = deployment.config
-    a_user, b_user = uid("ma"), uid("mb")
+    a_user, b_user, c_user = uid("ma"), uid("mb"), uid("mc")
+    received: list[bytes] = []
+    runner, hook_url = await _webhook(received)
     alice = Client(deployment.router_url, a_user, "d1")
     bob = Client(deployment.router_url, b_user, "d1")
+    carol = Client(deployment.router_url, c_user, "phone")
     await alice.connect()
     await bob.connect()
+    await carol.connect()
     try:
+        await carol.push_register("webhook", hook_url)
+        await carol.close()  # offline: a message to her becomes a push job
         conv = ids.direct_conv(a_user, b_user)
         acks = [await alice.send(conv, f"m{i}") for i in range(5)]
         assert [a.seq for a in acks] == [1, 2, 3, 4, 5]
+        await alice.send(ids.direct_conv(a_user, c_user), "a push for carol")
         with pytest.raises(Forbidden):  # an error frame, counted by code
             await alice.send(ids.direct_conv(uid("x"), uid("y")), "not a member")
 
@@ -94,7 +119,8 @@ async def test_every_role_exports_its_series(deployment: Deployment, uid: Any) -
     finally:
         await alice.close()
         await bob.close()
-
+        await runner.cleanup()
+    assert received  # the push job reached its provider
     assert {s.name for s in ours} <= exported_names()  # nothing exported that SERIES does not define
     for s in ours:  # every series tagged with the deployment and a real actor of it
         assert s.labels["actor"] in deployment.actors
