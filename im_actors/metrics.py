@@ -5,7 +5,7 @@ Ray's metrics agent on each node serves them on the node's Prometheus endpoint (
 ``ray_`` in front of every application metric, and ``_total`` after a counter's name, so
 ``im_hub_frames_in`` is scraped as ``ray_im_hub_frames_in_total``, and the histogram
 ``im_conv_commit_ms`` as ``ray_im_conv_commit_ms_bucket`` / ``_sum`` / ``_count``. Every series
-carries the tags ``deployment`` (``config.deployment``) and ``actor`` (its name, e.g. ``hub-0``);
+carries the tags ``deployment`` (``config.deployment``, ``default`` when empty) and ``actor`` (its name);
 Ray adds ``NodeAddress``, ``WorkerId``, ``SessionName``. Histograms are in milliseconds (or entries,
 for batch sizes: the name says which).
 
@@ -345,7 +345,8 @@ class IncrementProbe(dict[str, float]):
     such ``+=`` becomes one histogram sample of the increment, with no line in the core. ``watch`` maps
     a key to its callback; a key the dict does not have raises ``KeyError`` at once (a renamed counter
     is found when the actor starts, not by a silent empty histogram). Cost: one Python-level
-    ``__setitem__`` per update of the dict, about 0.1 us.
+    ``__setitem__`` per update of the dict, 0.2-0.4 us more than a plain dict's (measured here with
+    ``timeit``), on dicts updated a few times per commit batch.
     """
 
     def __init__(self, stats: Mapping[str, float], watch: Mapping[str, Callable[[float], None]]) -> None:

@@ -210,3 +210,23 @@ def test_log_knobs_map_to_rays_logging_config() -> None:
         load_config(log_level="LOUD")
     with pytest.raises(ConfigError, match="hub_num_cpus"):
         load_config(hub_num_cpus=-1)
+
+
+def test_status_reads_the_alive_record_of_each_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name taken again after a kill has several records in Ray's GCS: status shows the alive one."""
+    import ray
+
+    from im_actors import cluster
+
+    records = {
+        "a1": {"Name": "hub-0", "State": "DEAD", "NumRestarts": 9, "StartTime": 5, "Address": {"NodeID": "n1"}},
+        "a2": {"Name": "hub-0", "State": "ALIVE", "NumRestarts": 2, "StartTime": 3, "Address": {"NodeID": "n2"}},
+        "a3": {"Name": "conv-0", "State": "DEAD", "NumRestarts": 1, "StartTime": 1, "Address": {"NodeID": "n1"}},
+        "a4": {"Name": "conv-0", "State": "DEAD", "NumRestarts": 4, "StartTime": 7, "Address": {"NodeID": "n3"}},
+        "a5": {"Name": "other-hub-0", "State": "ALIVE", "NumRestarts": 0, "StartTime": 1, "Address": {}},
+    }
+    monkeypatch.setattr(ray._private.state, "actors", lambda: records)  # noqa: SLF001
+    table = cluster._actor_table({"hub-0", "conv-0"})  # noqa: SLF001
+    assert table["hub-0"] == {"state": "ALIVE", "restarts": 2, "node": "n2", "pid": 0}
+    assert table["conv-0"]["restarts"] == 4 and table["conv-0"]["node"] == "n3"  # the newest, both dead
+    assert set(table) == {"hub-0", "conv-0"}
