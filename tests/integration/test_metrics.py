@@ -39,8 +39,6 @@ DRIVEN = (
     "ray_im_store_mongo_ms_count",
     "ray_im_store_redis_ms_sum",
     "ray_im_session_users",
-    "ray_im_session_fanout_entries_total",
-    "ray_im_session_deliveries_total",
     "ray_im_router_hubs_live",
     "ray_im_push_jobs_total",
     "ray_im_push_published_total",
