@@ -49,15 +49,15 @@ def find_corpus() -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _connect_ray(address: str) -> None:
+def _connect_ray(address: str, cfg: Config | None = None) -> None:
     import ray
 
-    from im_actors.ids import NAMESPACE
+    from im_actors.cluster import connect
 
     if ray.is_initialized():  # called from a process already connected (tests, a notebook)
         return
     try:
-        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+        connect(address, cfg)  # with cfg: the actors created log as cfg says (log_level, log_format)
     except ConnectionError as exc:
         typer.echo(f"im-actors: no Ray cluster at {address!r}: {exc}", err=True)
         raise typer.Exit(4) from None
@@ -412,7 +412,7 @@ def up(
     if len(cfg.jwt_secret) < 16 and cfg.jwt_algorithm == "HS256":
         typer.echo("im-actors: jwt_secret must be at least 16 characters: it signs every client token", err=True)
         raise typer.Exit(2)
-    _connect_ray(address)
+    _connect_ray(address, cfg)
     try:
         dep = deploy(cfg, detached=True, replace=replace)
     except ConfigError as exc:
@@ -564,16 +564,43 @@ def status(
     address: Annotated[str, typer.Option(help="Ray cluster address")] = "auto",
     config: ConfigOpt = None,
     deployment: DeploymentOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print everything as JSON, for scripts")] = False,
 ) -> None:
-    """Print every actor of the deployment, whether it is up, and its counters (JSON)."""
+    """Show every actor of the deployment: up, restarts, CPUs asked, load and key counters (a table;
+    --json for scripts). Exits 1 when an actor is down."""
 
     from im_actors.cluster import status as cluster_status
+    from im_actors.cluster import status_table
 
     cfg = _running_target(address, config, deployment)
     out = cluster_status(cfg)
-    typer.echo(json.dumps(out, indent=2, default=str))
+    if as_json:
+        typer.echo(json.dumps(out, indent=2, default=str))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        console.print(status_table(out))
+        console.print(f"metrics (Prometheus): {', '.join(out['metrics']) or 'none (is ray[default] installed?)'}")
     if not all(a["up"] for a in out["actors"].values()):
         raise typer.Exit(1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from im_actors import __version__
+
+        typer.echo(f"im-actors {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """im-actors: an IM backend on Ray actors."""
 
 
 def main() -> None:

@@ -44,10 +44,14 @@ __all__ = [
     "deploy",
     "teardown",
     "status",
+    "status_table",
     "init_local_ray",
     "init_local_cluster",
     "add_local_node",
     "actor_nodes",
+    "metrics_endpoints",
+    "role_cpus",
+    "bundle_cpus",
     "ray_env",
     "list_deployments",
     "running_config",
@@ -57,6 +61,8 @@ __all__ = [
     "restart_hubs",
     "hub_ready",
     "PLACEMENT_GROUP_NOTE",
+    "ray_logging",
+    "connect",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,38 @@ def ray_env(config: Config) -> dict[str, str]:
     }
 
 
+def ray_logging(config: Config) -> Any:
+    """The ``ray.LoggingConfig`` of the deployment's actors (issue 11 item 4): ``config.log_format``
+    ``json`` is Ray's JSON encoding, one object per line with Ray's ``job_id``, ``worker_id``,
+    ``node_id``, ``actor_id`` and ``task_name`` and the ids our log calls pass as ``extra``
+    (``user``, ``device``, ``conv``, ``cmid``, ``request_id``); ``text`` is Ray's text encoding with the same
+    fields after the message. ``config.log_level`` is the level of the actors' root logger. Ray hands
+    it to every worker of the job that deploys, detached actors and their restarts included."""
+    return ray.LoggingConfig(encoding="JSON" if config.log_format == "json" else "TEXT", log_level=config.log_level)
+
+
+def _init_keeping_driver_logging(**kwargs: Any) -> None:
+    """``ray.init(**kwargs)``; Ray's logging config also configures this process's root logger, and the
+    driver (the CLI, a test) keeps its own: only the actors get it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        ray.init(**kwargs)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def connect(address: str, config: Config | None = None) -> None:
+    """Connect this process to the Ray cluster at ``address`` in the ``im`` namespace; with ``config``,
+    the actors this process creates log as :func:`ray_logging` says. Raises ``ConnectionError`` when
+    no cluster answers there."""
+    kwargs: dict[str, Any] = {"address": address, "namespace": ids.NAMESPACE, "logging_level": logging.WARNING}
+    if config is not None:
+        kwargs["logging_config"] = ray_logging(config)
+    _init_keeping_driver_logging(**kwargs)
+
+
 def init_local_ray(config: Config, num_cpus: int | None = None) -> None:
     """Start a one-machine Ray cluster (GCS on a free port, never Redis's 6379).
 
@@ -82,14 +120,15 @@ def init_local_ray(config: Config, num_cpus: int | None = None) -> None:
     its token authentication, on by default, is what guards them.
     """
     os.environ.update(ray_env(config))
-    ray.init(
+    _init_keeping_driver_logging(
         address="local",  # always a new cluster, even when a stale or running one is recorded in /tmp/ray
         num_cpus=num_cpus or os.cpu_count() or 2,
-        include_dashboard=False,
+        include_dashboard=False,  # the metrics agent runs without it (ray[default]); see metrics_endpoints
         namespace=ids.NAMESPACE,
         logging_level=logging.WARNING,
         log_to_driver=True,
         configure_logging=True,
+        logging_config=ray_logging(config),
     )
 
 
@@ -103,8 +142,8 @@ def init_local_cluster(config: Config, nodes: int) -> Any:
     raylet and object store; ``ray.cluster_utils.Cluster``) and connect to it; returns the cluster.
 
     This is how the demo and the tests lose a whole node (``cluster.remove_node``) without a second
-    machine. Each node offers one CPU (our actors ask for none). Stop it with ``ray.shutdown()``,
-    then ``cluster.shutdown()``.
+    machine. Each node offers one CPU (the default ``*_num_cpus`` of the actors fit in it). Stop it
+    with ``ray.shutdown()``, then ``cluster.shutdown()``.
     """
     from ray.cluster_utils import Cluster
 
@@ -118,7 +157,13 @@ def init_local_cluster(config: Config, nodes: int) -> Any:
     for _ in range(nodes - 1):
         add_local_node(cluster)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, namespace=ids.NAMESPACE, logging_level=logging.WARNING, log_to_driver=True)
+    _init_keeping_driver_logging(
+        address=cluster.address,
+        namespace=ids.NAMESPACE,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        logging_config=ray_logging(config),
+    )
     return cluster
 
 
@@ -138,6 +183,18 @@ def actor_nodes(config: Config) -> dict[str, str]:
     return out
 
 
+def metrics_endpoints() -> list[str]:
+    """The Prometheus endpoint of every alive Ray node, ``http://<node ip>:<port>/metrics``: Ray's metrics
+    agent serves the ``ray_im_*`` series of the actors on that node there (and Ray's own ``ray_*``). The
+    port is the node's ``MetricsExportPort`` (random unless ``ray start --metrics-export-port`` fixes
+    it); it needs ``ray[default]``, not the dashboard."""
+    return [
+        f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+        for n in ray.nodes()
+        if n.get("Alive") and n.get("MetricsExportPort")
+    ]
+
+
 @dataclass
 class Deployment:
     """Handles of one deployment's actors, by name, and the router's URL."""
@@ -148,20 +205,54 @@ class Deployment:
     hub_urls: dict[str, str] = field(default_factory=dict)
 
 
-#: The share of a CPU each bundle of the spread placement group reserves: a token, since the actors
-#: ask for no CPU themselves; a bundle must hold some resource to be placed on a node.
+#: The least CPU a bundle of the spread placement group reserves: a bundle must hold some resource
+#: to be placed on a node, even when the actors placed in it ask for none (``*_num_cpus = 0``).
 _BUNDLE_CPU = 0.001
+
+#: The roles placed in the spread group's bundles (the i-th of each in bundle i, round robin).
+_SPREAD_ROLES = ("hub", "session", "conv")
+
+
+def role_cpus(config: Config, role: str) -> float:
+    """The CPUs an actor of ``role`` asks Ray for (``config.<role>_num_cpus``; issue 11 item 5)."""
+    return float(getattr(config, f"{role}_num_cpus"))
+
+
+def _role_counts(config: Config) -> dict[str, int]:
+    return {
+        "router": 1,
+        "hub": config.hubs,
+        "push": config.push_workers,
+        "session": config.session_shards,
+        "conv": config.conv_shards,
+        "group": config.group_shards,
+        "store": config.store_writers,
+    }
+
+
+def bundle_cpus(config: Config, bundles: int) -> list[float]:
+    """The CPU of each of ``bundles`` bundles: the sum of what the hubs, session and conversation shards
+    placed in it ask for (the i-th actor of each role goes to bundle ``i % bundles``), at least
+    :data:`_BUNDLE_CPU`. An actor in a bundle takes its CPU from the bundle, so the scheduler and the
+    autoscaler see the demand and every bundle still lands on its own node."""
+    out = [0.0] * bundles
+    counts = _role_counts(config)
+    for role in _SPREAD_ROLES:
+        for i in range(counts[role]):
+            out[i % bundles] += role_cpus(config, role)
+    return [max(_BUNDLE_CPU, round(cpu, 6)) for cpu in out]
 
 
 def _spread_group(config: Config, detached: bool) -> Any:
     """The deployment's placement group: one bundle per alive node, strategy SPREAD (or the one
     already made, found by name), once it is ready.
 
-    Why a placement group: Ray's SPREAD strategy and soft node affinity are best effort for actors
-    that ask for no CPU (tried here on a three-node cluster: three hubs landed on two nodes, or
-    all on one), while bundles of a SPREAD group go to distinct nodes when there are enough. When a
-    node dies, Ray places its bundle on another node and restarts the bundle's actors there
-    (about 3 s here with the fast health checks of :func:`ray_env`).
+    Why a placement group: Ray's SPREAD strategy and soft node affinity are best effort (tried here on
+    a three-node cluster with actors that asked for no CPU: three hubs landed on two nodes, or all on
+    one), while bundles of a SPREAD group go to distinct nodes when there are enough. Each bundle
+    carries the CPU of the actors placed in it (:func:`bundle_cpus`). When a node dies, Ray places its
+    bundle on another node with room for it and restarts the bundle's actors there (about 3 s here
+    with the fast health checks of :func:`ray_env`).
     """
     name = ids.placement_group_name(config.actor_prefix)
     try:
@@ -169,7 +260,7 @@ def _spread_group(config: Config, detached: bool) -> Any:
     except ValueError:
         nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= _BUNDLE_CPU]
         group = placement_group(
-            [{"CPU": _BUNDLE_CPU}] * max(1, len(nodes)),
+            [{"CPU": cpu} for cpu in bundle_cpus(config, max(1, len(nodes)))],
             strategy="SPREAD",
             name=name,
             lifetime="detached" if detached else None,
@@ -197,7 +288,13 @@ class _DropPlacementGroupWarning(logging.Filter):
 
 
 def _options(config: Config, name: str, detached: bool, group: Any, index: int) -> dict[str, Any]:
-    opts: dict[str, Any] = {"name": name, "namespace": ids.NAMESPACE, "get_if_exists": True}
+    role, _ = ids.parse_actor_name(name, config.actor_prefix)
+    opts: dict[str, Any] = {
+        "name": name,
+        "namespace": ids.NAMESPACE,
+        "get_if_exists": True,
+        "num_cpus": role_cpus(config, role),
+    }
     if detached:
         opts["lifetime"] = "detached"
     if group is not None:
@@ -284,15 +381,7 @@ def _create(config: Config, detached: bool, group: Any, dep: Deployment) -> None
 
 def _names(config: Config) -> list[str]:
     p = config.actor_prefix
-    counts = {
-        "router": 1,
-        "hub": config.hubs,
-        "push": config.push_workers,
-        "session": config.session_shards,
-        "conv": config.conv_shards,
-        "group": config.group_shards,
-        "store": config.store_writers,
-    }
+    counts = _role_counts(config)
     return [ids.actor_name(role, i, p) for role, n in counts.items() for i in range(n)]
 
 
@@ -476,26 +565,131 @@ def restart_hubs(
     return out
 
 
+def _actor_table(names: set[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"state", "restarts", "node", "pid"}}`` of the named actors from Ray's GCS: the alive
+    record of each name, else its newest (a name taken again after a kill has several records)."""
+    out: dict[str, dict[str, Any]] = {}
+    for info in ray._private.state.actors().values():  # noqa: SLF001 - the one way without the dashboard
+        name = info.get("Name", "")
+        if name not in names:
+            continue
+        prev = out.get(name)
+        alive = info.get("State") == "ALIVE"
+        if prev is not None and (prev["state"] == "ALIVE" or (not alive and prev["_start"] > info.get("StartTime", 0))):
+            continue
+        out[name] = {
+            "state": info.get("State", "?"),
+            "restarts": int(info.get("NumRestarts", 0)),
+            "node": info.get("Address", {}).get("NodeID", ""),
+            "pid": info.get("Pid", 0),
+            "_start": info.get("StartTime", 0),
+        }
+    for entry in out.values():
+        entry.pop("_start")
+    return out
+
+
 def status(config: Config) -> dict[str, Any]:
-    """Every expected actor with ``"up"``, its role, its stats (or the error), the router's URL, and the
-    summed push metrics under ``"push"`` (:func:`~im_actors.push.metrics.push_summary`)."""
+    """Every expected actor with ``"up"``, its role, Ray's record of it (``state``, ``restarts``, ``node``
+    id, ``pid``, the ``num_cpus`` it asks for), its stats (or the error), the router's URL, the
+    nodes' Prometheus endpoints under ``"metrics"``, and the summed push metrics under ``"push"``
+    (:func:`~im_actors.push.metrics.push_summary`)."""
     out: dict[str, Any] = {"actors": {}, "router_url": None}
-    for name in _names(config):
+    names = _names(config)
+    table = _actor_table(set(names))
+    for name in names:
+        role, _ = ids.parse_actor_name(name, config.actor_prefix)
         try:
             handle = ray.get_actor(name, namespace=ids.NAMESPACE)
         except ValueError:
-            out["actors"][name] = {"up": False}
+            out["actors"][name] = {"up": False, "role": role, **table.get(name, {})}
             continue
-        role, _ = ids.parse_actor_name(name, config.actor_prefix)
-        entry: dict[str, Any] = {"up": True, "role": role}
+        entry: dict[str, Any] = {"up": True, "role": role, "num_cpus": role_cpus(config, role), **table.get(name, {})}
         try:
             if role == "router":
                 out["router_url"] = ray.get(handle.ready.remote(), timeout=5)
                 entry["hubs"] = ray.get(handle.hubs.remote(), timeout=5)
-            elif hasattr(handle, "stats"):
+            if hasattr(handle, "stats"):
                 entry["stats"] = ray.get(handle.stats.remote(), timeout=5)
         except Exception as exc:  # noqa: BLE001
             entry["error"] = str(exc)
         out["actors"][name] = entry
     out["push"] = push_summary(out["actors"])
+    out["metrics"] = metrics_endpoints()
     return out
+
+
+def _avg(total: Any, count: Any) -> str:
+    return f"{float(total) / float(count):.1f}" if count else "-"
+
+
+def _load_and_counters(role: str, s: dict[str, Any]) -> tuple[str, str]:
+    """The load column and the key counters of one actor's stats, for :func:`status_table`."""
+    if role == "hub":
+        answers = s.get("answers", {})
+        errors = sum(v for k, v in answers.items() if k != "ack")
+        return f"{s.get('connections', 0)} conns", (
+            f"frames in {s.get('frames_in', 0)} out {s.get('frames_out', 0)}, sends {s.get('sends', 0)}, "
+            f"acks {answers.get('ack', 0)}, errors {errors}, slow closed {s.get('slow_closed', 0)}, "
+            f"queued {s.get('queued_bytes', 0)} B"
+        )
+    if role == "conv":
+        return f"{s.get('active', 0)} sequencers", (
+            f"committed {s.get('committed', 0)} in {s.get('commits', 0)} commits "
+            f"(avg {_avg(s.get('commit_ms_total', 0), s.get('commits', 0))} ms), dups {s.get('dups', 0)}, "
+            f"unavailable {s.get('unavailable', 0)}, activations {s.get('activations', 0)}"
+        )
+    if role == "session":
+        push = s.get("push", {})
+        return f"{s.get('users', 0)} users", (
+            f"fanned out {s.get('fanout_entries', 0)}, deliveries {s.get('deliveries', 0)}, "
+            f"push jobs {s.get('push_jobs', 0)}, published {push.get('published', 0)}, outbox {push.get('outbox', 0)}"
+        )
+    if role == "store":
+        n = s.get("commits", 0)
+        return f"{n} commits", (
+            f"mongo avg {_avg(s.get('mongo_ms_total', 0), n)} ms, redis avg {_avg(s.get('redis_ms_total', 0), n)} ms"
+        )
+    if role == "push":
+        q = s.get("queues", {})
+        return f"{s.get('in_flight', 0)} in flight", (
+            f"delivered {s.get('delivered', 0)}, retried {s.get('retried', 0)}, dead {s.get('dead', 0)}, "
+            f"invalid {s.get('invalid', 0)}, queues jobs {q.get('jobs', '-')} retry {q.get('retry', '-')} "
+            f"dead {q.get('dead', '-')}, connected {s.get('connected', '-')}"
+        )
+    if role == "router":
+        return (
+            f"{s.get('hubs_live', 0)}/{s.get('hubs', 0)} hubs live",
+            f"clients on live hubs {s.get('connections', 0)}",
+        )
+    if role == "group":
+        return f"{s.get('cached', 0)} groups cached", ""
+    return "", ""
+
+
+def status_table(out: dict[str, Any]) -> Any:
+    """:func:`status` as a ``rich.table.Table``: one row per actor, grouped by role (actor, up, restarts,
+    CPUs asked, load, key counters)."""
+    from rich.table import Table
+
+    table = Table(title=f"router {out.get('router_url') or '-'}", title_justify="left")
+    for column in ("actor", "role", "up", "restarts", "cpus", "load", "key counters"):
+        table.add_column(column, overflow="fold", no_wrap=column != "key counters")
+    order = {role: i for i, role in enumerate(("router", "hub", "session", "conv", "group", "store", "push"))}
+    rows = sorted(out["actors"].items(), key=lambda kv: (order.get(kv[1].get("role", ""), 99), kv[0]))
+    for name, entry in rows:
+        role = entry.get("role", "?")
+        if not entry["up"]:
+            up = "[red]no[/red]"
+        elif "error" in entry:
+            up = "[yellow]no answer[/yellow]"
+        else:
+            up = "[green]yes[/green]"
+        load, counters = _load_and_counters(role, entry.get("stats") or {})
+        if "error" in entry:
+            counters = entry["error"][:200]
+        cpus = entry.get("num_cpus")
+        table.add_row(
+            name, role, up, str(entry.get("restarts", "-")), "-" if cpus is None else f"{cpus:g}", load, counters
+        )
+    return table

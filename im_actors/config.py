@@ -352,6 +352,40 @@ class Config(BaseSettings):
         500, ge=100, description="RAY_health_check_timeout_ms (Ray's default 10000)"
     )
 
+    # --- resources: the CPU each role asks Ray for (issue 11 item 5) ---
+    # Fractions of a CPU: Ray's scheduler and autoscaler see the demand, and the defaults keep every
+    # actor schedulable where the tests and the demo run: a default deployment asks for about 0.5 CPU,
+    # so several fit on a 2-CPU machine at once (the integration tests run up to three), and a
+    # bundle of hub + session + conversation shard (0.25) on each 1-CPU node of tests/cluster. On
+    # dedicated nodes set them to what each role really uses (up to 1.0 for a busy hub or
+    # conversation shard: each actor is one Python process, one core at most).
+    hub_num_cpus: float = Field(0.1, ge=0, le=64, description="CPUs each hub asks Ray for (a fraction is fine)")
+    session_num_cpus: float = Field(0.05, ge=0, le=64, description="CPUs each session shard asks Ray for")
+    conv_num_cpus: float = Field(0.1, ge=0, le=64, description="CPUs each conversation shard asks Ray for")
+    group_num_cpus: float = Field(0.02, ge=0, le=64, description="CPUs each group shard asks Ray for")
+    store_num_cpus: float = Field(0.05, ge=0, le=64, description="CPUs each store writer asks Ray for")
+    push_num_cpus: float = Field(0.02, ge=0, le=64, description="CPUs each push worker asks Ray for")
+    router_num_cpus: float = Field(0.02, ge=0, le=64, description="CPUs the router asks Ray for")
+
+    # --- operations: metrics and logs (issue 11 items 1 and 4) ---
+    metrics_interval_s: float = Field(
+        5.0,
+        ge=0,
+        description="how often each actor copies its counters to Ray's metrics (s; 0 = no metrics); Ray's "
+        "Prometheus endpoint exports them as ray_im_* (im_actors/metrics.py)",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING",
+        description="level of the actors' logs (Ray's logging config of the job that deploys them); INFO adds "
+        "connections of push publishers and workers, presence and event drops; the websockets library's own "
+        "per-connection lines stay at WARNING",
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json",
+        description="json: one JSON object per line with Ray's ids (job, worker, node, actor) and ours "
+        "(user, device, conv, cmid, request id) as fields; text: Ray's plain text lines",
+    )
+
     @model_validator(mode="after")
     def _provider_keys(self) -> Config:
         unknown = [p for p in self.push_providers if p not in _PROVIDER_KEYS]

@@ -432,11 +432,11 @@ class ConversationShard:
                     waits.append(_failed(exc))
         results = await asyncio.gather(*waits, return_exceptions=True)
         out: list[dict[str, Any]] = []
-        for res in results:
+        for item, res in zip(items, results, strict=True):
             if isinstance(res, RequestError):
                 out.append(err_answer(res))
             elif isinstance(res, BaseException):
-                log.error("send failed: %r", res)
+                log.error("send failed: %r", res, extra={"user": item.sender, "conv": item.conv, "cmid": item.cmid})
                 out.append(err_answer(Unavailable(f"{type(res).__name__}")))
             else:
                 out.append(res)
@@ -634,7 +634,7 @@ class ConversationShard:
             self.stats["unavailable"] += len(entries)
             msg = exc.msg if isinstance(exc, Unavailable) else f"commit failed: {type(exc).__name__}"
             if not isinstance(exc, Unavailable):
-                log.exception("commit of %d entries failed", len(entries))
+                log.exception("commit of %d entries failed", len(entries), extra={"conv": convs})
             for p in sends:
                 if not p.future.done():
                     p.future.set_exception(Unavailable(msg))
@@ -741,7 +741,11 @@ class ConversationShard:
                     p.future.set_exception(Conflict("cmid already committed with a different body"))
             else:
                 log.warning(
-                    "%s: seq %d taken in storage; moving last to %d", entry["conv"], entry["seq"], result.last_seq
+                    "%s: seq %d taken in storage; moving last to %d",
+                    entry["conv"],
+                    entry["seq"],
+                    result.last_seq,
+                    extra={"conv": entry["conv"], "cmid": entry["cmid"], "user": entry["sender"]},
                 )
                 seqr.last = max(seqr.last, result.last_seq)
                 rest.insert(0, (entry, p))
@@ -939,13 +943,26 @@ class ConversationShard:
 class ConversationShardActor:
     """Ray shell of :class:`ConversationShard`."""
 
-    def __init__(self, config: Config, index: int = 0) -> None:
+    async def __init__(self, config: Config, index: int = 0) -> None:  # type: ignore[misc]  # Ray awaits it
+        from im_actors import metrics
+
         self._config = config
         self._index = index
         self._store = Store(config)
         self._shard = ConversationShard(config, Peers(config), self._store)
         self._announced: set[str] = set()  # hubs that re-announced their connections to this incarnation
         self._indexes_made = False
+        # Histograms from the increments the core counts already (im_actors.metrics.IncrementProbe).
+        self._metrics = m = metrics.for_actor(
+            config, "conv", self.stats, histograms_of=("store",) if config.store_writers == 0 else ()
+        )
+        self._shard.stats = m.probe(
+            self._shard.stats, commit_ms_total="im_conv_commit_ms", committed="im_conv_commit_batch"
+        )
+        self._store.stats = m.probe(
+            self._store.stats, mongo_ms_total="im_store_mongo_ms", redis_ms_total="im_store_redis_ms"
+        )
+        m.start()
 
     async def ready(self) -> bool:
         """Start the commit loop (creating the indexes when there are no store writers) and, with
@@ -1022,6 +1039,7 @@ class ConversationShardActor:
         return await self._shard.members(user, conv)
 
     def stats(self) -> dict[str, float]:
-        """Counters: committed, dups, commits, unavailable, commit_ms_total (time in store calls)."""
+        """Counters: committed, dups, commits, unavailable, commit_ms_total (time in store calls),
+        activations (sequencers activated from storage); ``active``: sequencers now."""
         store = {f"store_{k}": v for k, v in self._store.stats.items()}
         return {**self._shard.stats, **store, "active": len(self._shard.sequencers), "routes": len(self._shard.routes)}

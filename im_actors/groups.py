@@ -263,15 +263,23 @@ class GroupShard:
 class GroupShardActor:
     """Ray shell of :class:`GroupShard` and of the :class:`ContactBook` it hosts."""
 
-    def __init__(self, config: Config, index: int) -> None:
+    async def __init__(self, config: Config, index: int) -> None:  # type: ignore[misc]  # Ray awaits it
+        from im_actors import metrics
+
         self._store = Store(config)
         peers = Peers(config)
         self._core = GroupShard(config, peers, self._store, index)
         self._contacts = ContactBook(config, peers, self._store)
+        self._metrics = metrics.for_actor(config, "group", self.stats)
+        self._metrics.start()
 
     async def ready(self) -> bool:
         """True once constructed."""
         return True
+
+    def stats(self) -> dict[str, Any]:
+        """``cached``: group memberships held in memory."""
+        return {"cached": len(self._core._cache)}  # noqa: SLF001 - the shell reads its own core
 
     async def create(self, owner: str, name: str, members: list[str]) -> dict[str, Any]:
         """See :meth:`GroupShard.create`."""

@@ -169,6 +169,7 @@ class Hub:
             "overload_refused": 0,
             "routes_retried": 0,
         }
+        self.answers: dict[str, int] = {}  # acks ("ack") and error frames by code, for im_actors.metrics
 
     # --- server ------------------------------------------------------------------------------
 
@@ -440,7 +441,12 @@ class Hub:
                     self._push(conn, exc.frame(exc.request_id))
                     continue
                 except Exception:  # noqa: BLE001 - a bug in validation costs one answer, not the hub
-                    log.exception("frame from %s/%s not handled", conn.user, conn.device)
+                    log.exception(
+                        "frame from %s/%s not handled",
+                        conn.user,
+                        conn.device,
+                        extra={"user": conn.user, "device": conn.device},
+                    )
                     self._push(conn, Internal("frame not handled").frame(None))
                     continue
                 admitted = await self._admit(conn, request)
@@ -485,6 +491,8 @@ class Hub:
             pass
 
     def _push(self, conn: Connection, frame: dict[str, Any]) -> None:
+        if frame["t"] in ("ack", "err"):
+            self.answers[frame.get("code", "ack")] = self.answers.get(frame.get("code", "ack"), 0) + 1
         self._enqueue(conn, protocol.encode(frame, conn.subprotocol))
 
     def _enqueue(self, conn: Connection, data: bytes | str) -> None:
@@ -570,7 +578,8 @@ class Hub:
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - answered as internal, logged with the request id
-            log.exception("request %s id=%s of %s failed", req.t, req.id, conn.user)
+            ids_ = {"user": conn.user, "device": conn.device, "request_id": req.id, "conv": req.fields.get("conv")}
+            log.exception("request %s id=%s of %s failed", req.t, req.id, conn.user, extra=ids_)
             frame = Internal("internal error").frame(req.id)
         if frame is not None:
             self._push(conn, frame)
@@ -709,11 +718,19 @@ def _address_key(conn: ServerConnection) -> str:
 class HubActor:
     """Ray shell of :class:`Hub`: starts the WebSocket server and registers with the router."""
 
-    def __init__(self, config: Config, index: int) -> None:
+    async def __init__(self, config: Config, index: int) -> None:  # type: ignore[misc]  # Ray awaits it
+        from im_actors import metrics
+
+        # websockets logs every connection at INFO, with its connection object as an extra field that
+        # Ray's JSON log encoding cannot write: its own lines stay at WARNING whatever log_level says.
+        logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.getLogger().level))
         self._config = config
         self._index = index
         name = ids.actor_name("hub", index, config.actor_prefix)
         self._hub = Hub(config, name, Peers(config))
+        self._metrics = metrics.for_actor(config, "hub", self.stats)
+        self._metrics.start()
+        self._delivery_ms = metrics.delivery_latency_ms
 
     async def ready(self) -> str:
         """Start listening (once) and register with the router; returns the hub's URL."""
@@ -731,7 +748,10 @@ class HubActor:
         return self._hub.load()
 
     def deliver(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:
-        """See :meth:`Hub.deliver`."""
+        """See :meth:`Hub.deliver`; records each entry's delivery latency (``im_hub_delivery_ms``)."""
+        if self._metrics.enabled:
+            for ms in self._delivery_ms(items):
+                self._metrics.observe("im_hub_delivery_ms", ms)
         return self._hub.deliver(items)
 
     async def reannounce(self, session_index: int) -> int:
@@ -770,11 +790,13 @@ class HubActor:
         return result
 
     def stats(self) -> dict[str, Any]:
-        """Counters: frames in and out, sends, slow consumers closed, rate refusals, connections, and
-        the bytes now queued for sending (in all, and on the fullest connection)."""
+        """Counters: frames in and out, sends, slow consumers closed, rate refusals, connections, the
+        bytes now queued for sending (in all, and on the fullest connection), and ``answers``: acks
+        (``"ack"``) and error frames by code."""
         queued = [c.queued_bytes for c in self._hub.conns.values()]
         return {
             **self._hub.stats,
+            "answers": dict(self._hub.answers),
             "connections": len(self._hub.conns),
             "queued_bytes": sum(queued),
             "queued_bytes_max": max(queued, default=0),

@@ -190,7 +190,9 @@ async def _page_headers(request: web.Request, response: web.StreamResponse) -> N
 class RouterActor:
     """Ray shell of the router: serves HTTP and heartbeats the hubs."""
 
-    def __init__(self, config: Config) -> None:
+    async def __init__(self, config: Config) -> None:  # type: ignore[misc]  # Ray awaits it
+        from im_actors import metrics
+
         self._config = config
         self._peers = Peers(config)
         self._table = HubTable()
@@ -198,6 +200,8 @@ class RouterActor:
         self._beat: asyncio.Task[None] | None = None
         self._sessions_beat: asyncio.Task[None] | None = None
         self.url = ""
+        self._metrics = metrics.for_actor(config, "router", self.stats)
+        self._metrics.start()
 
     async def ready(self) -> str:
         """Start serving (once); returns the router's base URL, e.g. ``http://127.0.0.1:8080``
@@ -236,6 +240,15 @@ class RouterActor:
         """The configuration this deployment was made with (``im-actors up`` compares it with a
         new one; ``down --deployment`` and ``purge`` read its service URLs from it)."""
         return self._config
+
+    def stats(self) -> dict[str, Any]:
+        """``hubs``: hubs known; ``hubs_live``: hubs handed out now; ``connections``: their clients."""
+        live = self._table.live()
+        return {
+            "hubs": len(self._table.hubs),
+            "hubs_live": len(live),
+            "connections": sum(h.connections for h in live),
+        }
 
     async def _heartbeat(self) -> None:
         interval = self._config.heartbeat_s

@@ -171,7 +171,7 @@ class SessionShard:
             await self._announce_now(user)
         except Exception:  # noqa: BLE001 - a task nobody awaits: log, never lose the error
             self.stats["presence_errors"] += 1
-            log.exception("presence of %s not announced", user)
+            log.exception("presence of %s not announced", user, extra={"user": user})
 
     async def _announce_now(self, user: str) -> None:
         s = self._session(user)
@@ -188,7 +188,7 @@ class SessionShard:
                 if version == s.contacts_version:  # no change arrived while loading
                     contacts = s.contacts = loaded
         except Unavailable as exc:
-            log.info("presence of %s not announced: %s", user, exc)
+            log.info("presence of %s not announced: %s", user, exc, extra={"user": user})
             return
         frame = {"t": "presence", "user": user, "online": online, "last_seen": s.last_seen_ms}
         by_shard: dict[int, list[str]] = {}
@@ -202,7 +202,7 @@ class SessionShard:
             try:
                 await self.peers.sessions[index].call("events", [(frame, contacts, None)])
             except Unavailable as exc:
-                log.info("presence of %s to session shard %d dropped: %s", user, index, exc)
+                log.info("presence of %s to session shard %d dropped: %s", user, index, exc, extra={"user": user})
 
     # --- push tokens -------------------------------------------------------------------------
 
@@ -366,7 +366,9 @@ class SessionShard:
 class SessionShardActor:
     """Ray shell of :class:`SessionShard`; owns the push publisher when push is configured."""
 
-    def __init__(self, config: Config, index: int = 0) -> None:
+    async def __init__(self, config: Config, index: int = 0) -> None:  # type: ignore[misc]  # Ray awaits it
+        from im_actors import metrics
+
         self._config = config
         self._index = index
         self._announced: set[str] = set()  # hubs that re-announced their connections to this incarnation
@@ -379,6 +381,8 @@ class SessionShardActor:
             self._publisher = PushPublisher(config)
         self._core = SessionShard(config, Peers(config), self._store, self._publisher)
         self._core.index = index
+        self._metrics = metrics.for_actor(config, "session", self.stats)
+        self._metrics.start()
 
     async def ready(self) -> bool:
         """Start the push publisher (it connects in the background) and, the first time this

@@ -373,13 +373,24 @@ class Store:
 class StoreWriter:
     """Store writer actor: commits batches of entries (a thin shell over :class:`Store`)."""
 
-    def __init__(self, config: Config) -> None:
+    async def __init__(self, config: Config) -> None:  # type: ignore[misc]  # Ray awaits it
+        from im_actors import metrics
+
         self._store = Store(config)
+        self._metrics = m = metrics.for_actor(config, "store", self.stats)
+        self._store.stats = m.probe(
+            self._store.stats, mongo_ms_total="im_store_mongo_ms", redis_ms_total="im_store_redis_ms"
+        )
+        m.start()
 
     async def ready(self) -> bool:
         """Create the indexes; True once MongoDB answered."""
         await self._store.setup()
         return True
+
+    def stats(self) -> dict[str, float]:
+        """Counters: commits, mongo_ms_total and redis_ms_total (time in each part of the commits, ms)."""
+        return dict(self._store.stats)
 
     async def commit(self, entries: list[dict[str, Any]]) -> CommitResult:
         """See :meth:`Store.commit`."""

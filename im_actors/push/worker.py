@@ -429,6 +429,10 @@ class PushWorkerActor:
             ledger = RedisLedger(self._redis, config.key_prefix)
         self._worker = PushWorker(config, make_providers(config), self._remove_token, self._still_owned, ledger)
         await self._worker.start()
+        from im_actors import metrics
+
+        self._metrics = metrics.for_actor(config, "push", self.stats)
+        self._metrics.start()
 
     async def start(self) -> None:
         """Start consuming (idempotent)."""

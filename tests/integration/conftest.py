@@ -42,6 +42,7 @@ def base_config() -> Iterator[Config]:
         mongo_db=f"im_{name}" if mongo else "im",
         push_retry_base_ms=100,
         heartbeat_s=0.5,
+        metrics_interval_s=1.0,  # test_metrics scrapes the counters: copy them to Ray's metrics often
         webhook_secret="test-secret",
         webhook_allow_private=True,  # the tests' webhook receivers listen on loopback
     )
