@@ -143,7 +143,7 @@ def test_series_paths_name_keys_the_cores_count() -> None:
     hub = Hub(config, "hub-0", FakePeers(store, {}))  # type: ignore[arg-type]
     shell_keys = {
         "hub": {*hub.stats, "connections", "queued_bytes", "queued_bytes_max", "answers"},
-        "conv": {*ConversationShard(config, FakePeers(store, {}), store).stats, "active"},  # type: ignore[arg-type]
+        "conv": {*ConversationShard(config, FakePeers(store, {}), store).stats, "active", "routes"},  # type: ignore[arg-type]
         "session": {*SessionShard(config, None, None, None).stats, "users", "push", "push_planner"},  # type: ignore[arg-type]
         "store": {"commits", "mongo_ms_total", "redis_ms_total"},
         "push": {*PushWorker(config, {}, None, None, None).stats()},  # type: ignore[arg-type]
