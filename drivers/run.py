@@ -398,6 +398,7 @@ def build_report(plan: Plan, results: Sequence[dict[str, Any]], processes: int, 
             "client_counters": dict(stats),
             "send_errors": dict(errors),
             "drained": all(r["drained"] for r in results),
+            "t0_s": round(t0, 3),
             "sends_in_flight_max": max((int(r.get("max_inflight", 0)) for r in results), default=0),
             "workload": plan.summary(),
         }
@@ -458,7 +459,8 @@ def run_workload(
     ``ack_latency_from_schedule_ms`` and ``delivery_latency_from_schedule_ms`` (from the scheduled send
     time: coordinated-omission corrected) and ``schedule_lag_ms`` (actual - scheduled send time; each
     ``{"p50", "p95", "p99", "max", "mean", "count"}``), ``open_loop``, ``sends_in_flight_max`` (the most
-    sends one driver process had awaiting their ack at once), ``reconnects``, ``client_counters``,
+    sends one driver process had awaiting their ack at once), ``t0_s`` (the common start, s since the
+    epoch), ``reconnects``, ``client_counters``,
     ``send_errors`` (exception name -> count), ``drained`` (every client caught up and deliveries
     went quiet before the drain timeout), ``workload`` (the plan's summary), ``run_id``.
 
