@@ -178,13 +178,18 @@ async def measure_ceiling(config: Config, plan: Plan, batches: Sequence[int]) ->
     the store's write concern and unique indexes, for each batch size of ``batches``.
 
     Each batch size writes into a fresh collection of a database ``<mongo_db>_ceiling_<hex>``, dropped
-    at the end. Returns ``{"docs_per_s" (the best), "by_batch": {size: docs/s}, "docs",
-    "write_concern", "indexes"}``; raises pymongo's errors when the server fails.
+    once measured (the database at the end). Returns ``{"docs_per_s" (the best), "by_batch": {size:
+    docs/s}, "docs", "write_concern", "indexes", "drop_s": {size: s}, "slowest_batch_ms": {size: ms},
+    "load_avg_1m"}``; raises pymongo's errors when
+    the server fails.
     """
-    client = mongo_client(config)
+    # a long socket timeout: a stall of the server under load is part of its throughput, not a failure
+    client = mongo_client(config.model_copy(update={"mongo_timeout_ms": max(config.mongo_timeout_ms, 120_000)}))
     db_name = f"{config.mongo_db}_ceiling_{secrets.token_hex(3)}"
     db = client[db_name]
     by_batch: dict[str, float] = {}
+    drop_s: dict[str, float] = {}
+    slowest_ms: dict[str, float] = {}
     indexes: dict[str, Any] = {}
     try:
         for size in batches:
@@ -193,11 +198,21 @@ async def measure_ceiling(config: Config, plan: Plan, batches: Sequence[int]) ->
                 await coll.create_index(keys, unique=True, name=name)
             docs = ceiling_documents(plan, int(time.time() * 1000))
             started = time.perf_counter()
+            slowest = 0.0
             for i in range(0, len(docs), size):
+                t = time.perf_counter()
                 await coll.insert_many(docs[i : i + size], ordered=True)
+                slowest = max(slowest, time.perf_counter() - t)
             elapsed = time.perf_counter() - started
+            slowest_ms[str(size)] = round(slowest * 1000.0, 1)
             by_batch[str(size)] = round(len(docs) / elapsed, 1) if elapsed > 0 else 0.0
             indexes = {k: v for k, v in (await coll.index_information()).items() if k != "_id_"}
+            started = time.perf_counter()
+            try:
+                await coll.drop()
+            except PyMongoError as exc:  # the figure stands; the database is dropped at the end
+                log.warning("could not drop %s.%s: %s", db_name, coll.name, exc)
+            drop_s[str(size)] = round(time.perf_counter() - started, 3)
     finally:
         try:
             await client.drop_database(db_name)
@@ -211,6 +226,9 @@ async def measure_ceiling(config: Config, plan: Plan, batches: Sequence[int]) ->
         "docs": len(plan.sends),
         "write_concern": config.mongo_write_concern,
         "indexes": indexes,
+        "drop_s": drop_s,
+        "slowest_batch_ms": slowest_ms,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 
 
@@ -367,11 +385,24 @@ class RampOptions:
     seed: int
 
 
+#: Deployments tried per step before the ramp counts as broken.
+_DEPLOY_ATTEMPTS = 2
+
+
 def run_step(base: Config, services: LocalServices, rate: float, opts: RampOptions) -> dict[str, Any]:
     """Deploy ``base`` afresh under a new deployment name, drive one step at ``rate`` msgs/s, tear down;
     returns ``{"report" (drivers.run's), "cpu" (see the module docstring)}``."""
     cfg = base.model_copy(update={"deployment": f"sat{secrets.token_hex(3)}"})
-    dep = deploy(cfg)
+    for attempt in range(_DEPLOY_ATTEMPTS):
+        try:
+            dep = deploy(cfg)
+            break
+        except Exception as exc:  # noqa: BLE001 - e.g. the storage server slow to answer under load: once more
+            teardown(cfg)
+            if attempt + 1 == _DEPLOY_ATTEMPTS:
+                raise
+            log.warning("deploying for the step at %g msgs/s failed (%s); once more in 5 s", rate, exc)
+            time.sleep(5.0)
     mongo_pid = services.mongo_proc.pid if services.mongo_proc is not None else None
     pids = actor_pids(cfg)
 
@@ -411,6 +442,7 @@ def run_step(base: Config, services: LocalServices, rate: float, opts: RampOptio
                 "ms_per_msg": {k: round(v * 1000.0 / report["acked"], 3) for k, v in window.items() if report["acked"]},
                 "machine_busy_pct": round(100.0 * window.get("machine", 0.0) / report["duration_s"], 1),
                 "cores": psutil.cpu_count(),
+                "load_avg_1m": round(os.getloadavg()[0], 2),
             }
     finally:
         teardown(cfg)
@@ -486,7 +518,7 @@ def format_cpu(cpu: Mapping[str, Any]) -> str:
     cores = int(cpu.get("cores") or 1)
     return (
         f"#   cpu ms/msg: {', '.join(parts)}; machine busy {cpu.get('machine_busy_pct', 0):.0f}% of {100 * cores}%"
-        " (machine: everything running on it)"
+        f" (everything running on it; load average {cpu.get('load_avg_1m', 0):g})"
     )
 
 
@@ -642,7 +674,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"# storage ceiling: {ceiling['docs_per_s']:,.0f} docs/s ({by}; {ceiling['docs']:,} documents, "
                 f"insert_many from one client, w={ceiling['write_concern']}, unique indexes "
-                f"{', '.join(ceiling['indexes'])})",
+                f"{', '.join(ceiling['indexes'])}; slowest batch {max(ceiling['slowest_batch_ms'].values()):,.0f} ms; "
+                f"load average {ceiling['load_avg_1m']:g})",
                 flush=True,
             )
         print(
@@ -684,7 +717,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out["saturation_reached"] = reached
     ceiling_rate = float(out.get("ceiling", {}).get("docs_per_s") or 0.0)
     out["saturation_of_ceiling"] = round(sat / ceiling_rate, 4) if sat and ceiling_rate else None
-    if sat is None:
+    if broke:
+        print(f"# the ramp broke at {steps[-1]['rate']:g} msgs/s: {steps[-1]['why'][0]}", flush=True)
+    if sat is None and broke:
+        print("# saturation: not measured", flush=True)
+    elif sat is None:
         print(f"# saturation: below {rates[0]:g} msgs/s (the first step failed)", flush=True)
     elif not reached:
         print(f"# saturation: not reached; every step passed, up to {sat:g} msgs/s", flush=True)
