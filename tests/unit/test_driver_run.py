@@ -189,3 +189,13 @@ async def test_hub_kills_during_a_run_lose_nothing() -> None:
     assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0), report["lost_entries"]
     assert report["reconnects"] >= 12
     assert report["client_counters"]["resends"] >= 13
+
+
+def test_cli_open_loop(capsys: pytest.CaptureFixture[str]) -> None:
+    from drivers.run import main
+
+    argv = ["--fake-hubs", "1", "--open-loop", "--no-progress", "synthetic", "--users", "3", "--rate", "20"]
+    assert main([*argv, "--duration", "0.5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["open_loop"] is True and report["acked"] == report["sent"] == 10 and report["lost"] == 0
+    assert report["ack_latency_from_schedule_ms"]["count"] == 10
