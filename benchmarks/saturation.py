@@ -399,6 +399,7 @@ def run_step(base: Config, services: LocalServices, rate: float, opts: RampOptio
             break
         except Exception as exc:  # noqa: BLE001 - e.g. the storage server slow to answer under load: once more
             teardown(cfg)
+            purge_deployment(cfg)
             if attempt + 1 == _DEPLOY_ATTEMPTS:
                 raise
             log.warning("deploying for the step at %g msgs/s failed (%s); once more in 5 s", rate, exc)
