@@ -18,8 +18,11 @@ reported from the actual send and from the scheduled send time (coordinated-omis
 with the schedule lag (actual - scheduled: what the load generator itself fell behind).
 
 **The rule.** A step passes when nothing acked was lost (and nothing was duplicated or reordered),
-delivery p99 measured from the schedule is under ``--p99-ms`` (1000), and acked msgs/s (acked entries
-/ time from the step's start to its last ack) is at least ``--acked-ratio`` (0.95) x the offered rate.
+delivery p99 measured from the schedule is under ``--p99-ms`` (1000), and acked msgs/s (the rate the
+acks came in at: acked entries - 1 over the time from the first ack to the last, so that a constant
+latency is not counted as lost throughput; sends never acked count against it) is at least
+``--acked-ratio`` (0.95) x the offered rate. The table also shows ``thru/s``, acked entries over the
+time from the step's start to its last ack (``throughput_msgs_per_s`` of drivers/run.py).
 The saturation point is the highest offered rate of a passing step before the first failing one.
 
 **The storage ceiling**, measured first in the same run: the same MongoDB-wire server, message
@@ -33,7 +36,11 @@ of its own that is dropped afterwards. The saturation rate is printed as a ratio
 role), of the MongoDB-wire server, of the driver processes and of the whole machine is sampled
 (psutil) and printed in ms of CPU per acked message (machine: % of all cores busy; it includes
 anything else running on the machine). With ``--stage-report`` a ``stages`` section of the run's
-report (per-stage p50/p99, when the message path provides it) is printed too.
+report (per-stage p50/p99, when the message path provides it) is printed too; ``--trace-sample
+SHARE`` sets the deployment's ``trace_sample`` knob (where the message path has it) and prints them.
+
+Every deployment knob not given (``--hubs``, ``--shards``, ``--store-writers``, ``--set KEY=VALUE``)
+is the deployment's default (im_actors/config.py), printed at the start.
 
 Every run names the MongoDB-wire server it ran on (SecantusDB commits far slower than a real
 mongod). ``--json FILE`` writes everything: arguments, rule, ceiling, every step's full report and
@@ -104,12 +111,21 @@ class StepRule:
         p99 = delivery_p99(report)
         if p99 >= self.p99_ms:
             why.append(f"delivery p99 {p99:.0f} ms >= {self.p99_ms:.0f}")
-        acked = float(report["throughput_msgs_per_s"])
+        acked = acked_rate(report)
         if acked < self.acked_ratio * offered:
             why.append(f"acked {acked:.0f}/s < {self.acked_ratio:g} x {offered:g}")
         if report["expected_deliveries"] == 0:
             why.append("nothing delivered")
         return why
+
+
+def acked_rate(report: Mapping[str, Any]) -> float:
+    """Acked msgs/s of a step: the rate the acks came in at, (acked - 1) / (last ack - first ack)
+    (``acks_per_s``), so that a constant latency does not count as a loss of throughput; an older
+    report without it gives acked / (start to last ack)."""
+    if "acks_per_s" in report:
+        return float(report["acks_per_s"])
+    return float(report["throughput_msgs_per_s"])
 
 
 def delivery_p99(report: Mapping[str, Any]) -> float:
@@ -459,6 +475,7 @@ _HEADER = (
     ("sent", 7),
     ("acked/s", 8),
     ("ratio", 6),
+    ("thru/s", 8),
     ("deliv/s", 8),
     ("lost", 5),
     ("dup", 4),
@@ -490,8 +507,9 @@ def format_row(rate: float, report: Mapping[str, Any], why: Sequence[str]) -> st
     vals: list[Any] = [
         f"{rate:g}",
         report["sent"],
+        f"{acked_rate(report):.1f}",
+        f"{acked_rate(report) / rate:.3f}",
         f"{report['throughput_msgs_per_s']:.1f}",
-        f"{report['throughput_msgs_per_s'] / rate:.3f}",
         f"{report['deliveries_per_s']:.0f}",
         report["lost"],
         report["duplicates"],
@@ -523,10 +541,23 @@ def format_cpu(cpu: Mapping[str, Any]) -> str:
     )
 
 
+def has_stages(stages: Any) -> bool:
+    """True when a report's ``stages`` section holds any figure (drivers/stages.py reports
+    ``{"traced": 0, "steps": {}}`` when nothing was traced)."""
+    if isinstance(stages, Mapping) and "steps" in stages:
+        return bool(stages["steps"])
+    return bool(stages)
+
+
 def format_stages(stages: Any) -> list[str]:
-    """Lines of a report's ``stages`` section: ``{stage: {"p50", "p99", ...}}`` (ms) or a list of
-    ``{"stage", "p50", "p99"}``; anything else is printed as JSON."""
+    """Lines of a report's ``stages`` section: ``{"traced": n, "steps": {step: {"p50", "p99", "count",
+    ...}}}`` (drivers/stages.py), ``{step: {...}}`` (ms) or a list of ``{"stage", "p50", "p99"}``;
+    anything else is printed as JSON."""
     rows: list[tuple[str, Mapping[str, Any]]] = []
+    head: list[str] = []
+    if isinstance(stages, Mapping) and isinstance(stages.get("steps"), Mapping):
+        head = [f"#   stages of {int(stages.get('traced', 0)):,} traced receipts (each step ends at its stage):"]
+        stages = stages["steps"]
     if isinstance(stages, Mapping):
         rows = [(str(k), v) for k, v in stages.items() if isinstance(v, Mapping)]
     elif isinstance(stages, list):
@@ -534,7 +565,7 @@ def format_stages(stages: Any) -> list[str]:
     if not rows:
         return [f"#   stages: {json.dumps(stages, default=str)}"]
     width = max(len(name) for name, _ in rows)
-    out = [f"#   {'stage':<{width}} {'p50 ms':>9} {'p99 ms':>9} {'count':>8}"]
+    out = [*head, f"#   {'stage':<{width}} {'p50 ms':>9} {'p99 ms':>9} {'count':>8}"]
     for name, v in rows:
         out.append(
             f"#   {name:<{width}} {float(v.get('p50', 0)):>9.2f} {float(v.get('p99', 0)):>9.2f} "
@@ -564,9 +595,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--closed-loop", action="store_true", help="one send in flight per sender (the old driver)")
     ap.add_argument("--p99-ms", type=float, default=1000.0, help="a step fails at delivery p99 >= this (ms)")
     ap.add_argument("--acked-ratio", type=float, default=0.95, help="a step fails below this x offered acked/s")
-    ap.add_argument("--hubs", type=int, default=2, help="hub actors")
-    ap.add_argument("--shards", type=int, default=1, help="session and conversation shards")
-    ap.add_argument("--store-writers", type=int, default=1, help="store writer actors (0: shards commit)")
+    ap.add_argument("--hubs", type=int, help="hub actors [the deployment's default]")
+    ap.add_argument("--shards", type=int, help="session and conversation shards [the deployment's default]")
+    ap.add_argument(
+        "--store-writers", type=int, help="store writer actors, 0: shards commit [the deployment's default]"
+    )
     ap.add_argument(
         "--set",
         action="append",
@@ -581,18 +614,25 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="bound of each step's final catch-up (s)")
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
     ap.add_argument("--stage-report", action="store_true", help="print the report's per-stage p50/p99, if any")
+    ap.add_argument(
+        "--trace-sample",
+        type=float,
+        help="share of sends traced through every stage (the trace_sample knob, 0..1); implies --stage-report",
+    )
     ap.add_argument("--json", type=Path, help="write everything here")
     return ap
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The knobs of every step's configuration; raises ConfigError naming a bad --set key."""
-    out: dict[str, Any] = {
+    given = {
         "hubs": args.hubs,
         "session_shards": args.shards,
         "conv_shards": args.shards,
         "store_writers": args.store_writers,
+        "trace_sample": args.trace_sample,
     }
+    out: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # unset: the deployment's default
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -652,6 +692,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.processes} driver process(es), {args.step_s:g} s steps",
             flush=True,
         )
+        knobs = base.knobs()
+        shown = ["hubs", "session_shards", "conv_shards", "store_writers", "hub_batch_ms", "fanout_batch_ms"]
+        shown += [k for k in overrides if k not in shown]
+        print("# deployment: " + " ".join(f"{k}={knobs.get(k)}" for k in shown), flush=True)
         if not args.no_ceiling:
             batches = args.ceiling_batch or sorted({100, base.store_batch_max})
             plan = SyntheticWorkload(
@@ -697,7 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps.append({"rate": rate, "passed": not why, "why": why, **step})
             print(format_row(rate, step["report"], why), flush=True)
             print(format_cpu(step["cpu"]), flush=True)
-            if args.stage_report and step["report"].get("stages") is not None:
+            if (args.stage_report or args.trace_sample) and has_stages(step["report"].get("stages")):
                 for line in format_stages(step["report"]["stages"]):
                     print(line, flush=True)
             if why:

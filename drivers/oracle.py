@@ -120,7 +120,7 @@ class Partial:
 
     ``recipients``: conv -> number of expected devices. ``acked``: conv -> set of acked seqs.
     ``received``: conv -> seq -> number of distinct expected devices (of this process) that received it.
-    Times (``first_send_ms``, ``last_ack_ms``, ``last_recv_ms``) are ms since the epoch, None when
+    Times (``first_send_ms``, ``first_ack_ms``, ``last_ack_ms``, ``last_recv_ms``) are ms since the epoch, None when
     nothing happened.
     """
 
@@ -137,6 +137,7 @@ class Partial:
     ack_sched_hist: HdrHistogram = field(default_factory=new_histogram)
     delivery_sched_hist: HdrHistogram = field(default_factory=new_histogram)
     first_send_ms: float | None = None
+    first_ack_ms: float | None = None
     last_ack_ms: float | None = None
     last_recv_ms: float | None = None
 
@@ -156,6 +157,7 @@ class Partial:
             "ack_sched_hist": self.ack_sched_hist.encode().decode("ascii"),
             "delivery_sched_hist": self.delivery_sched_hist.encode().decode("ascii"),
             "first_send_ms": self.first_send_ms,
+            "first_ack_ms": self.first_ack_ms,
             "last_ack_ms": self.last_ack_ms,
             "last_recv_ms": self.last_recv_ms,
         }
@@ -179,6 +181,7 @@ class Partial:
                 _decode_hist(data["delivery_sched_hist"]) if "delivery_sched_hist" in data else new_histogram()
             ),
             first_send_ms=data.get("first_send_ms"),
+            first_ack_ms=data.get("first_ack_ms"),
             last_ack_ms=data.get("last_ack_ms"),
             last_recv_ms=data.get("last_recv_ms"),
         )
@@ -270,6 +273,7 @@ def merge(partials: Iterable[Partial]) -> Partial:
         out.ack_sched_hist.add(p.ack_sched_hist)
         out.delivery_sched_hist.add(p.delivery_sched_hist)
         out.first_send_ms = _min(out.first_send_ms, p.first_send_ms)
+        out.first_ack_ms = _min(out.first_ack_ms, p.first_ack_ms)
         out.last_ack_ms = _max(out.last_ack_ms, p.last_ack_ms)
         out.last_recv_ms = _max(out.last_recv_ms, p.last_recv_ms)
     return out
@@ -318,6 +322,7 @@ class Recorder:
             _record_ms(p.ack_sched_hist, ack_ms - scheduled_ms)
             self._sched_ms[(conv, seq)] = scheduled_ms
         p.last_ack_ms = _max(p.last_ack_ms, ack_ms)
+        p.first_ack_ms = _min(p.first_ack_ms, ack_ms)
         p.first_send_ms = _min(p.first_send_ms, send_ms)
         self._send_ms[(conv, seq)] = send_ms
 

@@ -377,6 +377,11 @@ def build_report(plan: Plan, results: Sequence[dict[str, Any]], processes: int, 
     t0 = min(r["t0"] for r in results)
     t0_ms = t0 * 1000.0
     send_phase_s = max((partial.last_ack_ms - t0_ms) / 1000.0, 0.0) if partial.last_ack_ms is not None else 0.0
+    ack_span_s = (
+        (partial.last_ack_ms - partial.first_ack_ms) / 1000.0
+        if partial.last_ack_ms is not None and partial.first_ack_ms is not None
+        else 0.0
+    )
     delivery_s = max((partial.last_recv_ms - t0_ms) / 1000.0, 0.0) if partial.last_recv_ms is not None else 0.0
     lag = new_histogram()
     stats: Counter[str] = Counter({k: 0 for k in _COUNTERS})
@@ -399,6 +404,8 @@ def build_report(plan: Plan, results: Sequence[dict[str, Any]], processes: int, 
             "send_errors": dict(errors),
             "drained": all(r["drained"] for r in results),
             "t0_s": round(t0, 3),
+            "ack_span_s": round(ack_span_s, 3),
+            "acks_per_s": round((report["acked"] - 1) / ack_span_s, 3) if ack_span_s > 0 else 0.0,
             "sends_in_flight_max": max((int(r.get("max_inflight", 0)) for r in results), default=0),
             "workload": plan.summary(),
         }
@@ -460,7 +467,9 @@ def run_workload(
     time: coordinated-omission corrected) and ``schedule_lag_ms`` (actual - scheduled send time; each
     ``{"p50", "p95", "p99", "max", "mean", "count"}``), ``open_loop``, ``sends_in_flight_max`` (the most
     sends one driver process had awaiting their ack at once), ``t0_s`` (the common start, s since the
-    epoch), ``reconnects``, ``client_counters``,
+    epoch), ``ack_span_s`` (first to last ack) and ``acks_per_s`` ((acked - 1) / ack_span_s: the rate
+    acks came in at, which a constant latency does not lower as it lowers ``throughput_msgs_per_s``),
+    ``reconnects``, ``client_counters``,
     ``send_errors`` (exception name -> count), ``drained`` (every client caught up and deliveries
     went quiet before the drain timeout), ``workload`` (the plan's summary), ``run_id``.
 

@@ -131,6 +131,7 @@ async def test_open_loop_sends_on_schedule_behind_a_slow_ack(fake: FakeServer) -
         assert report["ack_latency_ms"]["count"] == report["ack_latency_from_schedule_ms"]["count"] == 5
         assert report["delivery_latency_from_schedule_ms"]["count"] == 10
         assert report["ack_latency_ms"]["p50"] >= 300.0  # the held-back ack, measured from the actual send
+        assert 0 < report["ack_span_s"] <= report["duration_s"] and report["acks_per_s"] > 0
     # closed loop: one send in flight; the fifth waited for four acks, which only the schedule shows
     assert (closed["open_loop"], closed["sends_in_flight_max"]) == (False, 1)
     # (it was due at 40 ms, issued after four acks, >= 1200 ms, and acked >= 300 ms later)

@@ -176,3 +176,12 @@ def test_partial_from_a_dict_without_schedule_histograms() -> None:
     merged = merge([Partial.from_dict(old), Partial.from_dict(data)]).report()
     assert merged["ack_latency_ms"]["count"] == 2
     assert merged["ack_latency_from_schedule_ms"]["count"] == 1
+
+
+def test_first_ack_time_merges_as_the_earliest() -> None:
+    a, b = Recorder({"c1": [A]}), Recorder({"c1": [A]})
+    a.add_ack("c1", 1, 100.0, 150.0)
+    a.add_ack("c1", 2, 100.0, 120.0)
+    b.add_ack("c1", 3, 100.0, 110.0)
+    merged = merge([Partial.from_dict(a.partial().to_dict()), b.partial()])
+    assert (merged.first_ack_ms, merged.last_ack_ms) == (110.0, 150.0)

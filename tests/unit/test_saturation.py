@@ -54,6 +54,9 @@ def test_each_failure_of_the_rule_is_named() -> None:
     assert rule.judge(250.0, _report(lost=1)) == ["lost 1"]
     assert rule.judge(250.0, _report(throughput_msgs_per_s=237.0))[0].startswith("acked 237/s < 0.95 x 250")
     assert rule.judge(250.0, _report(throughput_msgs_per_s=237.5)) == []
+    # the rate acks came in at counts when the report has it: a constant latency is not lost throughput
+    assert rule.judge(250.0, _report(throughput_msgs_per_s=230.0, acks_per_s=249.0)) == []
+    assert rule.judge(250.0, _report(throughput_msgs_per_s=249.0, acks_per_s=200.0))[0].startswith("acked 200/s")
     assert rule.judge(250.0, _report(duplicates=2))[0].startswith("duplicates 2")
     # the p99 that counts is the one from the schedule (coordinated-omission corrected)
     slow = _report(delivery_latency_from_schedule_ms=_lat(1000.0))
@@ -125,6 +128,11 @@ def test_stage_report_lines() -> None:
     assert len(lines) == 3 and "hub_received" in lines[1] and "9.00" in lines[2]
     assert sat.format_stages([{"stage": "seq", "p50": 1, "p99": 2}])[1].split()[1:4] == ["seq", "1.00", "2.00"]
     assert sat.format_stages("odd") == ['#   stages: "odd"']
+    # drivers/stages.py's report: {"traced", "steps"}
+    report = {"traced": 40, "steps": {"hub_in": {"p50": 0.5, "p99": 1.5, "count": 40}}}
+    lines = sat.format_stages(report)
+    assert "40 traced" in lines[0] and lines[2].split()[1:4] == ["hub_in", "0.50", "1.50"]
+    assert sat.has_stages(report) and not sat.has_stages({"traced": 0, "steps": {}}) and not sat.has_stages(None)
 
 
 def test_a_row_names_why_a_step_failed() -> None:
@@ -137,5 +145,5 @@ def test_a_row_names_why_a_step_failed() -> None:
         sends_in_flight_max=7,
     )
     row = sat.format_row(250.0, report, ["lost 1"])
-    assert row.split()[:3] == ["250", "2500", "248.0"] and row.endswith("FAIL: lost 1")
+    assert row.split()[:5] == ["250", "2500", "248.0", "0.992", "248.0"] and row.endswith("FAIL: lost 1")
     assert len(sat.format_header().split()) == len(row.split()) - 2  # "FAIL:" and "lost 1" are one column
