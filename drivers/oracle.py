@@ -19,6 +19,11 @@ What counts:
   first receipt by each expected device (the send time travels in the message ``meta`` as ``{"t":
   send_ms}``, so a receiver in another process can compute it; same machine clock). Recorded in
   microseconds in an HdrHistogram (3 significant digits), reported in milliseconds.
+- ``ack_latency_from_schedule_ms`` and ``delivery_latency_from_schedule_ms``: the same, measured from
+  the time the send was *scheduled* (meta ``{"s": scheduled_ms}``) instead of the time it was issued:
+  the coordinated-omission correction of wrk2 (Gil Tene, "How NOT to measure latency"), which counts
+  the time a send waited behind a slow driver or a slow previous ack. Empty (count 0) when the driver
+  gives no schedule.
 
 Only entries of kind != ``system`` sent by the driver count: :meth:`Recorder.record_msg` skips the rest.
 Device keys are ``"<user>/<device>"`` (:func:`device_key`); times are milliseconds since the epoch.
@@ -115,7 +120,7 @@ class Partial:
 
     ``recipients``: conv -> number of expected devices. ``acked``: conv -> set of acked seqs.
     ``received``: conv -> seq -> number of distinct expected devices (of this process) that received it.
-    Times (``first_send_ms``, ``last_ack_ms``, ``last_recv_ms``) are ms since the epoch, None when
+    Times (``first_send_ms``, ``first_ack_ms``, ``last_ack_ms``, ``last_recv_ms``) are ms since the epoch, None when
     nothing happened.
     """
 
@@ -129,7 +134,10 @@ class Partial:
     unexpected: int = 0
     ack_hist: HdrHistogram = field(default_factory=new_histogram)
     delivery_hist: HdrHistogram = field(default_factory=new_histogram)
+    ack_sched_hist: HdrHistogram = field(default_factory=new_histogram)
+    delivery_sched_hist: HdrHistogram = field(default_factory=new_histogram)
     first_send_ms: float | None = None
+    first_ack_ms: float | None = None
     last_ack_ms: float | None = None
     last_recv_ms: float | None = None
 
@@ -146,7 +154,10 @@ class Partial:
             "unexpected": self.unexpected,
             "ack_hist": self.ack_hist.encode().decode("ascii"),
             "delivery_hist": self.delivery_hist.encode().decode("ascii"),
+            "ack_sched_hist": self.ack_sched_hist.encode().decode("ascii"),
+            "delivery_sched_hist": self.delivery_sched_hist.encode().decode("ascii"),
             "first_send_ms": self.first_send_ms,
+            "first_ack_ms": self.first_ack_ms,
             "last_ack_ms": self.last_ack_ms,
             "last_recv_ms": self.last_recv_ms,
         }
@@ -165,7 +176,12 @@ class Partial:
             unexpected=int(data["unexpected"]),
             ack_hist=_decode_hist(data["ack_hist"]),
             delivery_hist=_decode_hist(data["delivery_hist"]),
+            ack_sched_hist=_decode_hist(data["ack_sched_hist"]) if "ack_sched_hist" in data else new_histogram(),
+            delivery_sched_hist=(
+                _decode_hist(data["delivery_sched_hist"]) if "delivery_sched_hist" in data else new_histogram()
+            ),
             first_send_ms=data.get("first_send_ms"),
+            first_ack_ms=data.get("first_ack_ms"),
             last_ack_ms=data.get("last_ack_ms"),
             last_recv_ms=data.get("last_recv_ms"),
         )
@@ -175,7 +191,8 @@ class Partial:
         lost_entries (up to 20 acked entries some expected device never got: conv, seq, devices that
         got it, devices expected), order_violations, unexpected_deliveries (by devices that are not
         members), delivered_unacked
-        (deliveries of entries whose ack the driver never got), ack_latency_ms, delivery_latency_ms."""
+        (deliveries of entries whose ack the driver never got), ack_latency_ms, delivery_latency_ms,
+        ack_latency_from_schedule_ms, delivery_latency_from_schedule_ms."""
         acked = sum(len(seqs) for seqs in self.acked.values())
         expected = delivered = 0
         short: list[dict[str, Any]] = []  # entries some expected device never got, for diagnosis
@@ -209,6 +226,8 @@ class Partial:
             "delivered_unacked": delivered_unacked,
             "ack_latency_ms": latency_summary(self.ack_hist),
             "delivery_latency_ms": latency_summary(self.delivery_hist),
+            "ack_latency_from_schedule_ms": latency_summary(self.ack_sched_hist),
+            "delivery_latency_from_schedule_ms": latency_summary(self.delivery_sched_hist),
         }
 
 
@@ -251,7 +270,10 @@ def merge(partials: Iterable[Partial]) -> Partial:
         out.unexpected += p.unexpected
         out.ack_hist.add(p.ack_hist)
         out.delivery_hist.add(p.delivery_hist)
+        out.ack_sched_hist.add(p.ack_sched_hist)
+        out.delivery_sched_hist.add(p.delivery_sched_hist)
         out.first_send_ms = _min(out.first_send_ms, p.first_send_ms)
+        out.first_ack_ms = _min(out.first_ack_ms, p.first_ack_ms)
         out.last_ack_ms = _max(out.last_ack_ms, p.last_ack_ms)
         out.last_recv_ms = _max(out.last_recv_ms, p.last_recv_ms)
     return out
@@ -270,6 +292,7 @@ class Recorder:
         self._seen: dict[tuple[str, str], _SeqSet] = {}
         self._last: dict[tuple[str, str], int] = {}
         self._send_ms: dict[tuple[str, int], float] = {}
+        self._sched_ms: dict[tuple[str, int], float] = {}
         if recipients is not None:
             self.set_recipients(recipients)
 
@@ -289,20 +312,34 @@ class Recorder:
         self._part.sent += n
         self._part.first_send_ms = _min(self._part.first_send_ms, at_ms)
 
-    def add_ack(self, conv: str, seq: int, send_ms: float, ack_ms: float) -> None:
-        """Record the ack of entry (``conv``, ``seq``), sent at ``send_ms``, acked at ``ack_ms``."""
+    def add_ack(self, conv: str, seq: int, send_ms: float, ack_ms: float, scheduled_ms: float | None = None) -> None:
+        """Record the ack of entry (``conv``, ``seq``), sent at ``send_ms``, acked at ``ack_ms``; with
+        ``scheduled_ms`` (when the send was due) also its latency from the schedule."""
         p = self._part
         p.acked.setdefault(conv, set()).add(seq)
         _record_ms(p.ack_hist, ack_ms - send_ms)
+        if scheduled_ms is not None:
+            _record_ms(p.ack_sched_hist, ack_ms - scheduled_ms)
+            self._sched_ms[(conv, seq)] = scheduled_ms
         p.last_ack_ms = _max(p.last_ack_ms, ack_ms)
+        p.first_ack_ms = _min(p.first_ack_ms, ack_ms)
         p.first_send_ms = _min(p.first_send_ms, send_ms)
         self._send_ms[(conv, seq)] = send_ms
 
-    def add_receipt(self, device: str, conv: str, seq: int, recv_ms: float, send_ms: float | None = None) -> None:
+    def add_receipt(
+        self,
+        device: str,
+        conv: str,
+        seq: int,
+        recv_ms: float,
+        send_ms: float | None = None,
+        scheduled_ms: float | None = None,
+    ) -> None:
         """Record that the application of ``device`` received (``conv``, ``seq``) at ``recv_ms``.
 
         ``send_ms`` (from the message meta) gives the delivery latency; when None, the send time of a
-        local ack of the same entry is used, if any.
+        local ack of the same entry is used, if any. ``scheduled_ms`` (meta ``s``, or a local ack's)
+        gives the delivery latency from the schedule in the same way.
         """
         p = self._part
         p.receipts += 1
@@ -327,9 +364,14 @@ class Recorder:
             send_ms = self._send_ms.get((conv, seq))
         if send_ms is not None:
             _record_ms(p.delivery_hist, recv_ms - send_ms)
+        if scheduled_ms is None:
+            scheduled_ms = self._sched_ms.get((conv, seq))
+        if scheduled_ms is not None:
+            _record_ms(p.delivery_sched_hist, recv_ms - scheduled_ms)
 
     def record_msg(self, device: str, msg: Mapping[str, Any], recv_ms: float) -> bool:
-        """Record a delivered ``msg`` map if it is a driver entry (kind != system, ``meta.t`` present).
+        """Record a delivered ``msg`` map if it is a driver entry (kind != system, ``meta.t`` present;
+        ``meta.s``, the scheduled send time, is used when present).
 
         Returns True when it was recorded.
         """
@@ -338,7 +380,9 @@ class Recorder:
         meta = msg.get("meta")
         if not isinstance(meta, Mapping) or not isinstance(meta.get("t"), (int, float)):
             return False
-        self.add_receipt(device, str(msg["conv"]), int(msg["seq"]), recv_ms, float(meta["t"]))
+        sched = meta.get("s")
+        scheduled_ms = float(sched) if isinstance(sched, (int, float)) else None
+        self.add_receipt(device, str(msg["conv"]), int(msg["seq"]), recv_ms, float(meta["t"]), scheduled_ms)
         return True
 
     def partial(self) -> Partial:

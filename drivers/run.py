@@ -8,7 +8,9 @@ for its share of the users (one :class:`~im_actors.client.Client` each, device `
    ``group.info`` and add anyone missing); the processes exchange the group conversation ids;
 3. start together at a common wall-clock time ``t0`` and issue each send at ``t0 + at_s``, keeping each
    sender's sends in order (a sender waits for its previous ack; senders do not wait for each other),
-   with ``meta = {"t": send_ms}`` and a cmid unique in the run;
+   with ``meta = {"t": send_ms, "s": scheduled_ms}`` and a cmid unique in the run; with
+   ``open_loop=True`` every send is instead issued at its time as a task of its own, whatever is still
+   waiting for an ack (the open-loop load of wrk2: the offered rate does not bend to the server's);
 4. once every process has finished sending: every client catches up (``convs`` + ``sync``), then the
    process waits until deliveries stop changing (or ``drain_timeout_s``);
 5. each process hands its :class:`~drivers.oracle.Partial` to the parent, which merges them and builds
@@ -63,7 +65,9 @@ class RunOptions:
     ``run_id`` prefixes user ids, group names and cmids (fresh per run); ``drain_timeout_s`` bounds the
     final catch-up and wait for deliveries; ``quiet_s`` is how long deliveries must stay unchanged to
     end the drain early; ``send_deadline_s`` is each send's retry deadline; ``connect_concurrency``
-    bounds simultaneous connects per process; ``setup_timeout_s`` bounds connecting and group creation.
+    bounds simultaneous connects per process; ``setup_timeout_s`` bounds connecting and group creation;
+    ``open_loop`` issues each send at its scheduled time without waiting for the sender's previous ack
+    (False: one send in flight per sender, the historical behaviour).
     """
 
     router_url: str
@@ -76,6 +80,7 @@ class RunOptions:
     connect_concurrency: int = 100
     setup_timeout_s: float = 120.0
     start_lead_s: float = 0.3
+    open_loop: bool = False
 
 
 # --- coordination between processes -----------------------------------------------------------------
@@ -233,27 +238,48 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
         recorder.set_recipients(plan.recipients(group_convs))
         t0: float = await coord.exchange("start", None)
 
+        async def issue(client: Client, s: PlannedSend, due: float) -> None:
+            conv = s.conv(group_convs)
+            send_ms = time.time() * 1000.0
+            due_ms = due * 1000.0
+            lag_hist.record_value(min(max(int((send_ms - due_ms) * 1000.0), 0), 3_600_000_000))
+            recorder.add_sent(1, send_ms)
+            inflight[0] += 1
+            inflight[1] = max(inflight[1], inflight[0])
+            try:
+                ack = await client.send(conv, s.body, cmid=f"{opts.run_id}.{s.index}", meta={"t": send_ms, "s": due_ms})
+            except Exception as exc:  # counted in the report; the run goes on
+                errors[type(exc).__name__] += 1
+                log.debug("send %d failed: %r", s.index, exc)
+            else:
+                recorder.add_ack(conv, ack.seq, send_ms, time.time() * 1000.0, due_ms)
+            finally:
+                inflight[0] -= 1
+            coord.progress(1)
+
+        async def until(due: float) -> None:
+            delay = due - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
         async def sender(client: Client, sends: list[PlannedSend]) -> None:
             for s in sends:
-                due = t0 + s.at_s
-                delay = due - time.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                conv = s.conv(group_convs)
-                send_ms = time.time() * 1000.0
-                lag_hist.record_value(min(max(int((send_ms - due * 1000.0) * 1000.0), 0), 3_600_000_000))
-                recorder.add_sent(1, send_ms)
-                try:
-                    ack = await client.send(conv, s.body, cmid=f"{opts.run_id}.{s.index}", meta={"t": send_ms})
-                except Exception as exc:  # counted in the report; the run goes on
-                    errors[type(exc).__name__] += 1
-                    log.debug("send %d failed: %r", s.index, exc)
-                else:
-                    recorder.add_ack(conv, ack.seq, send_ms, time.time() * 1000.0)
-                coord.progress(1)
+                await until(t0 + s.at_s)
+                await issue(client, s, t0 + s.at_s)
 
-        by_sender = plan.sends_by_sender()
-        await asyncio.gather(*(sender(clients[u], by_sender[u]) for u in users if u in by_sender))
+        async def scheduler(sends: list[PlannedSend]) -> None:
+            tasks: list[asyncio.Task[None]] = []
+            for s in sends:
+                await until(t0 + s.at_s)
+                tasks.append(asyncio.create_task(issue(clients[s.sender], s, t0 + s.at_s)))
+            await asyncio.gather(*tasks)
+
+        inflight = [0, 0]  # sends awaiting their ack now, and the most at once
+        if opts.open_loop:
+            await scheduler([s for s in plan.sends if s.sender in clients])
+        else:
+            by_sender = plan.sends_by_sender()
+            await asyncio.gather(*(sender(clients[u], by_sender[u]) for u in users if u in by_sender))
         coord.flush()
         await coord.exchange("sent", None)
 
@@ -281,6 +307,7 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
         "stages": stages.encode(),
         "drained": drained,
         "t0": t0,
+        "max_inflight": inflight[1],
     }
 
 
@@ -356,6 +383,11 @@ def build_report(plan: Plan, results: Sequence[dict[str, Any]], processes: int, 
     t0 = min(r["t0"] for r in results)
     t0_ms = t0 * 1000.0
     send_phase_s = max((partial.last_ack_ms - t0_ms) / 1000.0, 0.0) if partial.last_ack_ms is not None else 0.0
+    ack_span_s = (
+        (partial.last_ack_ms - partial.first_ack_ms) / 1000.0
+        if partial.last_ack_ms is not None and partial.first_ack_ms is not None
+        else 0.0
+    )
     delivery_s = max((partial.last_recv_ms - t0_ms) / 1000.0, 0.0) if partial.last_recv_ms is not None else 0.0
     lag = new_histogram()
     stats: Counter[str] = Counter({k: 0 for k in _COUNTERS})
@@ -380,6 +412,10 @@ def build_report(plan: Plan, results: Sequence[dict[str, Any]], processes: int, 
             "client_counters": dict(stats),
             "send_errors": dict(errors),
             "drained": all(r["drained"] for r in results),
+            "t0_s": round(t0, 3),
+            "ack_span_s": round(ack_span_s, 3),
+            "acks_per_s": round((report["acked"] - 1) / ack_span_s, 3) if ack_span_s > 0 else 0.0,
+            "sends_in_flight_max": max((int(r.get("max_inflight", 0)) for r in results), default=0),
             "workload": plan.summary(),
         }
     )
@@ -410,6 +446,7 @@ async def run_workload_async(
         results = await asyncio.to_thread(_run_processes, plan, parts, opts, progress)
     report = build_report(plan, results, len(parts), time.monotonic() - started)
     report["run_id"] = run_id
+    report["open_loop"] = opts.open_loop
     return report
 
 
@@ -434,12 +471,18 @@ def run_workload(
     ``order_violations``, ``unexpected_deliveries``, ``delivered_unacked``, ``clients``, ``processes``,
     ``duration_s`` (send phase: start to last ack), ``total_s`` (the whole run, setup and drain
     included), ``throughput_msgs_per_s`` (acked / duration_s), ``deliveries_per_s`` (delivered / start
-    to last delivery), ``ack_latency_ms`` and ``delivery_latency_ms`` and ``schedule_lag_ms`` (each
-    ``{"p50", "p95", "p99", "max", "mean", "count"}``), ``reconnects``, ``client_counters``,
+    to last delivery), ``ack_latency_ms`` and ``delivery_latency_ms`` (from the actual send),
+    ``ack_latency_from_schedule_ms`` and ``delivery_latency_from_schedule_ms`` (from the scheduled send
+    time: coordinated-omission corrected) and ``schedule_lag_ms`` (actual - scheduled send time; each
+    ``{"p50", "p95", "p99", "max", "mean", "count"}``), ``open_loop``, ``sends_in_flight_max`` (the most
+    sends one driver process had awaiting their ack at once), ``t0_s`` (the common start, s since the
+    epoch), ``ack_span_s`` (first to last ack) and ``acks_per_s`` ((acked - 1) / ack_span_s: the rate
+    acks came in at, which a constant latency does not lower as it lowers ``throughput_msgs_per_s``),
+    ``reconnects``, ``client_counters``,
     ``send_errors`` (exception name -> count), ``stages`` (the per-step breakdown of sends the
     server traced, :meth:`drivers.stages.StageRecorder.report`; empty without ``trace_sample``),
-    ``drained`` (every client caught up and deliveries went quiet before the drain timeout),
-    ``workload`` (the plan's summary), ``run_id``.
+    ``drained`` (every client caught up and deliveries
+    went quiet before the drain timeout), ``workload`` (the plan's summary), ``run_id``.
 
     Must not be called from a running event loop: use :func:`run_workload_async` there.
     """
@@ -457,6 +500,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds")
     p.add_argument("--send-deadline", type=float, default=30.0, help="seconds")
     p.add_argument("--json-subprotocol", action="store_true", help="speak im.v1.json instead of msgpack")
+    p.add_argument(
+        "--open-loop", action="store_true", help="issue every send on schedule, not waiting for the previous ack"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", help="also write the report to this file")
     sub = p.add_subparsers(dest="workload", required=True)
@@ -503,6 +549,7 @@ async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "send_deadline_s": args.send_deadline,
         "subprotocol": SUBPROTOCOL_JSON if args.json_subprotocol else SUBPROTOCOL_MSGPACK,
+        "open_loop": args.open_loop,
     }
     workload = _workload_from_args(args)
     if args.fake_hubs:

@@ -124,6 +124,9 @@ class FakeServer:
         self.duplicate_fanout = False
         #: Seconds every ``sync`` answer is held back.
         self.sync_delay_s = 0.0
+        #: Seconds every send's ack is held back after its commit and fan-out (the connection's other
+        #: requests go on meanwhile): a slow commit path, for open-loop drivers.
+        self.ack_delay_s = 0.0
         #: When False the router answers 503 ``no_hub``.
         self.router_up = True
         self._runner: web.AppRunner | None = None
@@ -289,7 +292,15 @@ class FakeServer:
             conn.push(exc.frame(rid))
             return
         if answer is not None and req.id is not None:
-            conn.push({**answer, "id": req.id})
+            if req.t == "send" and self.ack_delay_s > 0:
+                self._spawn(self._push_later(conn, {**answer, "id": req.id}, self.ack_delay_s))
+            else:
+                conn.push({**answer, "id": req.id})
+
+    @staticmethod
+    async def _push_later(conn: _Conn, frame: dict[str, Any], delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        conn.push(frame)
 
     async def _answer(self, conn: _Conn, t: str, f: dict[str, Any]) -> dict[str, Any] | None:
         user = conn.user

@@ -117,6 +117,30 @@ async def test_replay_in_two_processes(fake: FakeServer, tmp_path: Path) -> None
     assert sorted(i for seq in by_sender.values() for i in seq) == list(range(60))
 
 
+async def test_open_loop_sends_on_schedule_behind_a_slow_ack(fake: FakeServer) -> None:
+    # one sender, five sends 10 ms apart, every ack held back 300 ms
+    fake.ack_delay_s = 0.3
+    plan = Plan("t", ("a", "b"), (), tuple(PlannedSend(i, i * 0.01, "a", f"m{i}", peer="b") for i in range(5)), 0.04)
+    closed = await run_workload_async(fake.router_url, plan, progress=False, drain_timeout_s=5.0, quiet_s=0.2)
+    opened = await run_workload_async(
+        fake.router_url, plan, progress=False, drain_timeout_s=5.0, quiet_s=0.2, open_loop=True
+    )
+    for report in (closed, opened):
+        assert (report["sent"], report["acked"], report["lost"], report["duplicates"]) == (5, 5, 0, 0)
+        assert report["delivered"] == report["expected_deliveries"] == 10
+        assert report["ack_latency_ms"]["count"] == report["ack_latency_from_schedule_ms"]["count"] == 5
+        assert report["delivery_latency_from_schedule_ms"]["count"] == 10
+        assert report["ack_latency_ms"]["p50"] >= 300.0  # the held-back ack, measured from the actual send
+        assert 0 < report["ack_span_s"] <= report["duration_s"] and report["acks_per_s"] > 0
+    # closed loop: one send in flight; the fifth waited for four acks, which only the schedule shows
+    assert (closed["open_loop"], closed["sends_in_flight_max"]) == (False, 1)
+    # (it was due at 40 ms, issued after four acks, >= 1200 ms, and acked >= 300 ms later)
+    assert closed["ack_latency_from_schedule_ms"]["max"] >= 5 * 300.0 - 40.0
+    assert closed["schedule_lag_ms"]["max"] >= 4 * 300.0 - 40.0
+    # open loop: the sends went out while the first ack was still held back
+    assert opened["open_loop"] is True and opened["sends_in_flight_max"] > 1
+
+
 def test_split_users_balances_sends() -> None:
     sends = [PlannedSend(i, 0.0, "heavy", "x", peer="b") for i in range(10)]
     sends += [PlannedSend(10 + i, 0.0, u, "x", peer="heavy") for i, u in enumerate("bcde")]
@@ -194,3 +218,13 @@ def test_stage_recorder_steps_add_up_and_merge() -> None:
     assert abs(rep["steps"]["committed"]["p50"] - 7.0) < 0.01  # HdrHistogram: 3 significant digits
     assert rep["steps"]["hub_queued"]["count"] == 2
     assert abs(sum(s["p50"] for s in rep["steps"].values()) - 14.0) < 0.05
+
+
+def test_cli_open_loop(capsys: pytest.CaptureFixture[str]) -> None:
+    from drivers.run import main
+
+    argv = ["--fake-hubs", "1", "--open-loop", "--no-progress", "synthetic", "--users", "3", "--rate", "20"]
+    assert main([*argv, "--duration", "0.5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["open_loop"] is True and report["acked"] == report["sent"] == 10 and report["lost"] == 0
+    assert report["ack_latency_from_schedule_ms"]["count"] == 10

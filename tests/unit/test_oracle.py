@@ -140,3 +140,48 @@ def test_large_seqs_and_many_duplicates() -> None:
         rec.add_receipt(A, "c", seq, 2.0, 0.0)
     r = rec.partial().report()
     assert (r["acked"], r["delivered"], r["lost"], r["duplicates"], r["order_violations"]) == (20000, 20000, 0, 3, 3)
+
+
+def test_latency_from_the_schedule() -> None:
+    # one send due at 1000, issued 50 ms late at 1050, acked at 1060, received at 1070
+    rec = Recorder({"c1": [A]})
+    rec.add_sent(1, 1050.0)
+    rec.add_ack("c1", 1, 1050.0, 1060.0, scheduled_ms=1000.0)
+    assert rec.record_msg(A, {"conv": "c1", "seq": 1, "kind": "text", "meta": {"t": 1050.0, "s": 1000.0}}, 1070.0)
+    r = rec.partial().report()
+    assert r["ack_latency_ms"]["p50"] == pytest.approx(10.0, rel=0.01)
+    assert r["ack_latency_from_schedule_ms"]["p50"] == pytest.approx(60.0, rel=0.01)
+    assert r["delivery_latency_ms"]["p50"] == pytest.approx(20.0, rel=0.01)
+    assert r["delivery_latency_from_schedule_ms"]["p50"] == pytest.approx(70.0, rel=0.01)
+    # without meta "s" the local ack's schedule stands in, as the local send time does for meta "t"
+    rec2 = Recorder({"c1": [A]})
+    rec2.add_ack("c1", 1, 1050.0, 1060.0, scheduled_ms=1000.0)
+    rec2.add_receipt(A, "c1", 1, 1080.0)
+    assert rec2.partial().report()["delivery_latency_from_schedule_ms"]["max"] == pytest.approx(80.0, rel=0.01)
+
+
+def test_no_schedule_leaves_the_corrected_latencies_empty() -> None:
+    r = _recorder(ACKED, RECEIVED).partial().report()
+    assert r["ack_latency_from_schedule_ms"]["count"] == 0
+    assert r["delivery_latency_from_schedule_ms"]["count"] == 0
+    assert r["ack_latency_ms"]["count"] == len(ACKED)
+
+
+def test_partial_from_a_dict_without_schedule_histograms() -> None:
+    # a partial shipped by a driver of before the schedule histograms still merges
+    rec = Recorder({"c1": [A]})
+    rec.add_ack("c1", 1, 0.0, 1.0, scheduled_ms=0.0)
+    data = rec.partial().to_dict()
+    old = {k: v for k, v in data.items() if k not in ("ack_sched_hist", "delivery_sched_hist")}
+    merged = merge([Partial.from_dict(old), Partial.from_dict(data)]).report()
+    assert merged["ack_latency_ms"]["count"] == 2
+    assert merged["ack_latency_from_schedule_ms"]["count"] == 1
+
+
+def test_first_ack_time_merges_as_the_earliest() -> None:
+    a, b = Recorder({"c1": [A]}), Recorder({"c1": [A]})
+    a.add_ack("c1", 1, 100.0, 150.0)
+    a.add_ack("c1", 2, 100.0, 120.0)
+    b.add_ack("c1", 3, 100.0, 110.0)
+    merged = merge([Partial.from_dict(a.partial().to_dict()), b.partial()])
+    assert (merged.first_ack_ms, merged.last_ack_ms) == (110.0, 150.0)
