@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from pymongo.errors import PyMongoError
 
 from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.contacts import accepted_contacts
-from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, CloseConnection, Unavailable
+from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, CloseConnection, StorageUnavailable, Unavailable
 from im_actors.push.planner import JobSink, PushPlanner
 from im_actors.refs import Peers
 from im_actors.store import Store
@@ -209,26 +208,17 @@ class SessionShard:
         todo = [u for u in users if self._session(u).tokens is None]
         if not todo:
             return
-        found: dict[str, dict[str, tuple[str, str]]] = {u: {} for u in todo}
-        async for doc in self.store.db["devices"].find({"user": {"$in": todo}}):
-            found[doc["user"]][doc["device"]] = (doc["provider"], doc["_id"])
+        found = await self.store.push_tokens(todo)  # in bounded pieces, one bulk read at a time
         for u, tokens in found.items():
             self._session(u).tokens = tokens
 
     async def register_push(self, user: str, device: str, provider: str, token: str) -> None:
         """Give ``token`` to (``user``, ``device``): it leaves any other holder; one token per device.
 
-        Raises :class:`Unavailable` when MongoDB does not answer.
+        Raises :class:`StorageUnavailable` when MongoDB does not answer.
         """
-        devices = self.store.db["devices"]
-        try:
-            await devices.delete_many({"user": user, "device": device, "_id": {"$ne": token}})
-            await devices.update_one(
-                {"_id": token}, {"$set": {"user": user, "device": device, "provider": provider}}, upsert=True
-            )
-            await self._load_tokens([user])
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        await self.store.register_token(user, device, provider, token)
+        await self._load_tokens([user])
         s = self._session(user)
         assert s.tokens is not None
         s.tokens[device] = (provider, token)
@@ -254,11 +244,9 @@ class SessionShard:
         return dropped
 
     async def unregister_push(self, user: str, device: str) -> None:
-        """Remove the push token of (``user``, ``device``)."""
-        try:
-            await self.store.db["devices"].delete_many({"user": user, "device": device})
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        """Remove the push token of (``user``, ``device``); :class:`StorageUnavailable` when MongoDB
+        does not answer."""
+        await self.store.unregister_tokens(user, device)
         s = self._session(user)
         if s.tokens is not None:
             s.tokens.pop(device, None)
@@ -275,7 +263,7 @@ class SessionShard:
             unknown = {u for _, users in items for u in users if self._session(u).tokens is None}
             try:
                 await self._load_tokens(sorted(unknown))
-            except PyMongoError as exc:
+            except StorageUnavailable as exc:
                 log.warning("push tokens not loaded (%s): offline pushes of this batch skipped", exc)
         self._route(items)
 

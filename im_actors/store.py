@@ -13,14 +13,30 @@ lowered).
 How a commit ends (:class:`CommitResult`): entries are inserted *in order*, so a commit always
 settles as a committed prefix, optionally followed by one conflicting entry (its cmid is already
 stored, or its seq is taken), the rest not written. A timeout is ambiguous: it is settled by
-reading back, never by guessing; only when even that fails is :class:`Unavailable` raised, and then
+reading back, never by guessing; only when even that fails is :class:`StorageUnavailable` raised, and then
 the caller must re-seed the conversation from storage before assigning seqs again.
+
+The one door to storage: every MongoDB collection (``messages``, ``groups``, ``contacts``,
+``devices``, ``user_convs``, ``cursors``) is read and written here and nowhere else, and every
+MongoDB or Redis error is turned into :class:`~im_actors.errors.StorageUnavailable` in one place,
+:func:`storage_errors` (as httpcore's ``map_exceptions`` does at its boundary). Callers catch our
+errors only.
+
+Bulk work (DESIGN.md section 4; issue 14, defect 2): an operation whose size a client chooses (a
+9,999-member group's user_convs rows, the push tokens of a big fan-out, a 500-entry sync) is cut
+into pieces of at most :data:`BULK_CHUNK` ids (:data:`READ_CHUNK` entries for reads), so one
+storage call stays small and a commit from anywhere waits behind at most one piece at the server;
+and an operation over :data:`BULK_MIN` ids holds this store's bulk lock, so bulk operations of one
+actor run one at a time instead of in parallel with each other. Commits never take that lock.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,15 +49,61 @@ from pymongo.errors import BulkWriteError, PyMongoError
 from redis.exceptions import RedisError
 
 from im_actors.config import Config
-from im_actors.errors import Unavailable
+from im_actors.errors import StorageUnavailable
 
-__all__ = ["Store", "CommitResult", "StoreWriter", "SEQ_INDEX", "CMID_INDEX", "mongo_client", "redis_client"]
+__all__ = [
+    "Store",
+    "CommitResult",
+    "StoreWriter",
+    "SEQ_INDEX",
+    "CMID_INDEX",
+    "BULK_CHUNK",
+    "BULK_MIN",
+    "READ_CHUNK",
+    "mongo_client",
+    "redis_client",
+    "storage_errors",
+    "chunks",
+]
 
 log = logging.getLogger(__name__)
 
 SEQ_INDEX = "conv_seq"
 CMID_INDEX = "conv_sender_cmid"
 _ENTRY_FIELDS = ("conv", "seq", "sender", "cmid", "ts", "kind", "body", "meta")
+
+#: The most ids (user ids, rows) one storage call carries; bigger work is cut into pieces.
+BULK_CHUNK = 500
+#: The most entries one read of a range carries (entries are up to ``max_body_bytes`` each).
+READ_CHUNK = 100
+#: Work on more ids than this is bulk work: it holds the store's bulk lock (one at a time).
+BULK_MIN = 64
+
+
+@contextlib.contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Turn a MongoDB or Redis error raised in the block into :class:`StorageUnavailable`.
+
+    ``what`` names the operation for the log and the answer (``"group read"``, ...): never an
+    actor name, since the message reaches clients. The one place where storage errors are mapped
+    (STYLE.md rule 8); everything else catches our errors. Other exceptions pass unchanged (a
+    document BSON cannot encode is a bug upstream of here and is answered ``internal``).
+    """
+    try:
+        yield
+    except PyMongoError as exc:
+        log.info("MongoDB %s failed: %r", what, exc)
+        raise StorageUnavailable(f"MongoDB unreachable: {what} failed ({type(exc).__name__})") from exc
+    except RedisError as exc:
+        log.info("Redis %s failed: %r", what, exc)
+        raise StorageUnavailable(f"Redis unreachable: {what} failed ({type(exc).__name__})") from exc
+
+
+def chunks(items: Sequence[Any], size: int = BULK_CHUNK) -> Iterator[Sequence[Any]]:
+    """``items`` in consecutive pieces of at most ``size`` (>= 1)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
 
 # Sets KEYS[1] to ARGV[1] unless it already holds a larger number: the last seq never goes back.
 _SET_MAX = """
@@ -97,22 +159,38 @@ class Store:
         self._mongo = mongo_client(config)
         self.db = self._mongo[config.mongo_db]
         self.messages = self.db["messages"]
+        self._groups = self.db["groups"]
+        self._contacts = self.db["contacts"]
+        self._devices = self.db["devices"]
+        self._user_convs = self.db["user_convs"]
+        self._cursors = self.db["cursors"]
         self.redis = redis_client(config)
         self._prefix = config.key_prefix
-        self.stats: dict[str, float] = {"commits": 0, "mongo_ms_total": 0.0, "redis_ms_total": 0.0}
+        self._bulk = asyncio.Semaphore(1)
+        self.stats: dict[str, float] = {"commits": 0, "mongo_ms_total": 0.0, "redis_ms_total": 0.0, "bulk_waits": 0}
 
     async def setup(self) -> None:
-        """Create the indexes (idempotent). Raises :class:`Unavailable` when MongoDB does not answer."""
-        try:
+        """Create the indexes (idempotent). Raises :class:`StorageUnavailable` when MongoDB does not answer."""
+        with storage_errors("index setup"):
             await self.messages.create_index([("conv", 1), ("seq", 1)], unique=True, name=SEQ_INDEX)
             await self.messages.create_index([("conv", 1), ("sender", 1), ("cmid", 1)], unique=True, name=CMID_INDEX)
-            await self.db["groups"].create_index([("members", 1)])
-            await self.db["user_convs"].create_index([("user", 1)])
-            await self.db["devices"].create_index([("user", 1), ("device", 1)])
-            await self.db["cursors"].create_index([("user", 1)])
-            await self.db["contacts"].create_index([("user", 1)])
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {exc}") from exc
+            await self._groups.create_index([("members", 1)])
+            await self._user_convs.create_index([("user", 1)])
+            await self._devices.create_index([("user", 1), ("device", 1)])
+            await self._cursors.create_index([("user", 1)])
+            await self._contacts.create_index([("user", 1)])
+
+    @contextlib.asynccontextmanager
+    async def _bulk_work(self, n: int) -> AsyncIterator[None]:
+        """Hold the bulk lock for work on ``n`` ids when ``n`` > :data:`BULK_MIN` (small work,
+        and every commit, never waits for it)."""
+        if n <= BULK_MIN:
+            yield
+            return
+        if self._bulk.locked():
+            self.stats["bulk_waits"] += 1
+        async with self._bulk:
+            yield
 
     async def close(self) -> None:
         """Close both clients."""
@@ -130,8 +208,8 @@ class Store:
     async def commit(self, entries: list[dict[str, Any]]) -> CommitResult:
         """Commit ``entries`` (ordered by conv, then seq) to MongoDB, then Redis.
 
-        Returns a :class:`CommitResult`; raises :class:`Unavailable` when MongoDB could neither
-        take the write nor be read back (the outcome is then unknown).
+        Returns a :class:`CommitResult`; raises :class:`StorageUnavailable` when MongoDB could
+        neither take the write nor be read back (the outcome is then unknown).
         """
         if not entries:
             return CommitResult(0)
@@ -141,7 +219,7 @@ class Store:
             result = CommitResult(len(entries))
         except BulkWriteError as exc:
             result = await self._settle_conflict(entries, exc)
-        except PyMongoError as exc:
+        except PyMongoError as exc:  # any other: ambiguous, settled by reading back
             log.warning("commit of %d entries ambiguous (%s); reading back", len(entries), type(exc).__name__)
             result = await self._read_back(entries)
         cached = time.perf_counter()
@@ -158,12 +236,13 @@ class Store:
         if not errors:  # only a write-concern error: what was written is settled by reading back
             return await self._read_back(entries)
         if errors[0].get("code") != 11000:
-            raise Unavailable(f"MongoDB refused the commit: {errors[:1]}") from exc
+            log.warning("MongoDB refused a commit: %s", errors[:1])
+            raise StorageUnavailable(f"MongoDB refused the commit (code {errors[0].get('code')})") from exc
         index = int(errors[0].get("index", n_ok))
         bad = entries[index]
         message = str(errors[0].get("errmsg", ""))
         key_pattern = errors[0].get("keyPattern") or {}
-        try:
+        with storage_errors("commit conflict read"):
             if CMID_INDEX in message or "cmid" in key_pattern:
                 existing = await self.messages.find_one(
                     {"conv": bad["conv"], "sender": bad["sender"], "cmid": bad["cmid"]}
@@ -171,11 +250,9 @@ class Store:
                 if existing is not None:
                     return CommitResult(index, "cmid", _clean(existing))
             return CommitResult(index, "seq", None, await self._mongo_last(bad["conv"]))
-        except PyMongoError as exc2:
-            raise Unavailable(f"MongoDB: {exc2}") from exc2
 
     async def _read_back(self, entries: list[dict[str, Any]]) -> CommitResult:
-        try:
+        with storage_errors("commit read-back"):
             committed = 0
             for entry in entries:
                 doc = await self.messages.find_one({"conv": entry["conv"], "seq": entry["seq"]})
@@ -185,8 +262,6 @@ class Store:
                     return CommitResult(committed, "seq", None, await self._mongo_last(entry["conv"]))
                 committed += 1
             return CommitResult(committed)
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
 
     async def _cache(self, entries: list[dict[str, Any]]) -> None:
         if not entries:
@@ -209,34 +284,131 @@ class Store:
             log.warning("Redis cache write failed: %s", exc)
 
     async def add_user_convs(self, conv: str, users: list[str]) -> None:
-        """Record that each of ``users`` belongs to ``conv`` (for ``convs``); idempotent."""
+        """Record that each of ``users`` belongs to ``conv`` (for ``convs``); idempotent.
+
+        Cut into upserts of at most :data:`BULK_CHUNK` users; over :data:`BULK_MIN` users it is
+        bulk work (one at a time per store). Raises :class:`StorageUnavailable`; a resend
+        converges (the pieces written stay written, and are written again harmlessly).
+        """
         if not users:
             return
-        ops = [
-            pymongo.UpdateOne({"_id": f"{u}|{conv}"}, {"$set": {"user": u, "conv": conv}}, upsert=True) for u in users
-        ]
-        try:
-            await self.db["user_convs"].bulk_write(ops, ordered=False)
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        async with self._bulk_work(len(users)):
+            for piece in chunks(users):
+                ops = [
+                    pymongo.UpdateOne({"_id": f"{u}|{conv}"}, {"$set": {"user": u, "conv": conv}}, upsert=True)
+                    for u in piece
+                ]
+                with storage_errors("user_convs write"):
+                    await self._user_convs.bulk_write(ops, ordered=False)
 
     async def user_convs(self, user: str) -> tuple[list[str], dict[str, int]]:
         """The conversations of ``user`` and the user's read cursor in each: ``(convs, {conv: seq})``."""
-        try:
-            convs = [d["conv"] async for d in self.db["user_convs"].find({"user": user}, {"conv": 1})]
-            reads = {d["conv"]: int(d["seq"]) async for d in self.db["cursors"].find({"user": user})}
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        with storage_errors("user_convs read"):
+            convs = [d["conv"] async for d in self._user_convs.find({"user": user}, {"conv": 1})]
+            reads = {d["conv"]: int(d["seq"]) async for d in self._cursors.find({"user": user})}
         return convs, reads
 
     async def set_read(self, user: str, conv: str, seq: int) -> None:
         """Move ``user``'s read cursor in ``conv`` to ``seq``; it never moves backwards."""
-        try:
-            await self.db["cursors"].update_one(
+        with storage_errors("cursor write"):
+            await self._cursors.update_one(
                 {"_id": f"{user}|{conv}"}, {"$max": {"seq": seq}, "$set": {"user": user, "conv": conv}}, upsert=True
             )
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+
+    # --- groups (documents are checkpoints of the group's system entries: groups.py) ----------
+
+    async def group_doc(self, gid: str) -> dict[str, Any] | None:
+        """The stored document of group ``gid`` (``{_id, members, roles, seq, name, ...}``), or None."""
+        with storage_errors("group read"):
+            return await self._groups.find_one({"_id": gid})
+
+    async def insert_group(self, doc: dict[str, Any]) -> None:
+        """Store a new group document (``doc["_id"]`` is the group id)."""
+        with storage_errors("group write"):
+            await self._groups.insert_one(doc)
+
+    async def checkpoint_group(self, gid: str, fields: dict[str, Any]) -> None:
+        """Set ``fields`` on the document of ``gid`` (a checkpoint at ``fields["seq"]``). One
+        document cannot be cut, so a big one (over :data:`BULK_MIN` members) is bulk work."""
+        async with self._bulk_work(len(fields.get("members") or ())):
+            with storage_errors("group write"):
+                await self._groups.update_one({"_id": gid}, {"$set": fields})
+
+    # --- contacts (one document per side: {_id: "<user>|<other>", user, other, state, ms}) ----
+
+    async def contact_states(self, a: str, b: str) -> tuple[str | None, str | None]:
+        """The states of both sides of the pair: ``(a's side, b's side)``, None where there is none."""
+        with storage_errors("contacts read"):
+            docs = [d async for d in self._contacts.find({"_id": {"$in": [f"{a}|{b}", f"{b}|{a}"]}})]
+        by_id = {d["_id"]: d.get("state") for d in docs}
+        return by_id.get(f"{a}|{b}"), by_id.get(f"{b}|{a}")
+
+    async def set_contact_sides(self, sides: list[tuple[str, str, str | None]], ms: int) -> None:
+        """Write sides ``[(user, other, state or None to delete)]`` in order, in one call.
+
+        Raises :class:`StorageUnavailable`; part of it may then be written (contacts.py converges).
+        """
+        ops: list[Any] = []
+        for user, other, state in sides:
+            if state is None:
+                ops.append(pymongo.DeleteOne({"_id": f"{user}|{other}"}))
+            else:
+                doc = {"user": user, "other": other, "state": state, "ms": ms}
+                ops.append(pymongo.UpdateOne({"_id": f"{user}|{other}"}, {"$set": doc}, upsert=True))
+        if ops:
+            with storage_errors("contacts write"):
+                await self._contacts.bulk_write(ops, ordered=True)
+
+    async def contacts_of(self, user: str) -> list[tuple[str, str]]:
+        """``[(other, state)]`` of ``user``'s side of every pair."""
+        with storage_errors("contacts read"):
+            return [(d["other"], d["state"]) async for d in self._contacts.find({"user": user})]
+
+    async def accepted_contacts(self, user: str) -> list[str]:
+        """The users whose pair with ``user`` is ``accepted`` on ``user``'s side."""
+        with storage_errors("contacts read"):
+            return [d["other"] async for d in self._contacts.find({"user": user, "state": "accepted"})]
+
+    # --- push tokens (devices: {_id: token, user, device, provider}) ----------------------------
+
+    async def push_tokens(self, users: Sequence[str]) -> dict[str, dict[str, tuple[str, str]]]:
+        """``{user: {device: (provider, token)}}`` for each of ``users`` (an empty map for a user
+        without tokens). Read in pieces of :data:`BULK_CHUNK` users; bulk work above
+        :data:`BULK_MIN`. Raises :class:`StorageUnavailable`."""
+        found: dict[str, dict[str, tuple[str, str]]] = {u: {} for u in users}
+        if not users:
+            return found
+        async with self._bulk_work(len(users)):
+            for piece in chunks(list(found)):
+                with storage_errors("push tokens read"):
+                    async for doc in self._devices.find({"user": {"$in": list(piece)}}):
+                        found.setdefault(doc["user"], {})[doc["device"]] = (doc["provider"], doc["_id"])
+        return found
+
+    async def register_token(self, user: str, device: str, provider: str, token: str) -> None:
+        """Give ``token`` to (``user``, ``device``): the device's other tokens go, and the token
+        leaves any other holder (``_id`` is the token)."""
+        with storage_errors("push token write"):
+            await self._devices.delete_many({"user": user, "device": device, "_id": {"$ne": token}})
+            await self._devices.update_one(
+                {"_id": token}, {"$set": {"user": user, "device": device, "provider": provider}}, upsert=True
+            )
+
+    async def unregister_tokens(self, user: str, device: str) -> None:
+        """Remove every push token of (``user``, ``device``)."""
+        with storage_errors("push token write"):
+            await self._devices.delete_many({"user": user, "device": device})
+
+    async def token_holder(self, token: str) -> tuple[str, str] | None:
+        """``(user, device)`` that ``token`` belongs to now, or None."""
+        with storage_errors("push token read"):
+            doc = await self._devices.find_one({"_id": token})
+        return None if doc is None else (str(doc.get("user")), str(doc.get("device")))
+
+    async def remove_token(self, token: str, user: str, device: str) -> None:
+        """Delete ``token`` if it still belongs to (``user``, ``device``) (an invalid token)."""
+        with storage_errors("push token write"):
+            await self._devices.delete_one({"_id": token, "user": user, "device": device})
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -254,38 +426,44 @@ class Store:
     async def last_seq(self, conv: str) -> int:
         """The conversation's last committed seq: the larger of Redis's and MongoDB's.
 
-        Raises :class:`Unavailable` when MongoDB does not answer (Redis alone is never trusted).
+        Raises :class:`StorageUnavailable` when MongoDB does not answer (Redis alone is never trusted).
         """
         try:
             raw = await self.redis.get(self._last_key(conv))
             redis_last = int(raw) if raw else 0
         except RedisError:
             redis_last = 0
-        try:
+        with storage_errors("last seq read"):
             mongo_last = await self._mongo_last(conv, redis_last)
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
         return max(mongo_last, redis_last)
 
     async def system_entries(self, conv: str, after: int) -> list[dict[str, Any]]:
         """The ``system`` entries of ``conv`` with seq > ``after``, ascending (membership changes
-        since a group document's checkpoint). Raises :class:`Unavailable` when MongoDB does not
-        answer: MongoDB is read, never Redis, since a change must never be missed."""
-        try:
+        since a group document's checkpoint). Raises :class:`StorageUnavailable` when MongoDB does
+        not answer: MongoDB is read, never Redis, since a change must never be missed."""
+        with storage_errors("system entries read"):
             cursor = self.messages.find({"conv": conv, "seq": {"$gt": after}, "kind": "system"})
             docs = [_clean(d) async for d in cursor]
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
         return sorted(docs, key=lambda d: int(d["seq"]))
 
     async def read_range(self, conv: str, after: int, upto: int) -> list[dict[str, Any]]:
         """Entries with ``after < seq <= upto``, ascending: Redis first, MongoDB for what it lacks.
 
-        Raises :class:`Unavailable` when an entry is in neither reachable store.
+        Read in pieces of :data:`READ_CHUNK` seqs (a 500-entry sync is five small reads, not one
+        big one). Raises :class:`StorageUnavailable` when an entry is in neither reachable store.
         """
         if upto <= after:
             return []
         seqs = list(range(after + 1, upto + 1))
+        async with self._bulk_work(len(seqs)):
+            out: list[dict[str, Any]] = []
+            for piece in chunks(seqs, READ_CHUNK):
+                out.extend(await self._read_piece(conv, list(piece)))
+        if len(out) != len(seqs):
+            raise StorageUnavailable(f"{conv}: {len(seqs) - len(out)} committed entries could not be read")
+        return out
+
+    async def _read_piece(self, conv: str, seqs: list[int]) -> list[dict[str, Any]]:
         found: dict[int, dict[str, Any]] = {}
         try:
             raws = await self.redis.mget([self._entry_key(conv, s) for s in seqs])
@@ -296,16 +474,11 @@ class Store:
             log.info("Redis read failed, reading MongoDB: %s", exc)
         missing = [s for s in seqs if s not in found]
         if missing:
-            try:
+            with storage_errors("history read"):
                 cursor = self.messages.find({"conv": conv, "seq": {"$gte": missing[0], "$lte": missing[-1]}})
                 async for doc in cursor:
                     found.setdefault(int(doc["seq"]), _clean(doc))
-            except PyMongoError as exc:
-                raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
-        out = [found[s] for s in seqs if s in found]
-        if len(out) != len(seqs):
-            raise Unavailable(f"{conv}: {len(seqs) - len(out)} committed entries could not be read")
-        return out
+        return [found[s] for s in seqs if s in found]
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
