@@ -39,7 +39,7 @@ from im_actors.config import Config
 from im_actors.contacts import ContactBook
 from im_actors.errors import BadRequest, Forbidden, StorageUnavailable
 from im_actors.membership import ROLES, Membership
-from im_actors.refs import Peers
+from im_actors.refs import Peers, answers_internal
 from im_actors.store import Store
 
 __all__ = ["GroupShard", "GroupShardActor", "NOT_A_GROUP_MEMBER"]
@@ -252,6 +252,7 @@ class GroupShard:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
+@answers_internal
 class GroupShardActor:
     """Ray shell of :class:`GroupShard` and of the :class:`ContactBook` it hosts."""
 

@@ -25,9 +25,9 @@ import ray
 from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.contacts import accepted_contacts
-from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, CloseConnection, StorageUnavailable, Unavailable
+from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, BadRequest, CloseConnection, StorageUnavailable, Unavailable
 from im_actors.push.planner import JobSink, PushPlanner
-from im_actors.refs import Peers
+from im_actors.refs import Peers, answers_internal
 from im_actors.store import Store
 
 __all__ = ["UserSession", "SessionShard", "SessionShardActor", "JobSink"]  # JobSink: from push.planner
@@ -215,8 +215,14 @@ class SessionShard:
     async def register_push(self, user: str, device: str, provider: str, token: str) -> None:
         """Give ``token`` to (``user``, ``device``): it leaves any other holder; one token per device.
 
-        Raises :class:`StorageUnavailable` when MongoDB does not answer.
+        Raises :class:`BadRequest` when ``provider`` is not one of this deployment's
+        ``push_providers`` (a job for it could never be delivered; PROTOCOL.md lists the known
+        names, the configuration says which are enabled), :class:`StorageUnavailable` when MongoDB
+        does not answer.
         """
+        if provider not in self.config.push_providers:
+            enabled = ", ".join(self.config.push_providers) or "none"
+            raise BadRequest(f"push provider {provider} is not enabled on this server (enabled: {enabled})")
         await self.store.register_token(user, device, provider, token)
         await self._load_tokens([user])
         s = self._session(user)
@@ -333,6 +339,7 @@ class SessionShard:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
+@answers_internal
 class SessionShardActor:
     """Ray shell of :class:`SessionShard`; owns the push publisher when push is configured."""
 

@@ -50,6 +50,7 @@ from redis.exceptions import RedisError
 
 from im_actors.config import Config
 from im_actors.errors import StorageUnavailable
+from im_actors.refs import answers_internal
 
 __all__ = [
     "Store",
@@ -164,10 +165,21 @@ class Store:
         self._devices = self.db["devices"]
         self._user_convs = self.db["user_convs"]
         self._cursors = self.db["cursors"]
-        self.redis = redis_client(config)
+        self._redis: aioredis.Redis | None = None  # opened on first use (the push worker never needs it)
         self._prefix = config.key_prefix
         self._bulk = asyncio.Semaphore(1)
         self.stats: dict[str, float] = {"commits": 0, "mongo_ms_total": 0.0, "redis_ms_total": 0.0, "bulk_waits": 0}
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The Redis client, made on first use."""
+        if self._redis is None:
+            self._redis = redis_client(self.config)
+        return self._redis
+
+    @redis.setter
+    def redis(self, client: aioredis.Redis) -> None:
+        self._redis = client
 
     async def setup(self) -> None:
         """Create the indexes (idempotent). Raises :class:`StorageUnavailable` when MongoDB does not answer."""
@@ -195,7 +207,8 @@ class Store:
     async def close(self) -> None:
         """Close both clients."""
         await self._mongo.close()
-        await self.redis.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
 
     def _entry_key(self, conv: str, seq: int) -> str:
         return f"{self._prefix}m:{conv}:{seq}"
@@ -482,6 +495,7 @@ class Store:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
+@answers_internal
 class StoreWriter:
     """Store writer actor: commits batches of entries (a thin shell over :class:`Store`)."""
 
