@@ -26,8 +26,9 @@ Bulk work (DESIGN.md section 4; issue 14, defect 2): an operation whose size a c
 9,999-member group's user_convs rows, the push tokens of a big fan-out, a 500-entry sync) is cut
 into pieces of at most :data:`BULK_CHUNK` ids (:data:`READ_CHUNK` entries for reads), so one
 storage call stays small and a commit from anywhere waits behind at most one piece at the server;
-and an operation over :data:`BULK_MIN` ids holds this store's bulk lock, so bulk operations of one
-actor run one at a time instead of in parallel with each other. Commits never take that lock.
+and an operation over :data:`BULK_MIN` ids (a read over :data:`READ_CHUNK` entries) holds this
+store's bulk lock, so bulk operations of one actor run one at a time instead of in parallel with
+each other. Commits never take that lock.
 """
 
 from __future__ import annotations
@@ -193,10 +194,10 @@ class Store:
             await self._contacts.create_index([("user", 1)])
 
     @contextlib.asynccontextmanager
-    async def _bulk_work(self, n: int) -> AsyncIterator[None]:
-        """Hold the bulk lock for work on ``n`` ids when ``n`` > :data:`BULK_MIN` (small work,
-        and every commit, never waits for it)."""
-        if n <= BULK_MIN:
+    async def _bulk_work(self, n: int, small: int = BULK_MIN) -> AsyncIterator[None]:
+        """Hold the bulk lock for work on ``n`` ids when ``n`` > ``small`` (small work, and every
+        commit, never waits for it)."""
+        if n <= small:
             yield
             return
         if self._bulk.locked():
@@ -463,12 +464,13 @@ class Store:
         """Entries with ``after < seq <= upto``, ascending: Redis first, MongoDB for what it lacks.
 
         Read in pieces of :data:`READ_CHUNK` seqs (a 500-entry sync is five small reads, not one
-        big one). Raises :class:`StorageUnavailable` when an entry is in neither reachable store.
+        big one); a read of more than one piece is bulk work. Raises :class:`StorageUnavailable`
+        when an entry is in neither reachable store.
         """
         if upto <= after:
             return []
         seqs = list(range(after + 1, upto + 1))
-        async with self._bulk_work(len(seqs)):
+        async with self._bulk_work(len(seqs), small=READ_CHUNK):  # a default sync (100) never waits
             out: list[dict[str, Any]] = []
             for piece in chunks(seqs, READ_CHUNK):
                 out.extend(await self._read_piece(conv, list(piece)))
