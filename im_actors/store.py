@@ -159,13 +159,13 @@ class Store:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._mongo = mongo_client(config)
-        self.db = self._mongo[config.mongo_db]
-        self.messages = self.db["messages"]
-        self._groups = self.db["groups"]
-        self._contacts = self.db["contacts"]
-        self._devices = self.db["devices"]
-        self._user_convs = self.db["user_convs"]
-        self._cursors = self.db["cursors"]
+        self._db = self._mongo[config.mongo_db]
+        self.messages = self._db["messages"]
+        self._groups = self._db["groups"]
+        self._contacts = self._db["contacts"]
+        self._devices = self._db["devices"]
+        self._user_convs = self._db["user_convs"]
+        self._cursors = self._db["cursors"]
         self._redis: aioredis.Redis | None = None  # opened on first use (the push worker never needs it)
         self._prefix = config.key_prefix
         self._bulk = asyncio.Semaphore(1)
