@@ -115,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval-ms", type=float, default=100.0, help="time between two pings of the pair (ms)")
     ap.add_argument("--idle-s", type=float, default=5.0, help="pinging before the group is created (s)")
     ap.add_argument("--after-s", type=float, default=5.0, help="pinging after group.create was answered (s)")
+    ap.add_argument("--no-push", action="store_true", help="no push workers (a fan-out then looks up no push tokens)")
     args = ap.parse_args(argv)
     cfg = load_config(
         dev_login=True,
         jwt_secret=secrets.token_hex(32),
         router_port=0,
         deployment=f"bg{secrets.token_hex(3)}",
+        push_workers=0 if args.no_push else None,
     )
     cfg, services = ensure_services(cfg)
     try:
@@ -135,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
         services.stop()
-    print(f"# a DM pair pinging every {args.interval_ms:g} ms; MongoDB: {server.get('server')} {server.get('version')}")
+    push = "no push" if args.no_push else "push on"
+    mongo = f"{server.get('server')} {server.get('version')}"
+    print(f"# a DM pair pinging every {args.interval_ms:g} ms ({push}); MongoDB: {mongo}")
     print(f"# group.create of {args.members} members answered in {out['create_ms']:.0f} ms")
     print(f"{'phase':<10} {'pings':>6} {'ack p50':>8} {'ack max':>8} {'dlv p50':>8} {'dlv max':>8}")
     for name, p in out["phases"].items():
