@@ -37,7 +37,6 @@ class FakeStore:
         self.groups = FakeTable()
         self.contacts = FakeTable()
         self.devices = FakeTable()  # _id = token
-        self.calls: list[tuple[str, int]] = []  # (Store method, ids it was given): bulk sizes
 
     async def commit(self, entries: list[dict[str, Any]]) -> CommitResult:
         if self.gate is not None:
@@ -89,7 +88,6 @@ class FakeStore:
 
     async def checkpoint_group(self, gid: str, fields: dict[str, Any]) -> None:
         self.groups.check()
-        self.calls.append(("checkpoint_group", len(fields.get("members") or ())))
         self.groups.docs[gid].update(fields)
 
     async def contact_states(self, a: str, b: str) -> tuple[str | None, str | None]:
@@ -114,7 +112,6 @@ class FakeStore:
 
     async def push_tokens(self, users: list[str]) -> dict[str, dict[str, tuple[str, str]]]:
         self.devices.check()
-        self.calls.append(("push_tokens", len(users)))
         found: dict[str, dict[str, tuple[str, str]]] = {u: {} for u in users}
         for token, d in self.devices.docs.items():
             if d["user"] in found:
