@@ -22,14 +22,10 @@ import asyncio
 import builtins
 import time
 from collections.abc import Sequence
-from typing import Any
-
-import pymongo
-from pymongo.errors import PyMongoError
 
 from im_actors import ids
 from im_actors.config import Config
-from im_actors.errors import BadRequest, Forbidden, Unavailable
+from im_actors.errors import BadRequest, Forbidden, StorageUnavailable, Unavailable
 from im_actors.refs import Peers
 from im_actors.store import Store
 
@@ -80,11 +76,8 @@ def transition(op: str, mine: State, theirs: State) -> tuple[State, State]:
 
 async def accepted_contacts(store: Store, user: str) -> list[str]:
     """The users whose contact request ``user`` accepted or who accepted theirs (both sides
-    ``accepted``). Raises :class:`Unavailable` when MongoDB does not answer."""
-    try:
-        return [d["other"] async for d in store.db["contacts"].find({"user": user, "state": "accepted"})]
-    except PyMongoError as exc:
-        raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+    ``accepted``). Raises :class:`StorageUnavailable` when MongoDB does not answer."""
+    return await store.accepted_contacts(user)
 
 
 class ContactBook:
@@ -93,23 +86,17 @@ class ContactBook:
     def __init__(self, config: Config, peers: Peers, store: Store) -> None:
         self.config = config
         self.peers = peers
-        self.contacts = store.db["contacts"]
         self.store = store
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def _states(self, a: str, b: str) -> tuple[State, State]:
-        try:
-            docs = [d async for d in self.contacts.find({"_id": {"$in": [f"{a}|{b}", f"{b}|{a}"]}})]
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
-        by_id = {d["_id"]: d.get("state") for d in docs}
-        return by_id.get(f"{a}|{b}"), by_id.get(f"{b}|{a}")
+        return await self.store.contact_states(a, b)
 
     async def change(self, op: str, user: str, other: str) -> None:
         """Apply ``contact.<op>`` by ``user`` on ``other`` (see :func:`transition`).
 
         Raises :class:`BadRequest` for oneself or an unknown op, :class:`Forbidden` as
-        :func:`transition` says, :class:`Unavailable` when MongoDB does not answer (a resend
+        :func:`transition` says, :class:`StorageUnavailable` when MongoDB does not answer (a resend
         converges: every operation is idempotent).
         """
         if user == other:
@@ -118,24 +105,19 @@ class ContactBook:
         async with self._locks.setdefault(key, asyncio.Lock()):
             mine, theirs = await self._states(user, other)
             new_mine, new_theirs = transition(op, mine, theirs)
-            ops: list[Any] = []
-            now = int(time.time() * 1000)
-            for a, b, old, new in ((user, other, mine, new_mine), (other, user, theirs, new_theirs)):
-                if old == new:
-                    continue
-                if new is None:
-                    ops.append(pymongo.DeleteOne({"_id": f"{a}|{b}"}))
-                else:
-                    doc = {"user": a, "other": b, "state": new, "ms": now}
-                    ops.append(pymongo.UpdateOne({"_id": f"{a}|{b}"}, {"$set": doc}, upsert=True))
-            if not ops:
+            sides = [
+                (a, b, new)
+                for a, b, old, new in ((user, other, mine, new_mine), (other, user, theirs, new_theirs))
+                if old != new
+            ]
+            if not sides:
                 return
             try:
-                await self.contacts.bulk_write(ops, ordered=True)
-            except PyMongoError as exc:
+                await self.store.set_contact_sides(sides, int(time.time() * 1000))
+            except StorageUnavailable:
                 # Part of it may be written: the caches are told all the same.
                 await self._changed(user, other)
-                raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+                raise
         await self._changed(user, other)
 
     async def _changed(self, a: str, b: str) -> None:
@@ -151,11 +133,8 @@ class ContactBook:
 
     async def list(self, user: str) -> list[dict[str, str]]:
         """``[{"user", "state"}]`` of ``user``'s side, sorted by user (``contact.list``)."""
-        try:
-            docs = [d async for d in self.contacts.find({"user": user})]
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
-        return sorted(({"user": d["other"], "state": d["state"]} for d in docs), key=lambda c: c["user"])
+        sides = await self.store.contacts_of(user)
+        return sorted(({"user": other, "state": state} for other, state in sides), key=lambda c: c["user"])
 
     async def dm_allowed(self, a: str, b: str) -> bool:
         """May ``a`` and ``b`` send each other direct messages? False when either blocked the
@@ -163,15 +142,9 @@ class ContactBook:
         return self._allowed(*await self._states(a, b))
 
     async def dm_allowed_many(self, pairs: Sequence[tuple[str, str]]) -> builtins.list[bool]:
-        """:meth:`dm_allowed` for each of ``pairs``, in order, with one MongoDB read for them all
-        (a batch of first-seen direct conversations). Raises :class:`Unavailable`."""
-        keys = [k for a, b in pairs for k in (f"{a}|{b}", f"{b}|{a}")]
-        try:
-            docs = [d async for d in self.contacts.find({"_id": {"$in": keys}}, {"state": 1})]
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
-        state = {d["_id"]: d.get("state") for d in docs}
-        return [self._allowed(state.get(f"{a}|{b}"), state.get(f"{b}|{a}")) for a, b in pairs]
+        """:meth:`dm_allowed` for each of ``pairs``, in order, with one storage read for them all
+        (a batch of first-seen direct conversations). Raises :class:`StorageUnavailable`."""
+        return [self._allowed(mine, theirs) for mine, theirs in await self.store.contact_states_many(pairs)]
 
     def _allowed(self, mine: State, theirs: State) -> bool:
         if "blocked" in (mine, theirs):

@@ -33,7 +33,7 @@ import ray
 from im_actors import ids
 from im_actors.batching import Batcher
 from im_actors.config import Config
-from im_actors.errors import Conflict, Forbidden, RequestError, Unavailable
+from im_actors.errors import Conflict, Forbidden, RequestError, StorageUnavailable, Unavailable
 from im_actors.membership import Membership
 from im_actors.protocol import body_size
 from im_actors.refs import Peers
@@ -681,15 +681,17 @@ class ConversationShard:
     async def _commit_with_retry(self, entries: list[dict[str, Any]]) -> CommitResult:
         """Commit on one writer; if that writer is gone, once more on the next (DESIGN.md section 4).
 
-        With ``store_writers = 0`` the shard commits through its own :class:`Store`.
+        A :class:`StorageUnavailable` (storage itself did not answer) is not retried: every writer
+        talks to the same storage. With ``store_writers = 0`` the shard commits through its own
+        :class:`Store`.
         """
         if not self.peers.stores:
             return await self.store.commit(entries)
         try:
             return await self.peers.next_store().call("commit", entries)
-        except Unavailable as exc:
-            if "unreachable" in exc.msg or "MongoDB" in exc.msg:
-                raise
+        except StorageUnavailable:
+            raise
+        except Unavailable:
             return await self.peers.next_store().call("commit", entries)
 
     def _settle(self, entries: list[dict[str, Any]], sends: list[PendingSend], result: CommitResult) -> None:

@@ -11,6 +11,8 @@
      |    +-- Conflict           conflict      (retry false)
      |    +-- RateLimited        rate_limited  (retry true, carries retry_after_ms)
      |    +-- Unavailable        unavailable   (retry true: nothing was committed, resend the same cmid)
+     |    |    +-- StorageUnavailable   MongoDB (or Redis where it is needed) did not answer: another
+     |    |                             store writer would not do better, so the commit is not retried there
      |    +-- Internal           internal      (retry true: a bug, logged with the request id)
      +-- CloseConnection         the connection is closed with ``close_code`` (PROTOCOL.md section 7)
      +-- ConfigError             bad configuration, raised at start, names the key
@@ -40,6 +42,7 @@ __all__ = [
     "Conflict",
     "RateLimited",
     "Unavailable",
+    "StorageUnavailable",
     "Internal",
     "CloseConnection",
     "ConfigError",
@@ -176,6 +179,13 @@ class Unavailable(RequestError):
 
     code = "unavailable"
     retry = True
+
+
+class StorageUnavailable(Unavailable):
+    """Storage did not answer (raised only by :mod:`im_actors.store`, which maps MongoDB's and
+    Redis's errors to it in one place). Answered ``unavailable`` like its parent; a caller that
+    could retry elsewhere (a commit on another store writer) does not, since every writer talks
+    to the same storage."""
 
 
 class Internal(RequestError):

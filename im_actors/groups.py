@@ -33,14 +33,13 @@ from collections import OrderedDict
 from typing import Any
 
 import ray
-from pymongo.errors import PyMongoError
 
 from im_actors import ids
 from im_actors.config import Config
 from im_actors.contacts import ContactBook
-from im_actors.errors import BadRequest, Forbidden, Unavailable
+from im_actors.errors import BadRequest, Forbidden, StorageUnavailable
 from im_actors.membership import ROLES, Membership
-from im_actors.refs import Peers
+from im_actors.refs import Peers, answers_internal
 from im_actors.store import Store
 
 __all__ = ["GroupShard", "GroupShardActor", "NOT_A_GROUP_MEMBER"]
@@ -63,7 +62,6 @@ class GroupShard:
         self.index = index
         self.peers = peers
         self.store = store
-        self.groups = store.db["groups"]
         self._cache: dict[str, Membership] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._absent: OrderedDict[str, None] = OrderedDict()
@@ -76,10 +74,7 @@ class GroupShard:
         if gid in self._absent:
             self._absent.move_to_end(gid)
             return None
-        try:
-            doc = await self.groups.find_one({"_id": gid})
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        doc = await self.store.group_doc(gid)
         if doc is None:
             self._absent[gid] = None
             if len(self._absent) > ABSENT_KEPT:
@@ -117,8 +112,8 @@ class GroupShard:
             raise
         m.apply(actor, meta, int(ack["seq"]))
         try:
-            await self.groups.update_one({"_id": gid}, {"$set": m.to_doc()})
-        except PyMongoError as exc:
+            await self.store.checkpoint_group(gid, m.to_doc())
+        except StorageUnavailable as exc:
             # Committed in the stream: the next load replays it. The answer is still ok.
             log.warning("%s: group document not checkpointed at seq %d: %s", gid, m.seq, exc)
         return int(ack["seq"])
@@ -141,10 +136,7 @@ class GroupShard:
         m = Membership()
         doc = {"_id": gid, **m.to_doc(), "name": name, "created_ms": int(time.time() * 1000)}
         async with self._lock(gid):
-            try:
-                await self.groups.insert_one(doc)
-            except PyMongoError as exc:
-                raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+            await self.store.insert_group(doc)
             self._cache[gid] = m
             self._absent.pop(gid, None)
             await self.store.add_user_convs(conv, everyone)
@@ -260,6 +252,7 @@ class GroupShard:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
+@answers_internal
 class GroupShardActor:
     """Ray shell of :class:`GroupShard` and of the :class:`ContactBook` it hosts."""
 

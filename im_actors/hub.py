@@ -469,7 +469,15 @@ class Hub:
         if not wait_ms:
             return "dispatch"
         self.stats["rate_limited"] += 1
-        if conn.refusals is not None and conn.refusals.refused(now):
+        # What identifies a resend of this request (limits.RefusalWindow): (conv, cmid) for a send
+        # (how clients retry, PROTOCOL.md section 3), the type and scalar fields for the others.
+        f = req.fields
+        key = (
+            ("send", f["conv"], f["cmid"])
+            if req.t == "send"
+            else (req.t, *sorted((k, v) for k, v in f.items() if isinstance(v, (str, int))))
+        )
+        if conn.refusals is not None and conn.refusals.refused(now, key, wait_ms / 1000):
             self.stats["rate_closed"] += 1
             await self._close_and_drain(conn, CLOSE_RATE, "rate limit abused")
             return "closed"

@@ -11,9 +11,10 @@ request. The number of a user's connections is bounded over all hubs by the sess
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-__all__ = ["TokenBucket", "UserRates", "RefusalWindow", "AddressRates"]
+__all__ = ["TokenBucket", "UserRates", "RefusalWindow", "AddressRates", "REFUSALS_REMEMBERED"]
 
 
 class TokenBucket:
@@ -114,20 +115,62 @@ class UserRates:
         return len(gone)
 
 
+#: Refused requests whose retry time a connection remembers (oldest forgotten first).
+REFUSALS_REMEMBERED = 256
+
+
 @dataclass
 class RefusalWindow:
-    """Counts ``rate_limited`` answers of one connection in fixed windows of ``window_s`` seconds."""
+    """Counts the ``rate_limited`` answers of one connection that show abuse, in fixed windows of
+    ``window_s`` seconds; one over ``max_refusals`` in a window closes the connection (4429).
+
+    Not every refusal counts (issue 14, defect 3). A client with k requests in flight that obeys
+    each ``retry_after_ms`` is refused about k - 1 times per refill of the bucket (its waiting
+    requests all come back when the next token is due and one of them gets it), plus the new
+    request it sends after each success: counting each refusal closed such a client within a
+    second at the default rates. So, per refused request, identified by ``key`` (the hub uses
+    ``(conv, cmid)`` for a send, the type and scalar fields for other requests):
+
+    ============================================  ===============================================
+    the refused request is                        counts toward ``max_refusals``
+    ============================================  ===============================================
+    a retry that came at or after its told time   never (it obeyed ``retry_after_ms``)
+    a retry that came before its told time        always (it ignored ``retry_after_ms``)
+    a new request                                 the first one in each refill window (from a
+                                                  refusal until the next token is due) is free,
+                                                  every further one in that window counts
+    ============================================  ===============================================
+
+    So a client that obeys is never closed, however many requests it has in flight, and one that
+    re-sends before its time or fires new requests at an empty bucket is closed as before.
+    ``key=None`` counts every refusal (the rule before this one).
+    """
 
     max_refusals: int
     window_s: float
     start: float = 0.0
     count: int = 0
+    told: dict[Hashable, float] = field(default_factory=dict)  # key -> when it was told to come back
+    fresh_until: float = -1.0  # end of the refill window whose free new-request refusal is used
 
-    def refused(self, now: float) -> bool:
-        """Count one refusal; True when it is one too many (the hub closes with 4429)."""
+    def refused(self, now: float, key: Hashable | None = None, retry_after_s: float = 0.0) -> bool:
+        """Count one refusal of request ``key``, told to come back in ``retry_after_s`` seconds;
+        True when it is one too many (the hub closes with 4429)."""
         if now - self.start >= self.window_s:
             self.start, self.count = now, 0
-        self.count += 1
+        counts = True
+        if key is not None:
+            due = self.told.pop(key, None)
+            if due is not None:
+                counts = now < due  # a retry: it counts only when it came too early
+            elif now >= self.fresh_until:
+                counts = False  # the first new request refused in this refill window
+                self.fresh_until = now + retry_after_s
+            self.told[key] = now + retry_after_s
+            if len(self.told) > REFUSALS_REMEMBERED:
+                del self.told[next(iter(self.told))]
+        if counts:
+            self.count += 1
         return 0 < self.max_refusals < self.count
 
 

@@ -238,9 +238,15 @@ def _req_id(frame: dict[str, Any]) -> int:
 
 
 def _str(frame: dict[str, Any], key: str, max_len: int = 256) -> str:
+    """A free-text field (a name, a token, a cmid): 1..``max_len`` characters, storable (no lone
+    surrogates: BSON and JSON clients need valid Unicode). Every free-text field of every request
+    goes through here or through :func:`_check_storable`; ids go through :mod:`im_actors.ids`,
+    whose alphabet is ASCII (issue 14, defect 1: a group name cut in half inside an emoji was
+    answered ``unavailable``, forever)."""
     value = frame.get(key)
     if not isinstance(value, str) or not value or len(value) > max_len:
         raise BadRequest(f"{key} must be a string of 1..{max_len} characters")
+    _check_storable(value, key, 0)
     return value
 
 
@@ -289,7 +295,6 @@ def _send(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:
     if meta is not None:
         _check_storable(meta, "meta", 0)
     cmid = _str(frame, "cmid", 64)
-    _check_storable(cmid, "cmid", 0)
     _check_storable(kind, "kind", 0)
     return {"conv": _conv(frame), "cmid": cmid, "body": body, "kind": kind, "meta": meta}
 
@@ -382,9 +387,7 @@ def _group_role(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:
 
 
 def _group_rename(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    name = _str(frame, "name", 128)
-    _check_storable(name, "name", 0)
-    return {"group": _group(frame), "name": name}
+    return {"group": _group(frame), "name": _str(frame, "name", 128)}
 
 
 def _push_register(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:

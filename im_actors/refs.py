@@ -1,28 +1,120 @@
 """Every Ray call to a peer goes through here (STYLE.md rule 4).
 
 A :class:`Peer` names one actor; it resolves the handle lazily (so actors may start in any order
-and a restarted actor is found again), bounds each call with a timeout, and turns Ray's errors into
-:class:`~im_actors.errors.Unavailable`. :class:`Peers` gives the peer of a user, a conversation, a
-group, a store writer or a hub from the configuration's shard counts. Tests replace it with a fake.
+and a restarted actor is found again), bounds each call with a timeout, and turns what comes back
+into our errors (PROTOCOL.md section 6):
+
+==========================================================  ==================================
+raised by the call                                          raised to the caller
+==========================================================  ==================================
+our :class:`RequestError` or :class:`CloseConnection`       unchanged (``StorageUnavailable``,
+                                                            ``BadRequest``, ... keep their class)
+the actor is dead, restarting or missing; the call timed    :class:`Unavailable` (transient:
+out; inside the actor a ``TimeoutError`` or                 nothing was done, retrying may
+``ConnectionError``                                         succeed)
+any other exception inside the actor (a bug)                :class:`Internal`, logged with the
+                                                            actor, the method and its traceback
+==========================================================  ==================================
+
+The texts that reach clients never name an actor (the logs do). :func:`answers_internal` is the
+same rule on the actor's side: an actor shell decorated with it logs an unexpected exception in
+its own log, with the method and its arguments, and raises :class:`Internal`.
+
+:class:`Peers` gives the peer of a user, a conversation, a group, a store writer or a hub from the
+configuration's shard counts. Tests replace it with a fake.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import itertools
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from im_actors import ids
 from im_actors.config import Config
-from im_actors.errors import CloseConnection, RequestError, Unavailable
+from im_actors.errors import CloseConnection, ImError, Internal, RequestError, Unavailable
 
-__all__ = ["Peer", "Peers", "DEFAULT_CALL_TIMEOUT_S"]
+__all__ = ["Peer", "Peers", "DEFAULT_CALL_TIMEOUT_S", "TRANSIENT", "answers_internal", "UNAVAILABLE_MSG"]
+
+log = logging.getLogger(__name__)
 
 #: Upper bound of one actor call (s); a commit waits for MongoDB, whose own timeout is lower.
 DEFAULT_CALL_TIMEOUT_S = 30.0
+
+#: Exceptions that are transient wherever they are raised: answered ``unavailable``, not ``internal``.
+TRANSIENT: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError, RayActorError, GetTimeoutError)
+
+#: The text of an ``unavailable`` answer for a peer that could not be reached (no actor names).
+UNAVAILABLE_MSG = "a server component is restarting or did not answer in time; retry"
+
+#: The text of an ``internal`` answer (the log has the details).
+INTERNAL_MSG = "internal error (logged on the server)"
+
+_C = TypeVar("_C", bound=type)
+
+#: What an actor method raises unchanged: our own errors and transient ones.
+_PASS: tuple[type[BaseException], ...] = (ImError, *TRANSIENT)
+
+
+def _brief(args: tuple[Any, ...]) -> str:
+    """The arguments of a call for a log line: each value's repr cut to 80 characters, at most 6."""
+    shown = [repr(a)[:80] for a in args[:6]]
+    if len(args) > 6:
+        shown.append(f"... {len(args) - 6} more")
+    return ", ".join(shown)
+
+
+def answers_internal(cls: _C) -> _C:
+    """Class decorator for an actor shell (put it under ``@ray.remote``): every public method that
+    raises anything but our own errors (:class:`~im_actors.errors.ImError`) or a :data:`TRANSIENT`
+    one logs it here, in the actor, with the method, its arguments and the traceback, and raises
+    :class:`Internal` instead, which :meth:`Peer.call` hands to the caller unchanged (issue 14,
+    defect 1: a bug is answered ``internal``, never a retry-forever ``unavailable``)."""
+    owner = cls.__name__
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_") or not inspect.isfunction(fn):
+            continue
+        setattr(cls, name, _guarded(owner, name, fn))
+    return cls
+
+
+def _guarded(owner: str, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def report(exc: Exception, args: tuple[Any, ...]) -> Internal:
+        log.error(
+            "%s.%s(%s) raised %s: answered internal", owner, name, _brief(args[1:]), type(exc).__name__, exc_info=exc
+        )
+        return Internal(INTERNAL_MSG)
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def guarded_async(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except _PASS:
+                raise
+            except Exception as exc:
+                raise report(exc, args) from exc
+
+        return guarded_async
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _PASS:
+            raise
+        except Exception as exc:
+            raise report(exc, args) from exc
+
+    return guarded
 
 
 class Peer:
@@ -38,14 +130,17 @@ class Peer:
             try:
                 self._handle = ray.get_actor(self.name, namespace=ids.NAMESPACE)
             except ValueError as exc:
-                raise Unavailable(f"{self.name} is not running") from exc
+                log.info("%s is not running", self.name)
+                raise Unavailable(UNAVAILABLE_MSG) from exc
         return self._handle
 
     async def call(self, method: str, *args: Any, timeout: float = DEFAULT_CALL_TIMEOUT_S) -> Any:
         """Call ``method`` on the actor and await its result.
 
-        Our own :class:`RequestError` and :class:`CloseConnection` raised by the actor pass through
-        unchanged; Ray's errors (actor dead or restarting, timeout) become :class:`Unavailable`.
+        Raises what the module docstring's table says: our own :class:`RequestError` and
+        :class:`CloseConnection` unchanged, :class:`Unavailable` for what is transient (actor
+        dead, restarting or missing, ``timeout`` s passed, a timeout or lost connection inside
+        the actor), :class:`Internal` for any other exception inside the actor (logged here).
         """
         handle = self.handle()
         try:
@@ -55,13 +150,18 @@ class Peer:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, (RequestError, CloseConnection)):
                 raise cause from None
-            raise Unavailable(f"{self.name}.{method} failed: {type(cause or exc).__name__}") from exc
+            if isinstance(cause, TRANSIENT):
+                log.info("%s.%s: %r", self.name, method, cause)
+                raise Unavailable(UNAVAILABLE_MSG) from exc
+            log.error("%s.%s raised %s: answered internal\n%s", self.name, method, type(cause).__name__, exc)
+            raise Internal(INTERNAL_MSG) from exc
         except (RequestError, CloseConnection):
             raise
         except (TimeoutError, RayActorError, GetTimeoutError, RayError) as exc:
             if isinstance(exc, RayActorError):
                 self._handle = None  # look it up again: it may have been replaced
-            raise Unavailable(f"{self.name}.{method}: {type(exc).__name__}") from exc
+            log.info("%s.%s: %s", self.name, method, type(exc).__name__)
+            raise Unavailable(UNAVAILABLE_MSG) from exc
 
     def notify(self, method: str, *args: Any) -> None:
         """Fire a call whose result nobody needs (close a connection, ...); errors are ignored."""

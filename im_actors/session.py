@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from pymongo.errors import PyMongoError
 
 from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.contacts import accepted_contacts
-from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, CloseConnection, Unavailable
+from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, BadRequest, CloseConnection, StorageUnavailable, Unavailable
 from im_actors.push.planner import JobSink, PushPlanner
-from im_actors.refs import Peers
+from im_actors.refs import Peers, answers_internal
 from im_actors.store import Store
 from im_actors.wire import stamp
 
@@ -210,26 +209,23 @@ class SessionShard:
         todo = [u for u in users if self._session(u).tokens is None]
         if not todo:
             return
-        found: dict[str, dict[str, tuple[str, str]]] = {u: {} for u in todo}
-        async for doc in self.store.db["devices"].find({"user": {"$in": todo}}):
-            found[doc["user"]][doc["device"]] = (doc["provider"], doc["_id"])
+        found = await self.store.push_tokens(todo)  # in bounded pieces, one bulk read at a time
         for u, tokens in found.items():
             self._session(u).tokens = tokens
 
     async def register_push(self, user: str, device: str, provider: str, token: str) -> None:
         """Give ``token`` to (``user``, ``device``): it leaves any other holder; one token per device.
 
-        Raises :class:`Unavailable` when MongoDB does not answer.
+        Raises :class:`BadRequest` when ``provider`` is not one of this deployment's
+        ``push_providers`` (a job for it could never be delivered; PROTOCOL.md lists the known
+        names, the configuration says which are enabled), :class:`StorageUnavailable` when MongoDB
+        does not answer.
         """
-        devices = self.store.db["devices"]
-        try:
-            await devices.delete_many({"user": user, "device": device, "_id": {"$ne": token}})
-            await devices.update_one(
-                {"_id": token}, {"$set": {"user": user, "device": device, "provider": provider}}, upsert=True
-            )
-            await self._load_tokens([user])
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        if provider not in self.config.push_providers:
+            enabled = ", ".join(self.config.push_providers) or "none"
+            raise BadRequest(f"push provider {provider} is not enabled on this server (enabled: {enabled})")
+        await self.store.register_token(user, device, provider, token)
+        await self._load_tokens([user])
         s = self._session(user)
         assert s.tokens is not None
         s.tokens[device] = (provider, token)
@@ -255,11 +251,9 @@ class SessionShard:
         return dropped
 
     async def unregister_push(self, user: str, device: str) -> None:
-        """Remove the push token of (``user``, ``device``)."""
-        try:
-            await self.store.db["devices"].delete_many({"user": user, "device": device})
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        """Remove the push token of (``user``, ``device``); :class:`StorageUnavailable` when MongoDB
+        does not answer."""
+        await self.store.unregister_tokens(user, device)
         s = self._session(user)
         if s.tokens is not None:
             s.tokens.pop(device, None)
@@ -272,26 +266,27 @@ class SessionShard:
         ``items``: ``[(entry, [user, ...]), ...]`` in commit order. Devices with a push token and
         no live connection get a push job instead (when push is configured).
         """
-        if self.push is not None:
-            unknown = {u for _, users in items for u in users if self._session(u).tokens is None}
-            try:
-                await self._load_tokens(sorted(unknown))
-            except PyMongoError as exc:
-                log.warning("push tokens not loaded (%s): offline pushes of this batch skipped", exc)
+        await self._load_push_tokens(items)
         self._route(items)
 
     async def plan_push(self, items: list[tuple[dict[str, Any], list[str]]]) -> None:
         """Offline pushes only, for entries a conversation shard delivered to the hubs itself
         (``fanout_via = "conv"``): devices with a push token and no live connection get a job.
         ``items`` as for :meth:`fanout`."""
+        if self.push is not None:
+            await self._load_push_tokens(items)
+            self._route(items, deliver=False)
+
+    async def _load_push_tokens(self, items: list[tuple[dict[str, Any], list[str]]]) -> None:
+        """Load the push tokens of the recipients not cached yet (when push is configured); a
+        storage failure skips this batch's offline pushes, never its delivery."""
         if self.push is None:
             return
         unknown = {u for _, users in items for u in users if self._session(u).tokens is None}
         try:
             await self._load_tokens(sorted(unknown))
-        except PyMongoError as exc:
+        except StorageUnavailable as exc:
             log.warning("push tokens not loaded (%s): offline pushes of this batch skipped", exc)
-        self._route(items, deliver=False)
 
     def _route(self, items: list[tuple[dict[str, Any], list[str]]], deliver: bool = True) -> None:
         """Decide where each entry goes (synchronous), then hand it to the per-hub batcher
@@ -363,6 +358,7 @@ class SessionShard:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
+@answers_internal
 class SessionShardActor:
     """Ray shell of :class:`SessionShard`; owns the push publisher when push is configured."""
 

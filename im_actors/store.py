@@ -13,15 +13,31 @@ lowered).
 How a commit ends (:class:`CommitResult`): entries are inserted *in order*, so a commit always
 settles as a committed prefix, optionally followed by one conflicting entry (its cmid is already
 stored, or its seq is taken), the rest not written. A timeout is ambiguous: it is settled by
-reading back, never by guessing; only when even that fails is :class:`Unavailable` raised, and then
+reading back, never by guessing; only when even that fails is :class:`StorageUnavailable` raised, and then
 the caller must re-seed the conversation from storage before assigning seqs again.
+
+The one door to storage: every MongoDB collection (``messages``, ``groups``, ``contacts``,
+``devices``, ``user_convs``, ``cursors``) is read and written here and nowhere else, and every
+MongoDB or Redis error is turned into :class:`~im_actors.errors.StorageUnavailable` in one place,
+:func:`storage_errors` (as httpcore's ``map_exceptions`` does at its boundary). Callers catch our
+errors only.
+
+Bulk work (DESIGN.md section 4; issue 14, defect 2): an operation whose size a client chooses (a
+9,999-member group's user_convs rows, the push tokens of a big fan-out, a 500-entry sync) is cut
+into pieces of at most :data:`BULK_CHUNK` ids (:data:`READ_CHUNK` entries for reads), so one
+storage call stays small and a commit from anywhere waits behind at most one piece at the server;
+and an operation over :data:`BULK_MIN` ids (a read over :data:`READ_CHUNK` entries) holds this
+store's bulk lock, so bulk operations of one actor run one at a time instead of in parallel with
+each other. Commits never take that lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +50,23 @@ from pymongo.errors import BulkWriteError, PyMongoError
 from redis.exceptions import RedisError
 
 from im_actors.config import Config
-from im_actors.errors import Unavailable
+from im_actors.errors import StorageUnavailable
+from im_actors.refs import answers_internal
 
-__all__ = ["Store", "CommitResult", "StoreWriter", "SEQ_INDEX", "CMID_INDEX", "mongo_client", "redis_client"]
+__all__ = [
+    "Store",
+    "CommitResult",
+    "StoreWriter",
+    "SEQ_INDEX",
+    "CMID_INDEX",
+    "BULK_CHUNK",
+    "BULK_MIN",
+    "READ_CHUNK",
+    "mongo_client",
+    "redis_client",
+    "storage_errors",
+    "chunks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +76,39 @@ CACHE_WRITES_IN_FLIGHT = 16
 SEQ_INDEX = "conv_seq"
 CMID_INDEX = "conv_sender_cmid"
 _ENTRY_FIELDS = ("conv", "seq", "sender", "cmid", "ts", "kind", "body", "meta")
+
+#: The most ids (user ids, rows) one storage call carries; bigger work is cut into pieces.
+BULK_CHUNK = 500
+#: The most entries one read of a range carries (entries are up to ``max_body_bytes`` each).
+READ_CHUNK = 100
+#: Work on more ids than this is bulk work: it holds the store's bulk lock (one at a time).
+BULK_MIN = 64
+
+
+@contextlib.contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Turn a MongoDB or Redis error raised in the block into :class:`StorageUnavailable`.
+
+    ``what`` names the operation for the log and the answer (``"group read"``, ...): never an
+    actor name, since the message reaches clients. The one place where storage errors are mapped
+    (STYLE.md rule 8); everything else catches our errors. Other exceptions pass unchanged (a
+    document BSON cannot encode is a bug upstream of here and is answered ``internal``).
+    """
+    try:
+        yield
+    except PyMongoError as exc:
+        log.info("MongoDB %s failed: %r", what, exc)
+        raise StorageUnavailable(f"MongoDB unreachable: {what} failed ({type(exc).__name__})") from exc
+    except RedisError as exc:
+        log.info("Redis %s failed: %r", what, exc)
+        raise StorageUnavailable(f"Redis unreachable: {what} failed ({type(exc).__name__})") from exc
+
+
+def chunks(items: Sequence[Any], size: int = BULK_CHUNK) -> Iterator[Sequence[Any]]:
+    """``items`` in consecutive pieces of at most ``size`` (>= 1)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
 
 # Sets KEYS[1] to ARGV[1] unless it already holds a larger number: the last seq never goes back.
 _SET_MAX = """
@@ -99,31 +162,59 @@ class Store:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._mongo = mongo_client(config)
-        self.db = self._mongo[config.mongo_db]
-        self.messages = self.db["messages"]
-        self.redis = redis_client(config)
+        self._db = self._mongo[config.mongo_db]
+        self.messages = self._db["messages"]
+        self._groups = self._db["groups"]
+        self._contacts = self._db["contacts"]
+        self._devices = self._db["devices"]
+        self._user_convs = self._db["user_convs"]
+        self._cursors = self._db["cursors"]
+        self._redis: aioredis.Redis | None = None  # opened on first use (the push worker never needs it)
         self._prefix = config.key_prefix
-        self.stats: dict[str, float] = {"commits": 0, "mongo_ms_total": 0.0, "redis_ms_total": 0.0}
+        self._bulk = asyncio.Semaphore(1)
+        self.stats: dict[str, float] = {"commits": 0, "mongo_ms_total": 0.0, "redis_ms_total": 0.0, "bulk_waits": 0}
         self._cache_tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The Redis client, made on first use."""
+        if self._redis is None:
+            self._redis = redis_client(self.config)
+        return self._redis
+
+    @redis.setter
+    def redis(self, client: aioredis.Redis) -> None:
+        self._redis = client
+
     async def setup(self) -> None:
-        """Create the indexes (idempotent). Raises :class:`Unavailable` when MongoDB does not answer."""
-        try:
+        """Create the indexes (idempotent). Raises :class:`StorageUnavailable` when MongoDB does not answer."""
+        with storage_errors("index setup"):
             await self.messages.create_index([("conv", 1), ("seq", 1)], unique=True, name=SEQ_INDEX)
             await self.messages.create_index([("conv", 1), ("sender", 1), ("cmid", 1)], unique=True, name=CMID_INDEX)
-            await self.db["groups"].create_index([("members", 1)])
-            await self.db["user_convs"].create_index([("user", 1)])
-            await self.db["devices"].create_index([("user", 1), ("device", 1)])
-            await self.db["cursors"].create_index([("user", 1)])
-            await self.db["contacts"].create_index([("user", 1)])
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {exc}") from exc
+            await self._groups.create_index([("members", 1)])
+            await self._user_convs.create_index([("user", 1)])
+            await self._devices.create_index([("user", 1), ("device", 1)])
+            await self._cursors.create_index([("user", 1)])
+            await self._contacts.create_index([("user", 1)])
+
+    @contextlib.asynccontextmanager
+    async def _bulk_work(self, n: int, small: int = BULK_MIN) -> AsyncIterator[None]:
+        """Hold the bulk lock for work on ``n`` ids when ``n`` > ``small`` (small work, and every
+        commit, never waits for it)."""
+        if n <= small:
+            yield
+            return
+        if self._bulk.locked():
+            self.stats["bulk_waits"] += 1
+        async with self._bulk:
+            yield
 
     async def close(self) -> None:
         """Finish the Redis writes in flight, then close both clients."""
         await self.flush_cache()
         await self._mongo.close()
-        await self.redis.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
 
     def _entry_key(self, conv: str, seq: int) -> str:
         return f"{self._prefix}m:{conv}:{seq}"
@@ -136,8 +227,8 @@ class Store:
     async def commit(self, entries: list[dict[str, Any]]) -> CommitResult:
         """Commit ``entries`` (ordered by conv, then seq) to MongoDB, then Redis.
 
-        Returns a :class:`CommitResult`; raises :class:`Unavailable` when MongoDB could neither
-        take the write nor be read back (the outcome is then unknown).
+        Returns a :class:`CommitResult`; raises :class:`StorageUnavailable` when MongoDB could
+        neither take the write nor be read back (the outcome is then unknown).
         """
         if not entries:
             return CommitResult(0)
@@ -147,7 +238,7 @@ class Store:
             result = CommitResult(len(entries))
         except BulkWriteError as exc:
             result = await self._settle_conflict(entries, exc)
-        except PyMongoError as exc:
+        except PyMongoError as exc:  # any other: ambiguous, settled by reading back
             log.warning("commit of %d entries ambiguous (%s); reading back", len(entries), type(exc).__name__)
             result = await self._read_back(entries)
         self.stats["commits"] += 1
@@ -182,12 +273,13 @@ class Store:
         if not errors:  # only a write-concern error: what was written is settled by reading back
             return await self._read_back(entries)
         if errors[0].get("code") != 11000:
-            raise Unavailable(f"MongoDB refused the commit: {errors[:1]}") from exc
+            log.warning("MongoDB refused a commit: %s", errors[:1])
+            raise StorageUnavailable(f"MongoDB refused the commit (code {errors[0].get('code')})") from exc
         index = int(errors[0].get("index", n_ok))
         bad = entries[index]
         message = str(errors[0].get("errmsg", ""))
         key_pattern = errors[0].get("keyPattern") or {}
-        try:
+        with storage_errors("commit conflict read"):
             if CMID_INDEX in message or "cmid" in key_pattern:
                 existing = await self.messages.find_one(
                     {"conv": bad["conv"], "sender": bad["sender"], "cmid": bad["cmid"]}
@@ -195,11 +287,9 @@ class Store:
                 if existing is not None:
                     return CommitResult(index, "cmid", _clean(existing))
             return CommitResult(index, "seq", None, await self._mongo_last(bad["conv"]))
-        except PyMongoError as exc2:
-            raise Unavailable(f"MongoDB: {exc2}") from exc2
 
     async def _read_back(self, entries: list[dict[str, Any]]) -> CommitResult:
-        try:
+        with storage_errors("commit read-back"):
             committed = 0
             for entry in entries:
                 doc = await self.messages.find_one({"conv": entry["conv"], "seq": entry["seq"]})
@@ -209,8 +299,6 @@ class Store:
                     return CommitResult(committed, "seq", None, await self._mongo_last(entry["conv"]))
                 committed += 1
             return CommitResult(committed)
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
 
     async def _cache(self, entries: list[dict[str, Any]]) -> None:
         if not entries:
@@ -240,43 +328,149 @@ class Store:
         await self.add_user_convs_many({conv: users})
 
     async def add_user_convs_many(self, convs: dict[str, list[str]]) -> None:
-        """:meth:`add_user_convs` for every ``{conv: [user, ...]}``, in one unordered insert.
+        """:meth:`add_user_convs` for every ``{conv: [user, ...]}``, in unordered inserts of at most
+        :data:`BULK_CHUNK` rows; over :data:`BULK_MIN` rows it is bulk work (one at a time per store).
 
         The documents are fixed by their ``_id`` (``user|conv``), so one already there is the same
         document: its duplicate-key refusal is success (an insert costs the MongoDB-wire servers a
-        fifth of an upsert). Raises :class:`Unavailable` for any other failure.
+        fifth of an upsert). Raises :class:`StorageUnavailable` for any other failure; a resend
+        converges (the pieces written stay written).
         """
         docs = [{"_id": f"{u}|{conv}", "user": u, "conv": conv} for conv, users in convs.items() for u in users]
         if not docs:
             return
-        try:
-            await self.db["user_convs"].insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            details = exc.details or {}
-            if details.get("writeConcernErrors") or any(
-                e.get("code") != 11000 for e in details.get("writeErrors") or []
-            ):
-                raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        async with self._bulk_work(len(docs)):
+            for piece in chunks(docs):
+                try:
+                    with storage_errors("user_convs write"):
+                        await self._user_convs.insert_many(list(piece), ordered=False)
+                except StorageUnavailable as exc:
+                    cause = exc.__cause__
+                    details = (cause.details if isinstance(cause, BulkWriteError) else None) or {}
+                    only_dups = bool(details.get("writeErrors")) and not details.get("writeConcernErrors")
+                    if not only_dups or any(e.get("code") != 11000 for e in details["writeErrors"]):
+                        raise
 
     async def user_convs(self, user: str) -> tuple[list[str], dict[str, int]]:
         """The conversations of ``user`` and the user's read cursor in each: ``(convs, {conv: seq})``."""
-        try:
-            convs = [d["conv"] async for d in self.db["user_convs"].find({"user": user}, {"conv": 1})]
-            reads = {d["conv"]: int(d["seq"]) async for d in self.db["cursors"].find({"user": user})}
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+        with storage_errors("user_convs read"):
+            convs = [d["conv"] async for d in self._user_convs.find({"user": user}, {"conv": 1})]
+            reads = {d["conv"]: int(d["seq"]) async for d in self._cursors.find({"user": user})}
         return convs, reads
 
     async def set_read(self, user: str, conv: str, seq: int) -> None:
         """Move ``user``'s read cursor in ``conv`` to ``seq``; it never moves backwards."""
-        try:
-            await self.db["cursors"].update_one(
+        with storage_errors("cursor write"):
+            await self._cursors.update_one(
                 {"_id": f"{user}|{conv}"}, {"$max": {"seq": seq}, "$set": {"user": user, "conv": conv}}, upsert=True
             )
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB: {type(exc).__name__}") from exc
+
+    # --- groups (documents are checkpoints of the group's system entries: groups.py) ----------
+
+    async def group_doc(self, gid: str) -> dict[str, Any] | None:
+        """The stored document of group ``gid`` (``{_id, members, roles, seq, name, ...}``), or None."""
+        with storage_errors("group read"):
+            return await self._groups.find_one({"_id": gid})
+
+    async def insert_group(self, doc: dict[str, Any]) -> None:
+        """Store a new group document (``doc["_id"]`` is the group id)."""
+        with storage_errors("group write"):
+            await self._groups.insert_one(doc)
+
+    async def checkpoint_group(self, gid: str, fields: dict[str, Any]) -> None:
+        """Set ``fields`` on the document of ``gid`` (a checkpoint at ``fields["seq"]``). One
+        document cannot be cut, so a big one (over :data:`BULK_MIN` members) is bulk work."""
+        async with self._bulk_work(len(fields.get("members") or ())):
+            with storage_errors("group write"):
+                await self._groups.update_one({"_id": gid}, {"$set": fields})
+
+    # --- contacts (one document per side: {_id: "<user>|<other>", user, other, state, ms}) ----
+
+    async def contact_states(self, a: str, b: str) -> tuple[str | None, str | None]:
+        """The states of both sides of the pair: ``(a's side, b's side)``, None where there is none."""
+        with storage_errors("contacts read"):
+            docs = [d async for d in self._contacts.find({"_id": {"$in": [f"{a}|{b}", f"{b}|{a}"]}})]
+        by_id = {d["_id"]: d.get("state") for d in docs}
+        return by_id.get(f"{a}|{b}"), by_id.get(f"{b}|{a}")
+
+    async def contact_states_many(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str | None, str | None]]:
+        """:meth:`contact_states` of each of ``pairs``, in order, in reads of at most
+        :data:`BULK_CHUNK` sides (a batch of first-seen direct conversations asks for its pairs at
+        once). Raises :class:`StorageUnavailable`."""
+        keys = [k for a, b in pairs for k in (f"{a}|{b}", f"{b}|{a}")]
+        state: dict[str, str | None] = {}
+        for piece in chunks(keys):
+            with storage_errors("contacts read"):
+                async for d in self._contacts.find({"_id": {"$in": list(piece)}}, {"state": 1}):
+                    state[d["_id"]] = d.get("state")
+        return [(state.get(f"{a}|{b}"), state.get(f"{b}|{a}")) for a, b in pairs]
+
+    async def set_contact_sides(self, sides: list[tuple[str, str, str | None]], ms: int) -> None:
+        """Write sides ``[(user, other, state or None to delete)]`` in order, in one call.
+
+        Raises :class:`StorageUnavailable`; part of it may then be written (contacts.py converges).
+        """
+        ops: list[Any] = []
+        for user, other, state in sides:
+            if state is None:
+                ops.append(pymongo.DeleteOne({"_id": f"{user}|{other}"}))
+            else:
+                doc = {"user": user, "other": other, "state": state, "ms": ms}
+                ops.append(pymongo.UpdateOne({"_id": f"{user}|{other}"}, {"$set": doc}, upsert=True))
+        if ops:
+            with storage_errors("contacts write"):
+                await self._contacts.bulk_write(ops, ordered=True)
+
+    async def contacts_of(self, user: str) -> list[tuple[str, str]]:
+        """``[(other, state)]`` of ``user``'s side of every pair."""
+        with storage_errors("contacts read"):
+            return [(d["other"], d["state"]) async for d in self._contacts.find({"user": user})]
+
+    async def accepted_contacts(self, user: str) -> list[str]:
+        """The users whose pair with ``user`` is ``accepted`` on ``user``'s side."""
+        with storage_errors("contacts read"):
+            return [d["other"] async for d in self._contacts.find({"user": user, "state": "accepted"})]
+
+    # --- push tokens (devices: {_id: token, user, device, provider}) ----------------------------
+
+    async def push_tokens(self, users: Sequence[str]) -> dict[str, dict[str, tuple[str, str]]]:
+        """``{user: {device: (provider, token)}}`` for each of ``users`` (an empty map for a user
+        without tokens). Read in pieces of :data:`BULK_CHUNK` users; bulk work above
+        :data:`BULK_MIN`. Raises :class:`StorageUnavailable`."""
+        found: dict[str, dict[str, tuple[str, str]]] = {u: {} for u in users}
+        if not users:
+            return found
+        async with self._bulk_work(len(users)):
+            for piece in chunks(list(found)):
+                with storage_errors("push tokens read"):
+                    async for doc in self._devices.find({"user": {"$in": list(piece)}}):
+                        found.setdefault(doc["user"], {})[doc["device"]] = (doc["provider"], doc["_id"])
+        return found
+
+    async def register_token(self, user: str, device: str, provider: str, token: str) -> None:
+        """Give ``token`` to (``user``, ``device``): the device's other tokens go, and the token
+        leaves any other holder (``_id`` is the token)."""
+        with storage_errors("push token write"):
+            await self._devices.delete_many({"user": user, "device": device, "_id": {"$ne": token}})
+            await self._devices.update_one(
+                {"_id": token}, {"$set": {"user": user, "device": device, "provider": provider}}, upsert=True
+            )
+
+    async def unregister_tokens(self, user: str, device: str) -> None:
+        """Remove every push token of (``user``, ``device``)."""
+        with storage_errors("push token write"):
+            await self._devices.delete_many({"user": user, "device": device})
+
+    async def token_holder(self, token: str) -> tuple[str, str] | None:
+        """``(user, device)`` that ``token`` belongs to now, or None."""
+        with storage_errors("push token read"):
+            doc = await self._devices.find_one({"_id": token})
+        return None if doc is None else (str(doc.get("user")), str(doc.get("device")))
+
+    async def remove_token(self, token: str, user: str, device: str) -> None:
+        """Delete ``token`` if it still belongs to (``user``, ``device``) (an invalid token)."""
+        with storage_errors("push token write"):
+            await self._devices.delete_one({"_id": token, "user": user, "device": device})
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -294,7 +488,7 @@ class Store:
     async def last_seq(self, conv: str) -> int:
         """The conversation's last committed seq: the larger of Redis's and MongoDB's.
 
-        Raises :class:`Unavailable` when MongoDB does not answer (Redis alone is never trusted).
+        Raises :class:`StorageUnavailable` when MongoDB does not answer (Redis alone is never trusted).
         """
         return (await self.last_seqs([conv]))[conv]
 
@@ -319,34 +513,41 @@ class Store:
         if unknown:
             clauses.append({"conv": unknown[0]} if len(unknown) == 1 else {"conv": {"$in": unknown}})
         match = clauses[0] if len(clauses) == 1 else {"$or": clauses}
-        try:
+        with storage_errors("last seq read"):
             cursor = await self.messages.aggregate(
                 [{"$match": match}, {"$group": {"_id": "$conv", "last": {"$max": "$seq"}}}]
             )
             mongo_last = {d["_id"]: int(d["last"]) async for d in cursor}
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
         return {c: max(redis_last[c], mongo_last.get(c, 0)) for c in convs}
 
     async def system_entries(self, conv: str, after: int) -> list[dict[str, Any]]:
         """The ``system`` entries of ``conv`` with seq > ``after``, ascending (membership changes
-        since a group document's checkpoint). Raises :class:`Unavailable` when MongoDB does not
-        answer: MongoDB is read, never Redis, since a change must never be missed."""
-        try:
+        since a group document's checkpoint). Raises :class:`StorageUnavailable` when MongoDB does
+        not answer: MongoDB is read, never Redis, since a change must never be missed."""
+        with storage_errors("system entries read"):
             cursor = self.messages.find({"conv": conv, "seq": {"$gt": after}, "kind": "system"})
             docs = [_clean(d) async for d in cursor]
-        except PyMongoError as exc:
-            raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
         return sorted(docs, key=lambda d: int(d["seq"]))
 
     async def read_range(self, conv: str, after: int, upto: int) -> list[dict[str, Any]]:
         """Entries with ``after < seq <= upto``, ascending: Redis first, MongoDB for what it lacks.
 
-        Raises :class:`Unavailable` when an entry is in neither reachable store.
+        Read in pieces of :data:`READ_CHUNK` seqs (a 500-entry sync is five small reads, not one
+        big one); a read of more than one piece is bulk work. Raises :class:`StorageUnavailable`
+        when an entry is in neither reachable store.
         """
         if upto <= after:
             return []
         seqs = list(range(after + 1, upto + 1))
+        async with self._bulk_work(len(seqs), small=READ_CHUNK):  # a default sync (100) never waits
+            out: list[dict[str, Any]] = []
+            for piece in chunks(seqs, READ_CHUNK):
+                out.extend(await self._read_piece(conv, list(piece)))
+        if len(out) != len(seqs):
+            raise StorageUnavailable(f"{conv}: {len(seqs) - len(out)} committed entries could not be read")
+        return out
+
+    async def _read_piece(self, conv: str, seqs: list[int]) -> list[dict[str, Any]]:
         found: dict[int, dict[str, Any]] = {}
         try:
             raws = await self.redis.mget([self._entry_key(conv, s) for s in seqs])
@@ -357,19 +558,15 @@ class Store:
             log.info("Redis read failed, reading MongoDB: %s", exc)
         missing = [s for s in seqs if s not in found]
         if missing:
-            try:
+            with storage_errors("history read"):
                 cursor = self.messages.find({"conv": conv, "seq": {"$gte": missing[0], "$lte": missing[-1]}})
                 async for doc in cursor:
                     found.setdefault(int(doc["seq"]), _clean(doc))
-            except PyMongoError as exc:
-                raise Unavailable(f"MongoDB unreachable: {type(exc).__name__}") from exc
-        out = [found[s] for s in seqs if s in found]
-        if len(out) != len(seqs):
-            raise Unavailable(f"{conv}: {len(seqs) - len(out)} committed entries could not be read")
-        return out
+        return [found[s] for s in seqs if s in found]
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
+@answers_internal
 class StoreWriter:
     """Store writer actor: commits batches of entries (a thin shell over :class:`Store`)."""
 

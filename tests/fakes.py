@@ -5,36 +5,21 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from im_actors.errors import Unavailable
+from im_actors.errors import StorageUnavailable
 from im_actors.membership import Membership
 from im_actors.store import CommitResult
 
 
-class FakeCollection:
-    """The few MongoDB collection calls the group shard makes, on a dict keyed by ``_id``."""
+class FakeTable:
+    """Documents of one kind keyed by ``_id``, and a switch that makes every call to them fail."""
 
     def __init__(self) -> None:
         self.docs: dict[str, dict[str, Any]] = {}
         self.down = False
 
-    def _check(self) -> None:
+    def check(self) -> None:
         if self.down:
-            from pymongo.errors import AutoReconnect
-
-            raise AutoReconnect("fake MongoDB down")
-
-    async def find_one(self, query: dict[str, Any]) -> dict[str, Any] | None:
-        self._check()
-        doc = self.docs.get(query["_id"])
-        return None if doc is None else dict(doc)
-
-    async def insert_one(self, doc: dict[str, Any]) -> None:
-        self._check()
-        self.docs[doc["_id"]] = dict(doc)
-
-    async def update_one(self, query: dict[str, Any], update: dict[str, Any]) -> None:
-        self._check()
-        self.docs[query["_id"]].update(update["$set"])
+            raise StorageUnavailable("MongoDB unreachable: fake")
 
 
 class FakeStore:
@@ -49,13 +34,15 @@ class FakeStore:
         self.user_convs_rows: set[tuple[str, str]] = set()
         self.cursors: dict[tuple[str, str], int] = {}
         self.gate: asyncio.Event | None = None
-        self.db: dict[str, FakeCollection] = {"groups": FakeCollection(), "contacts": FakeCollection()}
+        self.groups = FakeTable()
+        self.contacts = FakeTable()
+        self.devices = FakeTable()  # _id = token
 
     async def commit(self, entries: list[dict[str, Any]]) -> CommitResult:
         if self.gate is not None:
             await self.gate.wait()
         if self.down:
-            raise Unavailable("MongoDB unreachable: fake")
+            raise StorageUnavailable("MongoDB unreachable: fake")
         self.commits.append(entries)
         for i, e in enumerate(entries):
             key = (e["conv"], e["sender"], e["cmid"])
@@ -73,7 +60,7 @@ class FakeStore:
 
     async def last_seq(self, conv: str) -> int:
         if self.down:
-            raise Unavailable("MongoDB unreachable: fake")
+            raise StorageUnavailable("MongoDB unreachable: fake")
         return max(self._last(conv), self.redis_last.get(conv, 0))
 
     async def last_seqs(self, convs: list[str]) -> dict[str, int]:
@@ -84,7 +71,7 @@ class FakeStore:
 
     async def system_entries(self, conv: str, after: int) -> list[dict[str, Any]]:
         if self.down:
-            raise Unavailable("MongoDB unreachable: fake")
+            raise StorageUnavailable("MongoDB unreachable: fake")
         return [e for (c, s), e in sorted(self.entries.items()) if c == conv and s > after and e["kind"] == "system"]
 
     async def add_user_convs(self, conv: str, users: list[str]) -> None:
@@ -92,12 +79,67 @@ class FakeStore:
 
     async def add_user_convs_many(self, convs: dict[str, list[str]]) -> None:
         if convs and self.down:
-            raise Unavailable("MongoDB unreachable: fake")
+            raise StorageUnavailable("MongoDB unreachable: fake")
         for conv, users in convs.items():
             await self.add_user_convs(conv, users)
 
     async def set_read(self, user: str, conv: str, seq: int) -> None:
         self.cursors[(user, conv)] = max(self.cursors.get((user, conv), 0), seq)
+
+    async def group_doc(self, gid: str) -> dict[str, Any] | None:
+        self.groups.check()
+        doc = self.groups.docs.get(gid)
+        return None if doc is None else dict(doc)
+
+    async def insert_group(self, doc: dict[str, Any]) -> None:
+        self.groups.check()
+        self.groups.docs[doc["_id"]] = dict(doc)
+
+    async def checkpoint_group(self, gid: str, fields: dict[str, Any]) -> None:
+        self.groups.check()
+        self.groups.docs[gid].update(fields)
+
+    async def contact_states(self, a: str, b: str) -> tuple[str | None, str | None]:
+        self.contacts.check()
+        mine, theirs = self.contacts.docs.get(f"{a}|{b}"), self.contacts.docs.get(f"{b}|{a}")
+        return (mine or {}).get("state"), (theirs or {}).get("state")
+
+    async def contact_states_many(self, pairs: list[tuple[str, str]]) -> list[tuple[str | None, str | None]]:
+        return [await self.contact_states(a, b) for a, b in pairs]
+
+    async def set_contact_sides(self, sides: list[tuple[str, str, str | None]], ms: int) -> None:
+        self.contacts.check()
+        for user, other, state in sides:
+            if state is None:
+                self.contacts.docs.pop(f"{user}|{other}", None)
+            else:
+                self.contacts.docs[f"{user}|{other}"] = {"user": user, "other": other, "state": state, "ms": ms}
+
+    async def contacts_of(self, user: str) -> list[tuple[str, str]]:
+        self.contacts.check()
+        return [(d["other"], d["state"]) for d in self.contacts.docs.values() if d["user"] == user]
+
+    async def accepted_contacts(self, user: str) -> list[str]:
+        return [other for other, state in await self.contacts_of(user) if state == "accepted"]
+
+    async def push_tokens(self, users: list[str]) -> dict[str, dict[str, tuple[str, str]]]:
+        self.devices.check()
+        found: dict[str, dict[str, tuple[str, str]]] = {u: {} for u in users}
+        for token, d in self.devices.docs.items():
+            if d["user"] in found:
+                found[d["user"]][d["device"]] = (d["provider"], token)
+        return found
+
+    async def register_token(self, user: str, device: str, provider: str, token: str) -> None:
+        self.devices.check()
+        for t in [t for t, d in self.devices.docs.items() if (d["user"], d["device"]) == (user, device)]:
+            del self.devices.docs[t]
+        self.devices.docs[token] = {"user": user, "device": device, "provider": provider}
+
+    async def unregister_tokens(self, user: str, device: str) -> None:
+        self.devices.check()
+        for t in [t for t, d in self.devices.docs.items() if (d["user"], d["device"]) == (user, device)]:
+            del self.devices.docs[t]
 
 
 class FakePeer:

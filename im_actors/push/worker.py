@@ -421,7 +421,7 @@ class PushWorkerActor:
 
     async def __init__(self, config: Config) -> None:  # type: ignore[misc]  # Ray runs an async __init__
         self._config = config
-        self._mongo: Any = None
+        self._store: Any = None  # im_actors.store.Store, opened on first use
         self._redis: Any = None
         ledger = None
         if config.push_dedup_ttl_s > 0 and config.redis_url:
@@ -445,22 +445,20 @@ class PushWorkerActor:
     async def close(self) -> None:
         """Finish the jobs in hand, stop consuming, close the MongoDB and Redis clients."""
         await self._worker.close()
-        mongo, self._mongo = self._mongo, None
-        if mongo is not None:
-            await mongo.close()
+        store, self._store = self._store, None
+        if store is not None:
+            await store.close()
         redis, self._redis = self._redis, None
         if redis is not None:
             await redis.aclose()
 
-    def _devices(self) -> Any:
-        if self._mongo is None:
-            import pymongo  # imported here: only the actor needs it
+    def _tokens(self) -> Any:
+        """The deployment's :class:`~im_actors.store.Store` (the one door to ``devices``)."""
+        if self._store is None:
+            from im_actors.store import Store  # imported here: only the actor needs it
 
-            timeout = self._config.mongo_timeout_ms
-            self._mongo = pymongo.AsyncMongoClient(
-                self._config.mongo_url, serverSelectionTimeoutMS=timeout, socketTimeoutMS=timeout
-            )
-        return self._mongo[self._config.mongo_db]["devices"]
+            self._store = Store(self._config)
+        return self._store
 
     async def _still_owned(self, job: PushJob) -> bool:
         """True while MongoDB still gives the job's token to the job's (user, device).
@@ -469,12 +467,11 @@ class PushWorkerActor:
         """
         if not self._config.mongo_url:
             return True
-        doc = await self._devices().find_one({"_id": job["token"]})
-        return doc is not None and doc.get("user") == job["user"] and doc.get("device") == job["device"]
+        return bool(await self._tokens().token_holder(job["token"]) == (job["user"], job["device"]))
 
     async def _remove_token(self, job: PushJob) -> None:
         """Delete the device's token from MongoDB (only if it is still the token the job carried)."""
         if not self._config.mongo_url:
             log.warning("no mongo_url: invalid push token of %s/%s not removed", job["user"], job["device"])
             return
-        await self._devices().delete_one({"_id": job["token"], "user": job["user"], "device": job["device"]})
+        await self._tokens().remove_token(job["token"], job["user"], job["device"])

@@ -62,7 +62,7 @@ async def test_create_commits_created_entry_and_info_is_exact() -> None:
         "members": ["alice", "bob", "carol"],
         "roles": {"alice": "owner", "bob": "member", "carol": "member"},
     }
-    assert w.store.db["groups"].docs[GID]["seq"] == 1  # checkpointed at the created entry
+    assert w.store.groups.docs[GID]["seq"] == 1  # checkpointed at the created entry
 
 
 async def test_member_added_and_posting_at_once_is_seen_after_the_added_entry() -> None:
@@ -234,10 +234,10 @@ async def test_restarted_shards_rebuild_membership_from_document_and_stream() ->
     w = World()
     await w.groups.create("alice", "team", ["bob"], gid=GID)
     await w.groups.add("alice", GID, ["carol"])  # 2
-    w.store.db["groups"].down = True  # the checkpoint of the next change fails: the stream has it
+    w.store.groups.down = True  # the checkpoint of the next change fails: the stream has it
     await w.groups.remove("alice", GID, ["bob"])  # 3
-    w.store.db["groups"].down = False
-    assert w.store.db["groups"].docs[GID]["seq"] == 2
+    w.store.groups.down = False
+    assert w.store.groups.docs[GID]["seq"] == 2
     fresh = World(w.store)  # both shards restarted: empty caches, same storage
     assert (await fresh.groups.info("alice", GID))["members"] == ["alice", "carol"]
     assert await fresh.send("bob", "b1") == {

@@ -158,3 +158,76 @@ def test_hub_counts_ipv4_whole_and_ipv6_per_64(remote: Any, key: str) -> None:
         remote_address = remote
 
     assert _address_key(Conn()) == key  # type: ignore[arg-type]
+
+
+# --- refusals that count (issue 14, defect 3) -------------------------------------------------------
+
+
+def _run_client(
+    inflight: int, seconds: float, key_of: Any, commit_s: float = 0.004, rtt_s: float = 0.001
+) -> tuple[bool, int, int]:
+    """Simulate one connection with ``inflight`` sends in flight that obeys every ``retry_after_ms``
+    (a refused send is resent with the same cmid when it was told; an acked one is followed by a
+    new send), against the default buckets and refusal limit; the hub's ``_admit`` order of calls.
+
+    Returns ``(closed, refusals, acks)``.
+    """
+    import heapq
+
+    cfg = load_config()
+    rates = UserRates(cfg.rate_send_per_s, cfg.rate_send_burst, cfg.rate_request_per_s, cfg.rate_request_burst)
+    rates.opened("alice", 0.0)
+    window = RefusalWindow(cfg.rate_refusals_max, cfg.rate_refusals_window_s)
+    arrivals = [(0.0, slot, f"c{slot}") for slot in range(inflight)]  # (time, slot, cmid)
+    heapq.heapify(arrivals)
+    sent = inflight
+    refusals = acks = 0
+    while arrivals:
+        now, slot, cmid = heapq.heappop(arrivals)
+        if now > seconds:
+            break
+        wait_ms = rates.check("alice", "send", now)
+        if not wait_ms:
+            acks += 1
+            heapq.heappush(arrivals, (now + commit_s + rtt_s, slot, f"c{sent}"))  # the next message
+            sent += 1
+            continue
+        refusals += 1
+        if window.refused(now, key_of(cmid), wait_ms / 1000):
+            return True, refusals, acks
+        heapq.heappush(arrivals, (now + wait_ms / 1000 + rtt_s, slot, cmid))  # obeys retry_after_ms
+    return False, refusals, acks
+
+
+def test_a_client_with_8_sends_in_flight_that_obeys_retry_after_is_never_closed() -> None:
+    closed, refusals, acks = _run_client(8, 30.0, key_of=lambda cmid: ("send", "d:alice:bob", cmid))
+    assert not closed
+    assert refusals > 3000  # refused all the time: the bucket, not the closing, limits it
+    assert acks >= 50 * 30  # and it gets the whole rate (50 sends/s after the 200 burst)
+    # Counting every refusal (the rule before the fix, key=None) closed the same client.
+    assert _run_client(8, 30.0, key_of=lambda cmid: None)[0]
+
+
+def test_a_client_that_resends_before_its_time_is_closed() -> None:
+    w = RefusalWindow(max_refusals=5, window_s=10.0)
+    key = ("send", "d:alice:bob", "c1")
+    results = [w.refused(0.001 * i, key, 0.5) for i in range(10)]  # told 500 ms, back after 1 ms
+    assert results.index(True) == 6  # the first refusal is free, the next five count, the sixth closes
+
+
+def test_a_client_that_fires_new_requests_at_an_empty_bucket_is_closed() -> None:
+    w = RefusalWindow(max_refusals=5, window_s=10.0)
+    results = [w.refused(0.001 * i, ("send", "d:alice:bob", f"c{i}"), 0.02) for i in range(10)]
+    assert results.index(True) == 6  # one new request per 20 ms refill window is free, not ten
+
+
+def test_a_retry_that_obeyed_never_counts_and_memory_is_bounded() -> None:
+    from im_actors.limits import REFUSALS_REMEMBERED
+
+    w = RefusalWindow(max_refusals=1, window_s=10.0)
+    key = ("sync", "d:alice:bob")
+    assert not w.refused(0.0, key, 1.0)  # new: free
+    assert not any(w.refused(1.0 + i, key, 1.0) for i in range(50))  # back each time when told
+    for i in range(REFUSALS_REMEMBERED * 2):
+        w.refused(100.0 + i, ("send", "c", str(i)), 0.5)
+    assert len(w.told) <= REFUSALS_REMEMBERED

@@ -49,6 +49,7 @@ PUBLIC: dict[str, list[str]] = {
         "Conflict",
         "RateLimited",
         "Unavailable",
+        "StorageUnavailable",
         "Internal",
         "CloseConnection",
         "ConfigError",

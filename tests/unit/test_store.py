@@ -1,0 +1,199 @@
+"""The storage door (store.py) without servers: error mapping, bounded pieces, one bulk operation at a time.
+
+The real :class:`Store` is built (its MongoDB and Redis clients connect lazily, so nothing is
+contacted) and its collections are replaced by recorders: this is the one test that fakes raw
+collections, since it tests the one module that owns them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from im_actors.config import load_config
+from im_actors.conversation import ConversationShard
+from im_actors.errors import StorageUnavailable, Unavailable
+from im_actors.store import BULK_CHUNK, READ_CHUNK, Store, storage_errors
+from tests.fakes import FakePeers, FakeStore
+
+
+class _Cursor:
+    def __init__(self, docs: list[dict[str, Any]]) -> None:
+        self._docs = iter(docs)
+
+    def __aiter__(self) -> _Cursor:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        try:
+            return next(self._docs)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
+class Recorder:
+    """A collection that records the size of every call and how many run at the same time."""
+
+    def __init__(self, docs: list[dict[str, Any]] | None = None, fail: Exception | None = None) -> None:
+        self.sizes: list[int] = []
+        self.docs = docs or []
+        self.fail = fail
+        self.running = 0
+        self.most_at_once = 0
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def _enter(self, size: int) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.sizes.append(size)
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        await self.release.wait()
+        await asyncio.sleep(0)
+        self.running -= 1
+
+    async def bulk_write(self, ops: list[Any], ordered: bool = True) -> None:
+        await self._enter(len(ops))
+
+    async def insert_many(self, docs: list[Any], ordered: bool = True) -> None:
+        await self._enter(len(docs))
+
+    def find(self, query: dict[str, Any], *args: Any) -> _Cursor:
+        if self.fail is not None:
+            raise self.fail
+        wanted = query.get("user", {}).get("$in") if isinstance(query.get("user"), dict) else None
+        if wanted is not None:
+            self.sizes.append(len(wanted))
+            return _Cursor([d for d in self.docs if d["user"] in wanted])
+        seq = query.get("seq", {})
+        self.sizes.append(int(seq.get("$lte", 0)) - int(seq.get("$gte", 0)) + 1)
+        return _Cursor([d for d in self.docs if seq.get("$gte", 0) <= d.get("seq", 0) <= seq.get("$lte", 0)])
+
+    async def find_one(self, query: dict[str, Any], **kwargs: Any) -> dict[str, Any] | None:
+        if self.fail is not None:
+            raise self.fail
+        return None
+
+
+class FakeRedis:
+    """``mget`` that finds nothing (every entry read from MongoDB) and records its sizes."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    async def mget(self, keys: list[str]) -> list[None]:
+        self.sizes.append(len(keys))
+        return [None] * len(keys)
+
+
+def make_store() -> Store:
+    return Store(load_config(mongo_url="mongodb://127.0.0.1:9", redis_url="redis://127.0.0.1:9/0"))
+
+
+def test_storage_errors_maps_mongodb_and_redis_errors_and_nothing_else() -> None:
+    for raised in (AutoReconnect("down"), ServerSelectionTimeoutError("no primary"), RedisConnectionError("refused")):
+        with pytest.raises(StorageUnavailable) as caught, storage_errors("group read"):
+            raise raised
+        assert caught.value.code == "unavailable" and caught.value.retry
+        assert "group read" in caught.value.msg
+        assert isinstance(caught.value, Unavailable)
+    with pytest.raises(UnicodeEncodeError), storage_errors("group write"):  # a bug upstream: not "unavailable"
+        "\ud83d".encode()
+
+
+async def test_every_store_method_answers_storage_unavailable_when_mongodb_is_down() -> None:
+    store = make_store()
+    down = Recorder(fail=AutoReconnect("fake MongoDB down"))
+    for name in ("_groups", "_contacts", "_devices", "_user_convs", "_cursors"):
+        setattr(store, name, down)
+    calls = [
+        store.group_doc("g1"),
+        store.contact_states("a", "b"),
+        store.contacts_of("a"),
+        store.accepted_contacts("a"),
+        store.push_tokens(["a"]),
+        store.token_holder("t"),
+        store.add_user_convs("g:g1", ["a"]),
+        store.user_convs("a"),
+    ]
+    for call in calls:
+        with pytest.raises(StorageUnavailable):
+            await call
+
+
+async def test_group_sized_writes_and_reads_are_cut_into_bounded_pieces() -> None:
+    store = make_store()
+    store._user_convs = rows = Recorder()  # type: ignore[assignment]
+    users = [f"u{i}" for i in range(9999)]
+    await store.add_user_convs("g:big", users)
+    assert max(rows.sizes) <= BULK_CHUNK and sum(rows.sizes) == 9999
+    assert len(rows.sizes) == -(-9999 // BULK_CHUNK)
+
+    store._devices = devices = Recorder(  # type: ignore[assignment]
+        [{"_id": "tok-7", "user": "u7", "device": "phone", "provider": "log"}]
+    )
+    tokens = await store.push_tokens(users)
+    assert max(devices.sizes) <= BULK_CHUNK and sum(devices.sizes) == 9999
+    assert tokens["u7"] == {"phone": ("log", "tok-7")} and tokens["u8"] == {} and len(tokens) == 9999
+
+    store.redis = redis = FakeRedis()  # type: ignore[assignment]
+    store.messages = msgs = Recorder(  # type: ignore[assignment]
+        [
+            {"conv": "d:a:b", "seq": s, "sender": "a", "cmid": f"c{s}", "ts": s, "kind": "text", "body": "x"}
+            for s in range(1, 501)
+        ]
+    )
+    got = await store.read_range("d:a:b", 0, 500)
+    assert [e["seq"] for e in got] == list(range(1, 501))
+    assert max(redis.sizes) <= READ_CHUNK and max(msgs.sizes) <= READ_CHUNK and sum(redis.sizes) == 500
+
+
+async def test_bulk_operations_run_one_at_a_time_and_small_ones_never_wait_for_them() -> None:
+    store = make_store()
+    store._user_convs = rows = Recorder()  # type: ignore[assignment]
+    rows.release.clear()  # the storage server is slow: every call waits until released
+    first = asyncio.create_task(store.add_user_convs("g:one", [f"u{i}" for i in range(2000)]))
+    second = asyncio.create_task(store.add_user_convs("g:two", [f"v{i}" for i in range(2000)]))
+    await asyncio.sleep(0.01)
+    assert rows.running == 1  # the second bulk operation waits for the first, not beside it
+    small = asyncio.create_task(store.add_user_convs("d:a:b", ["a", "b"]))  # a direct conversation's index
+    await asyncio.sleep(0.01)
+    assert rows.running == 2 and rows.sizes[-1] == 2  # it went to storage at once, beside one piece
+    rows.release.set()
+    await asyncio.gather(first, second, small)
+    assert rows.most_at_once == 2  # one bulk piece plus the small call, never two bulk pieces
+    assert store.stats["bulk_waits"] == 1
+
+
+async def test_commit_is_retried_on_another_writer_only_when_the_writer_failed_not_storage() -> None:
+    store = FakeStore()
+    peers = FakePeers(store, {})
+    shard = ConversationShard(load_config(fanout_batch_ms=0, store_writers=2), peers, store)  # type: ignore[arg-type]
+    tries: list[str] = []
+
+    async def writer_gone(entries: list[dict[str, Any]]) -> Any:
+        tries.append("gone")
+        if len(tries) == 1:
+            raise Unavailable("a component is restarting")
+        return await store.commit(entries)
+
+    peers.store_peer.handlers["commit"] = writer_gone
+    entry = {"conv": "d:a:b", "seq": 1, "sender": "a", "cmid": "c1", "ts": 1, "kind": "text", "body": "x"}
+    assert (await shard._commit_with_retry([entry])).committed == 1
+    assert tries == ["gone", "gone"]
+
+    tries.clear()
+
+    async def storage_down(entries: list[dict[str, Any]]) -> Any:
+        tries.append("storage")
+        raise StorageUnavailable("MongoDB unreachable: commit failed (AutoReconnect)")
+
+    peers.store_peer.handlers["commit"] = storage_down
+    with pytest.raises(StorageUnavailable):
+        await shard._commit_with_retry([dict(entry, seq=2, cmid="c2")])
+    assert tries == ["storage"]  # every writer talks to the same storage: not tried again
