@@ -100,6 +100,8 @@ class Fault:
     kind: str
     target: str
     at_s: float
+    #: When it was injected, ms since the epoch (the report's plots place it on the run's timeline).
+    at_ms: float = 0.0
     recovery_s: float | None = None
     worst_latency_ms: float | None = None
     error: str | None = None
@@ -113,6 +115,7 @@ class Fault:
             "kind": self.kind,
             "target": self.target,
             "at_s": round(self.at_s, 3),
+            "at_ms": round(self.at_ms, 1),
             "recovery_s": None if self.recovery_s is None else round(self.recovery_s, 3),
             "worst_delivery_latency_ms": self.worst_latency_ms,
             "error": self.error,
@@ -224,7 +227,7 @@ class ChaosMonkey:
 
     async def inject(self, kind: str) -> Fault:
         """Inject one fault of ``kind`` now; returns its record (recovery filled in by :meth:`finish`)."""
-        fault = Fault(kind, "", self.now())
+        fault = Fault(kind, "", self.now(), at_ms=time.time() * 1000.0)
         self.faults.append(fault)
         try:
             if kind in _ACTOR_KINDS:

@@ -448,6 +448,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json-subprotocol", action="store_true", help="speak im.v1.json instead of msgpack")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", help="also write the report to this file")
+    p.add_argument("--html", help="also write the HTML report with plots to this file")
     sub = p.add_subparsers(dest="workload", required=True)
     r = sub.add_parser("replay", help="replay the chat corpus")
     r.add_argument("--corpus", required=True, help="gzip JSON Lines file (fluid_irc_replay.jsonl.gz)")
@@ -519,6 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(text + "\n")
+    if args.html:
+        from im_actors.report import write_html
+
+        write_html(report, args.html)
     return 1 if report["lost"] or report["duplicates"] or report["order_violations"] else 0
 
 

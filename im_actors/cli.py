@@ -210,6 +210,7 @@ def demo(
     messages: Annotated[int, typer.Option(help="corpus messages to replay")] = 2000,
     duration: Annotated[float, typer.Option(help="wall time of the replay (s)")] = 30.0,
     report: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("im-actors-report.json"),
+    html: Annotated[Path | None, typer.Option(help="also write the HTML report with plots here")] = None,
     synthetic: Annotated[bool, typer.Option(help="synthetic workload instead of the corpus")] = False,
     users: Annotated[int, typer.Option(help="synthetic: users")] = 100,
     rate: Annotated[float, typer.Option(help="synthetic: messages/s")] = 200.0,
@@ -347,12 +348,40 @@ def demo(
         finally:
             services.stop()
     report.write_text(json.dumps(result, indent=2, default=str))
+    if html is not None:
+        from im_actors.report import write_html
+
+        write_html(result, html)
     typer.echo(_summary(result))
     problems = verdict(result)
     if problems:
         typer.echo(f"FAILED: {'; '.join(problems)}  (report: {report})", err=True)
         raise typer.Exit(1)
     typer.echo(f"OK: every acked message reached every member device once, in order  (report: {report})")
+
+
+@app.command("report")
+def report_cmd(
+    path: Annotated[Path, typer.Argument(help="a run's JSON report (im-actors demo --report, drivers.run --out)")],
+    html: Annotated[Path | None, typer.Option(help="write the HTML page (plots embedded) here")] = None,
+    png: Annotated[Path | None, typer.Option(help="write the plots as PNG files into this folder")] = None,
+) -> None:
+    """Draw a run's report: latency CDFs, throughput and p99 per second, faults with their recovery."""
+    from im_actors.report import load_report, write_html, write_png
+
+    if html is None and png is None:
+        typer.echo("im-actors report: give --html FILE and/or --png DIR", err=True)
+        raise typer.Exit(2)
+    try:
+        data = load_report(path)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"im-actors report: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if html is not None:
+        typer.echo(f"wrote {write_html(data, html, title=f'im-actors run report: {path.name}')}")
+    if png is not None:
+        for written in write_png(data, png):
+            typer.echo(f"wrote {written}")
 
 
 @app.command()
