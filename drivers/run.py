@@ -44,6 +44,7 @@ import aiohttp
 from tqdm import tqdm
 
 from drivers.oracle import Partial, Recorder, device_key, latency_summary, merge, new_histogram
+from drivers.verdict import Threshold, judge
 from drivers.workload import DEVICE, Plan, PlannedSend, Workload
 from im_actors.client import Client
 from im_actors.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK
@@ -449,6 +450,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", help="also write the report to this file")
     p.add_argument("--html", help="also write the HTML report with plots to this file")
+    p.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="METRIC_OP_NUMBER",
+        help="fail (exit 1) unless it holds, e.g. 'delivery_p99_ms<50' (repeatable; see drivers.verdict)",
+    )
     sub = p.add_subparsers(dest="workload", required=True)
     r = sub.add_parser("replay", help="replay the chat corpus")
     r.add_argument("--corpus", required=True, help="gzip JSON Lines file (fluid_irc_replay.jsonl.gz)")
@@ -508,13 +516,19 @@ async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m drivers.run``: print the report as JSON; exit 1 when anything was lost, duplicated or
-    reordered."""
+    """``python -m drivers.run``: print the report as JSON (with its ``verdict``), the verdict on stderr;
+    exit 1 when :func:`drivers.verdict.judge` fails the run (oracle or a ``--threshold``), 2 on bad flags."""
     args = _parser().parse_args(argv)
     if not args.router and not args.fake_hubs:
         _parser().error("give --router URL or --fake-hubs N")
+    try:
+        thresholds = [Threshold.parse(t) for t in args.threshold]
+    except ValueError as exc:
+        _parser().error(f"--threshold: {exc}")
     logging.basicConfig(level=logging.WARNING)
     report = asyncio.run(_main_async(args))
+    decision = judge(report, thresholds)
+    report["verdict"] = decision.as_dict()
     text = json.dumps(report, indent=2, sort_keys=True)
     print(text)
     if args.out:
@@ -524,7 +538,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from im_actors.report import write_html
 
         write_html(report, args.html)
-    return 1 if report["lost"] or report["duplicates"] or report["order_violations"] else 0
+    if decision.passed:
+        print(
+            "OK" + (f": thresholds held: {', '.join(decision.thresholds)}" if decision.thresholds else ""),
+            file=sys.stderr,
+        )
+    else:
+        print(f"FAILED: {'; '.join(decision.reasons())}", file=sys.stderr)
+    return decision.exit_code
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import typer
 from im_actors.config import Config, load_config
 from im_actors.errors import ConfigError, ServiceError
 
-__all__ = ["app", "main", "verdict", "DEFAULT_CORPUS"]
+__all__ = ["app", "main", "DEFAULT_CORPUS"]
 
 app = typer.Typer(
     add_completion=False,
@@ -163,21 +163,6 @@ def _config(path: Path | None, **flags: Any) -> Config:
         raise typer.Exit(2) from None
 
 
-def verdict(report: dict[str, Any]) -> list[str]:
-    """Why a run failed the oracle (empty when it passed): the exit rule of ``demo``."""
-    problems = [f"{key} = {report[key]}" for key in ("lost", "duplicates", "order_violations") if report.get(key)]
-    if report.get("delivered") != report.get("expected_deliveries"):
-        problems.append(f"delivered {report.get('delivered')} != expected {report.get('expected_deliveries')}")
-    if not report.get("acked"):
-        problems.append("no message was acknowledged")
-    for fault in report.get("faults", []):
-        if fault.get("error"):
-            problems.append(f"fault {fault['kind']} at {fault['at_s']} s not injected: {fault['error']}")
-        elif fault.get("recovery_s") is None:
-            problems.append(f"fault {fault['kind']} at {fault['at_s']} s: no recovery seen")
-    return problems
-
-
 def _summary(report: dict[str, Any]) -> str:
     ack, dl = report["ack_latency_ms"], report["delivery_latency_ms"]
     svc = report.get("services", {})
@@ -211,6 +196,13 @@ def demo(
     duration: Annotated[float, typer.Option(help="wall time of the replay (s)")] = 30.0,
     report: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("im-actors-report.json"),
     html: Annotated[Path | None, typer.Option(help="also write the HTML report with plots here")] = None,
+    threshold: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="fail the run (exit 1) unless METRIC OP NUMBER holds, e.g. 'delivery_p99_ms<50' (repeatable); "
+            "metrics: ack_/delivery_ p50/p95/p99/max _ms, lost, duplicates, order_violations, throughput"
+        ),
+    ] = None,
     synthetic: Annotated[bool, typer.Option(help="synthetic workload instead of the corpus")] = False,
     users: Annotated[int, typer.Option(help="synthetic: users")] = 100,
     rate: Annotated[float, typer.Option(help="synthetic: messages/s")] = 200.0,
@@ -251,10 +243,16 @@ def demo(
     from drivers.replay import ReplayWorkload
     from drivers.run import run_workload
     from drivers.synthetic import SyntheticWorkload
+    from drivers.verdict import Threshold, judge
     from im_actors.cluster import deploy, init_local_cluster, init_local_ray
     from im_actors.services import describe_services, ensure_services, purge_deployment
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        thresholds = [Threshold.parse(t) for t in threshold or []]
+    except ValueError as exc:
+        typer.echo(f"im-actors: --threshold: {exc}", err=True)
+        raise typer.Exit(2) from None
     cfg = _config(
         config,
         deployment=f"demo{secrets.token_hex(3)}",
@@ -347,17 +345,19 @@ def demo(
             purge_deployment(cfg, drop_mongo_db=own_mongo_db)
         finally:
             services.stop()
+    decision = judge(result, thresholds)
+    result["verdict"] = decision.as_dict()
     report.write_text(json.dumps(result, indent=2, default=str))
     if html is not None:
         from im_actors.report import write_html
 
         write_html(result, html)
     typer.echo(_summary(result))
-    problems = verdict(result)
-    if problems:
-        typer.echo(f"FAILED: {'; '.join(problems)}  (report: {report})", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"OK: every acked message reached every member device once, in order  (report: {report})")
+    if not decision.passed:
+        typer.echo(f"FAILED: {'; '.join(decision.reasons())}  (report: {report})", err=True)
+        raise typer.Exit(decision.exit_code)
+    held = f"; thresholds held: {', '.join(decision.thresholds)}" if decision.thresholds else ""
+    typer.echo(f"OK: every acked message reached every member device once, in order{held}  (report: {report})")
 
 
 @app.command("report")
