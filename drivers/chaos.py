@@ -371,6 +371,11 @@ class ChaosMonkey:
         await asyncio.gather(*(c.close() for c in self._clients), return_exceptions=True)
         return [f.as_dict() for f in self.faults]
 
+    def in_progress(self) -> list[str]:
+        """The faults injected and not recovered yet, as ``"<kind> <seconds since>s"`` (the live view)."""
+        now = self.now()
+        return [f"{f.kind} {now - f.at_s:.0f}s" for f in self.faults if f.error is None and self._recovery(f) is None]
+
     def _complete(self, probe: _Probe) -> float | None:
         if probe.acked is None or len(probe.received) < len(self._clients):
             return None

@@ -15,8 +15,9 @@ for its share of the users (one :class:`~im_actors.client.Client` each, device `
    the report.
 
 With ``processes > 1`` the users are split over OS processes (multiprocessing, spawn context), each
-running its clients in one asyncio loop; the parent only coordinates the stages, shows the tqdm bar
-of sends and merges the results.
+running its clients in one asyncio loop; the parent only coordinates the stages, draws the live
+status line (:mod:`drivers.live`: phase and its progress, rates, p99 so far, errors, faults) and
+merges the results.
 
 CLI: ``python -m drivers.run --router URL replay --corpus FILE -n 2000 --duration 60`` or
 ``python -m drivers.run --router URL synthetic --users 100 --rate 200 --duration 10``; ``--fake-hubs N``
@@ -36,22 +37,25 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-from tqdm import tqdm
 
+from drivers.live import LiveView, PartProgress
 from drivers.oracle import Partial, Recorder, device_key, latency_summary, merge, new_histogram
 from drivers.verdict import Threshold, judge
-from drivers.workload import DEVICE, Plan, PlannedSend, Workload
+from drivers.workload import DEVICE, GroupSpec, Plan, PlannedSend, Workload
 from im_actors.client import Client
 from im_actors.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK
 
 __all__ = ["RunOptions", "run_workload", "run_workload_async", "split_users", "build_report", "main"]
 
 log = logging.getLogger(__name__)
+
+#: How often each process hands its progress to the live view (s).
+LIVE_INTERVAL_S = 0.5
 
 _COUNTERS = ("reconnects", "gap_fills", "gap_fill_failures", "dups_dropped", "resends", "holes_skipped")
 
@@ -84,7 +88,7 @@ class RunOptions:
 class _Coordinator(Protocol):
     async def exchange(self, stage: str, payload: Any) -> Any: ...
 
-    def progress(self, n: int) -> None: ...
+    def live(self, progress: PartProgress) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -102,18 +106,17 @@ def _stage_reply(stage: str, payloads: Sequence[Any], opts: RunOptions, processe
 
 
 class _LocalCoordinator:
-    """The single-process case: every stage is reached by the one process; progress goes to the bar."""
+    """The single-process case: every stage is reached by the one process; progress goes to the view."""
 
-    def __init__(self, opts: RunOptions, bar: tqdm | None) -> None:
+    def __init__(self, opts: RunOptions, view: LiveView) -> None:
         self._opts = opts
-        self._bar = bar
+        self._view = view
 
     async def exchange(self, stage: str, payload: Any) -> Any:
         return _stage_reply(stage, [payload], self._opts, 1)
 
-    def progress(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
+    def live(self, progress: PartProgress) -> None:
+        self._view.update(0, progress.snapshot(encode=False))
 
     def flush(self) -> None:
         pass
@@ -126,8 +129,7 @@ class _ChildCoordinator:
         self._index = index
         self._up = up
         self._down = down
-        self._pending = 0
-        self._last_flush = time.monotonic()
+        self._live: dict[str, Any] | None = None
 
     async def exchange(self, stage: str, payload: Any) -> Any:
         self.flush()
@@ -146,16 +148,14 @@ class _ChildCoordinator:
                 if parent is not None and not parent.is_alive():
                     raise RuntimeError("the parent process is gone") from None
 
-    def progress(self, n: int) -> None:
-        self._pending += n
-        if time.monotonic() - self._last_flush >= 0.2:
-            self.flush()
+    def live(self, progress: PartProgress) -> None:
+        self._live = progress.snapshot(encode=True)
+        self.flush()
 
     def flush(self) -> None:
-        if self._pending:
-            self._up.put(("progress", self._index, self._pending))
-            self._pending = 0
-        self._last_flush = time.monotonic()
+        if self._live is not None:
+            self._up.put(("live", self._index, self._live))
+            self._live = None
 
 
 # --- one process's share -----------------------------------------------------------------------------
@@ -191,6 +191,15 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
     lag_hist = new_histogram()
     errors: Counter[str] = Counter()
     drained = False
+    progress = PartProgress(ack_hist=recorder.partial().ack_hist)
+    progress.enter("connecting", len(users))
+
+    async def tick() -> None:  # the live view, twice a second, off the hot path
+        while True:
+            coord.live(progress)
+            await asyncio.sleep(LIVE_INTERVAL_S)
+
+    ticker = asyncio.get_running_loop().create_task(tick())
     try:
         for user in users:
             dev = device_key(user, DEVICE)
@@ -214,13 +223,21 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
         async def connect(c: Client) -> None:
             async with sem:
                 await c.connect()
+            progress.done += 1
 
         await asyncio.wait_for(asyncio.gather(*(connect(c) for c in clients.values())), opts.setup_timeout_s)
         await coord.exchange("connected", len(clients))
 
         mine = [g for g in plan.groups if g.creator in clients]
+        progress.enter("groups", len(mine))
+
+        async def create(g: GroupSpec) -> tuple[str, str]:
+            made = await _create_group(clients[g.creator], g.name, g.members)
+            progress.done += 1
+            return made
+
         created = await asyncio.wait_for(
-            asyncio.gather(*(_create_group(clients[g.creator], g.name, g.members) for g in mine)),
+            asyncio.gather(*(create(g) for g in mine)),
             opts.setup_timeout_s,
         )
         group_convs: dict[str, str] = await coord.exchange(
@@ -228,6 +245,8 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
         )
         recorder.set_recipients(plan.recipients(group_convs))
         t0: float = await coord.exchange("start", None)
+        by_sender = plan.sends_by_sender()
+        progress.enter("sending", sum(len(by_sender.get(u, ())) for u in users))
 
         async def sender(client: Client, sends: list[PlannedSend]) -> None:
             for s in sends:
@@ -239,23 +258,32 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
                 send_ms = time.time() * 1000.0
                 lag_hist.record_value(min(max(int((send_ms - due * 1000.0) * 1000.0), 0), 3_600_000_000))
                 recorder.add_sent(1, send_ms)
+                progress.sent += 1
+                progress.done += 1
                 try:
                     ack = await client.send(conv, s.body, cmid=f"{opts.run_id}.{s.index}", meta={"t": send_ms})
                 except Exception as exc:  # counted in the report; the run goes on
                     errors[type(exc).__name__] += 1
+                    progress.errors += 1
                     log.debug("send %d failed: %r", s.index, exc)
                 else:
                     recorder.add_ack(conv, ack.seq, send_ms, time.time() * 1000.0)
-                coord.progress(1)
+                    progress.acked += 1
 
-        by_sender = plan.sends_by_sender()
         await asyncio.gather(*(sender(clients[u], by_sender[u]) for u in users if u in by_sender))
         coord.flush()
         await coord.exchange("sent", None)
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + opts.drain_timeout_s
-        caught_up = await asyncio.gather(*(c.catch_up(opts.drain_timeout_s) for c in clients.values()))
+        progress.enter("draining", len(clients))
+
+        async def catch_up(c: Client) -> bool:
+            done = await c.catch_up(opts.drain_timeout_s)
+            progress.done += 1
+            return done
+
+        caught_up = await asyncio.gather(*(catch_up(c) for c in clients.values()))
         last, quiet_since = recorder.receipts, loop.time()
         while loop.time() < deadline and loop.time() - quiet_since < opts.quiet_s:
             await asyncio.sleep(min(0.1, opts.quiet_s))
@@ -263,6 +291,9 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
                 last, quiet_since = recorder.receipts, loop.time()
         drained = all(caught_up) and loop.time() - quiet_since >= opts.quiet_s
     finally:
+        ticker.cancel()
+        coord.live(progress)
+        coord.flush()
         await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
         await http.close()
     stats = Counter({k: 0 for k in _COUNTERS})
@@ -291,7 +322,7 @@ def _child_main(index: int, plan: Plan, users: list[str], opts: RunOptions, up: 
         up.put(("result", index, result))
 
 
-def _run_processes(plan: Plan, parts: list[list[str]], opts: RunOptions, progress: bool) -> list[dict[str, Any]]:
+def _run_processes(plan: Plan, parts: list[list[str]], opts: RunOptions, view: LiveView) -> list[dict[str, Any]]:
     """Start one spawn process per part, relay the stages, return every process's result."""
     ctx = mp.get_context("spawn")
     up = ctx.Queue()
@@ -302,7 +333,6 @@ def _run_processes(plan: Plan, parts: list[list[str]], opts: RunOptions, progres
     ]
     for p in procs:
         p.start()
-    bar = tqdm(total=len(plan.sends), unit="msg", desc=plan.name, disable=not progress)
     stages: dict[str, dict[int, Any]] = {}
     results: dict[int, dict[str, Any]] = {}
     dead_since: dict[int, float] = {}
@@ -318,8 +348,8 @@ def _run_processes(plan: Plan, parts: list[list[str]], opts: RunOptions, progres
                             raise RuntimeError(f"driver process {i} exited ({p.exitcode}) without a result") from None
                 continue
             kind, index = item[0], item[1]
-            if kind == "progress":
-                bar.update(item[2])
+            if kind == "live":
+                view.update(index, item[2])
             elif kind == "stage":
                 stage, payload = item[2], item[3]
                 stages.setdefault(stage, {})[index] = payload
@@ -332,7 +362,6 @@ def _run_processes(plan: Plan, parts: list[list[str]], opts: RunOptions, progres
             elif kind == "error":
                 raise RuntimeError(f"driver process {index} failed:\n{item[2]}")
     finally:
-        bar.close()
         for p in procs:
             p.join(timeout=5 if len(results) == len(procs) else 0.1)
             if p.is_alive():
@@ -384,22 +413,26 @@ async def run_workload_async(
     processes: int = 1,
     progress: bool = True,
     drain_timeout_s: float = 30.0,
+    faults_in_progress: Callable[[], list[str]] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """:func:`run_workload` for callers already inside an event loop (processes > 1 run in a thread)."""
+    """:func:`run_workload` for callers already inside an event loop (processes > 1 run in a thread).
+
+    ``faults_in_progress``: what the live view shows after ``faults:`` (the chaos runner's faults
+    not yet recovered)."""
     started = time.monotonic()
     run_id = options.pop("run_id", None) or secrets.token_hex(4)
     opts = RunOptions(router_url=router_url, run_id=run_id, drain_timeout_s=drain_timeout_s, **options)
     plan = workload if isinstance(workload, Plan) else workload.build(f"{run_id}.")
     parts = split_users(plan, processes)
-    if len(parts) == 1:
-        bar = tqdm(total=len(plan.sends), unit="msg", desc=plan.name, disable=not progress)
-        try:
-            results = [await _run_part(plan, parts[0], opts, _LocalCoordinator(opts, bar))]
-        finally:
-            bar.close()
-    else:
-        results = await asyncio.to_thread(_run_processes, plan, parts, opts, progress)
+    view = LiveView(len(parts), enabled=progress, faults=faults_in_progress)
+    try:
+        if len(parts) == 1:
+            results = [await _run_part(plan, parts[0], opts, _LocalCoordinator(opts, view))]
+        else:
+            results = await asyncio.to_thread(_run_processes, plan, parts, opts, view)
+    finally:
+        view.close()
     report = build_report(plan, results, len(parts), time.monotonic() - started)
     report["run_id"] = run_id
     return report
@@ -417,9 +450,9 @@ def run_workload(
 
     ``workload``: a :class:`~drivers.replay.ReplayWorkload`, a :class:`~drivers.synthetic.SyntheticWorkload`
     (anything with ``build(run_prefix) -> Plan``) or a ready :class:`~drivers.workload.Plan`.
-    ``processes``: OS processes to spread the clients over (spawn context); ``progress``: a tqdm bar of
-    sends; ``drain_timeout_s``: bound of the final catch-up and drain. Other keyword options are the
-    fields of :class:`RunOptions` (``send_deadline_s``, ``subprotocol``, ``quiet_s``, ``run_id``, ...).
+    ``processes``: OS processes to spread the clients over (spawn context); ``progress``: the live
+    status line (:mod:`drivers.live`; callers pass ``sys.stdout.isatty()``); ``drain_timeout_s``: bound
+    of the final catch-up and drain. Other keyword options are the fields of :class:`RunOptions` (``send_deadline_s``, ``subprotocol``, ``quiet_s``, ``run_id``, ...).
 
     The report (counts are entries or deliveries, latencies in ms, rates per second):
     ``sent``, ``acked``, ``unacked``, ``expected_deliveries``, ``delivered``, ``lost``, ``duplicates``,
@@ -447,7 +480,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds")
     p.add_argument("--send-deadline", type=float, default=30.0, help="seconds")
     p.add_argument("--json-subprotocol", action="store_true", help="speak im.v1.json instead of msgpack")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no live status line (drawn only on a terminal)")
     p.add_argument("--out", help="also write the report to this file")
     p.add_argument("--html", help="also write the HTML report with plots to this file")
     p.add_argument(
@@ -497,6 +530,11 @@ def _workload_from_args(args: argparse.Namespace) -> Workload:
     )
 
 
+def _live(args: argparse.Namespace) -> bool:
+    """The live view only on a terminal (stdout), unless --no-progress."""
+    return not args.no_progress and sys.stdout.isatty()
+
+
 async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "send_deadline_s": args.send_deadline,
@@ -508,11 +546,9 @@ async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
 
         async with FakeServer(hubs=args.fake_hubs) as fake:
             return await run_workload_async(
-                fake.router_url, workload, args.processes, not args.no_progress, args.drain_timeout, **kwargs
+                fake.router_url, workload, args.processes, _live(args), args.drain_timeout, **kwargs
             )
-    return await run_workload_async(
-        args.router, workload, args.processes, not args.no_progress, args.drain_timeout, **kwargs
-    )
+    return await run_workload_async(args.router, workload, args.processes, _live(args), args.drain_timeout, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

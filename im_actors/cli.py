@@ -113,7 +113,9 @@ async def _run_with_chaos(
 
     monkey = ChaosMonkey(cfg, router_url, spec, services, outage_s=outage_s, cluster=cluster)
     await monkey.start()
-    run = asyncio.create_task(run_workload_async(router_url, workload, processes, progress))
+    run = asyncio.create_task(
+        run_workload_async(router_url, workload, processes, progress, faults_in_progress=monkey.in_progress)
+    )
     setup_s = 5.0  # the driver connects its clients and creates the groups first
     schedule = spec.schedule(setup_s + 0.05 * duration, setup_s + 0.8 * duration)
     faults_task = asyncio.create_task(monkey.run(schedule))
@@ -215,7 +217,7 @@ def demo(
     mongo_url: MongoOpt = None,
     redis_url: RedisOpt = None,
     rabbitmq_url: AmqpOpt = None,
-    progress: Annotated[bool | None, typer.Option(help="progress bar [default: when stderr is a terminal]")] = None,
+    progress: Annotated[bool | None, typer.Option(help="live status line [default: when stdout is a terminal]")] = None,
     chaos: Annotated[
         str | None,
         typer.Option(
@@ -272,7 +274,7 @@ def demo(
     if own_mongo_db:
         cfg = cfg.model_copy(update={"mongo_db": f"im_{cfg.deployment}"})
     if progress is None:
-        progress = sys.stderr.isatty()
+        progress = sys.stdout.isatty()
     chaos_spec = _chaos_spec(chaos, cfg, own_mongo_db) if chaos else None
     if synthetic:
         workload: Any = SyntheticWorkload(users=users, rate=rate, duration_s=duration, group_size=group_size)
