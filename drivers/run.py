@@ -452,7 +452,8 @@ def run_workload(
     (anything with ``build(run_prefix) -> Plan``) or a ready :class:`~drivers.workload.Plan`.
     ``processes``: OS processes to spread the clients over (spawn context); ``progress``: the live
     status line (:mod:`drivers.live`; callers pass ``sys.stdout.isatty()``); ``drain_timeout_s``: bound
-    of the final catch-up and drain. Other keyword options are the fields of :class:`RunOptions` (``send_deadline_s``, ``subprotocol``, ``quiet_s``, ``run_id``, ...).
+    of the final catch-up and drain. Other keyword options are the fields of :class:`RunOptions`
+    (``send_deadline_s``, ``subprotocol``, ``quiet_s``, ``run_id``, ...).
 
     The report (counts are entries or deliveries, latencies in ms, rates per second):
     ``sent``, ``acked``, ``unacked``, ``expected_deliveries``, ``delivered``, ``lost``, ``duplicates``,
