@@ -46,7 +46,7 @@ import aiohttp
 from drivers.live import LiveView, PartProgress
 from drivers.oracle import Partial, Recorder, device_key, latency_summary, merge, new_histogram
 from drivers.verdict import Threshold, judge
-from drivers.workload import DEVICE, GroupSpec, Plan, PlannedSend, Workload
+from drivers.workload import DEFAULTS, DEVICE, GroupSpec, Plan, PlannedSend, Workload
 from im_actors.client import Client
 from im_actors.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK
 
@@ -494,16 +494,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="workload", required=True)
     r = sub.add_parser("replay", help="replay the chat corpus")
     r.add_argument("--corpus", required=True, help="gzip JSON Lines file (fluid_irc_replay.jsonl.gz)")
-    r.add_argument("-n", "--messages", type=int, default=2000)
-    r.add_argument("--duration", type=float, default=60.0, help="wall seconds the replay lasts")
+    r.add_argument("-n", "--messages", type=int, default=DEFAULTS.messages)
+    r.add_argument("--duration", type=float, default=DEFAULTS.duration_s, help="wall seconds the replay lasts")
     r.add_argument("--speed", type=float, help="compression factor instead of --duration")
-    r.add_argument("--gap-cap", type=float, default=60.0, help="longest idle gap kept, corpus seconds")
+    r.add_argument("--gap-cap", type=float, default=DEFAULTS.gap_cap_s, help="longest idle gap kept, corpus seconds")
     s = sub.add_parser("synthetic", help="synthetic direct and group traffic")
-    s.add_argument("--users", type=int, default=100)
-    s.add_argument("--rate", type=float, default=100.0, help="messages per second, in total")
-    s.add_argument("--duration", type=float, default=10.0, help="seconds")
-    s.add_argument("--size", type=int, default=64, help="body bytes")
-    s.add_argument("--group-size", type=int, default=0)
+    s.add_argument("--users", type=int, default=DEFAULTS.users)
+    s.add_argument("--rate", type=float, default=DEFAULTS.rate, help="messages per second, in total")
+    s.add_argument("--duration", type=float, default=DEFAULTS.duration_s, help="seconds")
+    s.add_argument("--size", type=int, default=DEFAULTS.msg_bytes, help="body bytes")
+    s.add_argument("--group-size", type=int, default=DEFAULTS.group_size, help="0: direct messages only")
     s.add_argument("--groups", type=int)
     s.add_argument("--direct-share", type=float)
     s.add_argument("--poisson", action="store_true")

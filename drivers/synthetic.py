@@ -15,7 +15,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from drivers.workload import GroupSpec, Plan, PlannedSend
+from drivers.workload import DEFAULTS, GroupSpec, Plan, PlannedSend
 
 __all__ = ["SyntheticWorkload", "plan_synthetic", "make_body"]
 
@@ -39,10 +39,10 @@ class SyntheticWorkload:
     1.0 without groups and 0.0 with them.
     """
 
-    users: int = 100
-    rate: float = 100.0
-    duration_s: float = 10.0
-    msg_bytes: int = 64
+    users: int = DEFAULTS.users
+    rate: float = DEFAULTS.rate
+    duration_s: float = DEFAULTS.duration_s
+    msg_bytes: int = DEFAULTS.msg_bytes
     group_size: int = 0
     groups: int | None = None
     direct_share: float | None = None

@@ -161,6 +161,7 @@ def figures(report: Mapping[str, Any]) -> dict[str, Figure]:
     _fault_spans(ax, report, start_ms, end_s)
     if ax.get_lines():
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.legend(loc="upper left")
     ax.set_xlabel("time since the start of the first send's second (s)")
     ax.set_ylabel("ms (log scale)")
