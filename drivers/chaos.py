@@ -234,13 +234,14 @@ class ChaosMonkey:
                 fault.target = self._kill_actor(_ACTOR_KINDS[kind])
             elif kind == "mongodb":
                 fault.target = "mongodb"
-                if self.services is None or self.services.mongo_proc is None:
+                mongo = self.services.mongo if self.services else None
+                if mongo is None or mongo.proc is None:
                     raise RuntimeError("mongo_url was given: this run does not own the MongoDB server")
-                await asyncio.to_thread(self.services.stop_mongo)
+                await asyncio.to_thread(mongo.stop)
                 await asyncio.sleep(self.outage_s)
                 # Spawned from this (long-lived) thread: the server dies with the thread that made it.
-                self.services.start_mongo(wait=False)
-                await asyncio.to_thread(self.services.wait_mongo)
+                mongo.start(wait=False)
+                await asyncio.to_thread(mongo.wait)
             elif kind == "redis":
                 fault.target = f"redis keys {self.config.key_prefix}*"
                 await asyncio.to_thread(self._flush_prefix)

@@ -201,16 +201,35 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Where the corpus comes from, for the message of a run that cannot find it.
+CORPUS_SOURCE = (
+    "it ships in the project's shared/ folder as shared/data/fluid_irc_replay.jsonl.gz (the Fluid Project's "
+    "public IRC logs, https://github.com/fluid-project/fluid-irc-logs, anonymised); put that folder beside "
+    "the checkout, or pass --corpus PATH or set IM_CORPUS"
+)
+
+
 def _workload(opts: DemoOptions, notes: list[str], echo: Echo) -> Workload:
+    """The replay of the corpus; the synthetic workload when asked, or when no corpus was given and none
+    is found in the default places (a note says where to get it). A given ``corpus`` that is missing
+    is an error (:class:`DemoError`, exit 2)."""
+    synthetic = SyntheticWorkload(
+        users=opts.users, rate=opts.rate, duration_s=opts.duration_s, group_size=opts.group_size
+    )
     if opts.synthetic:
-        return SyntheticWorkload(
-            users=opts.users, rate=opts.rate, duration_s=opts.duration_s, group_size=opts.group_size
-        )
-    path = opts.corpus or find_corpus()
-    if path is None or not path.is_file():
-        raise DemoError(
-            f"corpus {path or DEFAULT_CORPUS} not found (pass --corpus PATH, set IM_CORPUS, or use --synthetic)"
-        )
+        return synthetic
+    if opts.corpus is not None:
+        if not opts.corpus.is_file():
+            raise DemoError(f"corpus {opts.corpus} not found (pass an existing file, or use --synthetic)")
+        path = opts.corpus
+    else:
+        found = find_corpus()
+        if found is None:
+            note = f"no chat corpus found (looked for {DEFAULT_CORPUS}); {CORPUS_SOURCE}. Ran the synthetic workload"
+            echo(f"im-actors: {note}", err=True)
+            notes.append(note)
+            return synthetic
+        path = found
     return ReplayWorkload(path=str(path), messages=opts.messages, duration_s=opts.duration_s)
 
 
@@ -259,9 +278,14 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
     _sigterm_to_exit()
     try:
         private = [] if spec is None else [k for k in ("redis", "rabbitmq") if k in private_kinds(spec)]
-        cfg, services = ensure_services(cfg, private=private)
+        cfg, services = ensure_services(cfg, private=private, push_optional=True)
     except ServiceError as exc:
         raise DemoError(str(exc), exit_code=3) from None
+    for note in services.notes:
+        echo(f"im-actors: {note}")
+        notes.append(note)
+    if spec is not None and cfg.push_workers == 0:  # push turned off for want of a broker
+        spec = ChaosSpec(tuple(k for k in spec.kinds if k not in ("push", "rabbitmq")), spec.interval_s)
     nodes = opts.nodes
     if spec is not None and "node" in spec.kinds and nodes < 3:
         nodes = 3  # one to lose, one to keep the router, one for the restarted actors

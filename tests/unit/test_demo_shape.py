@@ -89,3 +89,23 @@ def test_cli_demo_exits_2_with_the_message() -> None:
     result = CliRunner().invoke(app, ["demo", "--threshold", "nope"])
     assert result.exit_code == 2
     assert "expected METRIC OP NUMBER" in result.output
+
+
+def test_no_corpus_found_falls_back_to_synthetic_and_says_where_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from drivers import demo as demo_module
+
+    monkeypatch.setattr(demo_module, "find_corpus", lambda: None)
+    said: list[str] = []
+    notes: list[str] = []
+    workload = demo_module._workload(DemoOptions(users=7, rate=5.0), notes, lambda text, err=False: said.append(text))
+    assert workload == SyntheticWorkload(users=7, rate=5.0, duration_s=DEFAULTS.duration_s, group_size=10)
+    assert len(notes) == 1 and "fluid_irc_replay.jsonl.gz" in notes[0] and "--corpus" in notes[0]
+    assert "synthetic" in notes[0] and said == [f"im-actors: {notes[0]}"]
+
+
+def test_a_given_corpus_that_is_missing_is_an_error(tmp_path: Path) -> None:
+    from drivers import demo as demo_module
+
+    with pytest.raises(DemoError, match="not found") as exc:
+        demo_module._workload(DemoOptions(corpus=tmp_path / "none.gz"), [], lambda text, err=False: None)
+    assert exc.value.exit_code == 2
