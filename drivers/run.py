@@ -31,6 +31,7 @@ import asyncio
 import json
 import logging
 import multiprocessing as mp
+import os
 import queue
 import secrets
 import sys
@@ -38,13 +39,14 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
 
 from drivers.live import LiveView, PartProgress
 from drivers.oracle import Partial, Recorder, device_key, latency_summary, merge, new_histogram
+from drivers.tokens import TokenSource
 from drivers.verdict import Threshold, judge
 from drivers.workload import DEFAULTS, DEVICE, GroupSpec, Plan, PlannedSend, Workload
 from im_actors.client import Client
@@ -67,7 +69,9 @@ class RunOptions:
     ``run_id`` prefixes user ids, group names and cmids (fresh per run); ``drain_timeout_s`` bounds the
     final catch-up and wait for deliveries; ``quiet_s`` is how long deliveries must stay unchanged to
     end the drain early; ``send_deadline_s`` is each send's retry deadline; ``connect_concurrency``
-    bounds simultaneous connects per process; ``setup_timeout_s`` bounds connecting and group creation.
+    bounds simultaneous connects per process; ``setup_timeout_s`` bounds connecting and group creation;
+    ``tokens`` says where each client's token comes from (:class:`~drivers.tokens.TokenSource`: minted,
+    a token file, or development login).
     """
 
     router_url: str
@@ -80,6 +84,7 @@ class RunOptions:
     connect_concurrency: int = 100
     setup_timeout_s: float = 120.0
     start_lead_s: float = 0.3
+    tokens: TokenSource = field(default_factory=TokenSource)
 
 
 # --- coordination between processes -----------------------------------------------------------------
@@ -211,6 +216,7 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
                 opts.router_url,
                 user,
                 DEVICE,
+                token=opts.tokens.token_for(user),
                 subprotocol=opts.subprotocol,
                 on_msg=on_msg,
                 http=http,
@@ -414,16 +420,20 @@ async def run_workload_async(
     progress: bool = True,
     drain_timeout_s: float = 30.0,
     faults_in_progress: Callable[[], list[str]] | None = None,
+    user_prefix: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """:func:`run_workload` for callers already inside an event loop (processes > 1 run in a thread).
 
     ``faults_in_progress``: what the live view shows after ``faults:`` (the chaos runner's faults
-    not yet recovered)."""
+    not yet recovered); ``user_prefix``: the prefix of user ids and group names (default
+    ``"<run_id>."``, fresh per run; fix it when the users' tokens come from a token file)."""
     started = time.monotonic()
     run_id = options.pop("run_id", None) or secrets.token_hex(4)
     opts = RunOptions(router_url=router_url, run_id=run_id, drain_timeout_s=drain_timeout_s, **options)
-    plan = workload if isinstance(workload, Plan) else workload.build(f"{run_id}.")
+    plan = (
+        workload if isinstance(workload, Plan) else workload.build(f"{run_id}." if user_prefix is None else user_prefix)
+    )
     parts = split_users(plan, processes)
     view = LiveView(len(parts), enabled=progress, faults=faults_in_progress)
     try:
@@ -482,6 +492,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--send-deadline", type=float, default=30.0, help="seconds")
     p.add_argument("--json-subprotocol", action="store_true", help="speak im.v1.json instead of msgpack")
     p.add_argument("--no-progress", action="store_true", help="no live status line (drawn only on a terminal)")
+    t = p.add_argument_group("tokens (default: the router's development login)")
+    t.add_argument(
+        "--jwt-secret",
+        default=os.environ.get("IM_JWT_SECRET", ""),
+        help="mint HS256 tokens per user with the deployment's jwt_secret [default: $IM_JWT_SECRET]",
+    )
+    t.add_argument("--jwt-key", help="mint tokens per user with this PEM private key (RS256, or ES256 for EC keys)")
+    t.add_argument("--jwt-algorithm", default="", help="HS256, RS256 or ES256 [default: from the secret or key]")
+    t.add_argument("--jwt-audience", default="", help="aud claim of minted tokens (the deployment's jwt_audience)")
+    t.add_argument("--jwt-issuer", default="", help="iss claim of minted tokens (the deployment's jwt_issuer)")
+    t.add_argument("--token-ttl", type=int, default=3600, help="lifetime of minted tokens (s)")
+    t.add_argument(
+        "--token-file", help="tokens per user: a JSON object or '<user> <token>' lines (needs --user-prefix)"
+    )
+    p.add_argument("--user-prefix", help="prefix of user ids and group names [default: '<run id>.', fresh per run]")
     p.add_argument("--out", help="also write the report to this file")
     p.add_argument("--html", help="also write the HTML report with plots to this file")
     p.add_argument(
@@ -531,6 +556,26 @@ def _workload_from_args(args: argparse.Namespace) -> Workload:
     )
 
 
+def _tokens(args: argparse.Namespace) -> TokenSource:
+    """The token source of the flags; raises ValueError (or OSError) for a bad combination or file."""
+    common: dict[str, Any] = {"ttl_s": args.token_ttl, "audience": args.jwt_audience, "issuer": args.jwt_issuer}
+    if args.jwt_algorithm:
+        common["algorithm"] = args.jwt_algorithm
+    if args.token_file:
+        if args.jwt_key or args.jwt_secret:
+            raise ValueError("give --token-file or a way to mint tokens (--jwt-secret, --jwt-key), not both")
+        if args.user_prefix is None:
+            raise ValueError("--token-file needs --user-prefix: the user ids must be known before the run")
+        return TokenSource.from_token_file(args.token_file)
+    if args.jwt_key:
+        if args.jwt_secret:
+            raise ValueError("give --jwt-secret or --jwt-key, not both")
+        return TokenSource.from_key_file(args.jwt_key, **common)
+    if args.jwt_secret:
+        return TokenSource(secret=args.jwt_secret, **common)
+    return TokenSource()
+
+
 def _live(args: argparse.Namespace) -> bool:
     """The live view only on a terminal (stdout), unless --no-progress."""
     return not args.no_progress and sys.stdout.isatty()
@@ -540,6 +585,8 @@ async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "send_deadline_s": args.send_deadline,
         "subprotocol": SUBPROTOCOL_JSON if args.json_subprotocol else SUBPROTOCOL_MSGPACK,
+        "tokens": _tokens(args),
+        "user_prefix": args.user_prefix,
     }
     workload = _workload_from_args(args)
     if args.fake_hubs:
@@ -562,6 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         thresholds = [Threshold.parse(t) for t in args.threshold]
     except ValueError as exc:
         _parser().error(f"--threshold: {exc}")
+    try:
+        _tokens(args)
+    except (OSError, ValueError) as exc:
+        _parser().error(f"tokens: {exc}")
     logging.basicConfig(level=logging.WARNING)
     report = asyncio.run(_main_async(args))
     decision = judge(report, thresholds)
