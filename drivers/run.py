@@ -46,6 +46,7 @@ import aiohttp
 
 from drivers.live import LiveView, PartProgress
 from drivers.oracle import Partial, Recorder, device_key, latency_summary, merge, new_histogram
+from drivers.synthetic import parse_stages
 from drivers.tokens import TokenSource
 from drivers.verdict import Threshold, judge
 from drivers.workload import DEFAULTS, DEVICE, GroupSpec, Plan, PlannedSend, Workload
@@ -533,6 +534,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--direct-share", type=float)
     s.add_argument("--poisson", action="store_true")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--stages",
+        type=parse_stages,
+        help="ramp the rate k6 style instead of --rate/--duration, e.g. 30s:100,60s:1000 (duration:msgs/s)",
+    )
     return p
 
 
@@ -553,6 +559,7 @@ def _workload_from_args(args: argparse.Namespace) -> Workload:
         direct_share=args.direct_share,
         poisson=args.poisson,
         seed=args.seed,
+        stages=args.stages or (),
     )
 
 
