@@ -71,6 +71,13 @@ def demo(
             "the node fault kind needs 3 and gets them"
         ),
     ] = 1,
+    storm: Annotated[
+        int,
+        typer.Option(
+            help="reconnect storm: this many synthetic clients (--rate, --duration, --group-size); the hub "
+            "holding most of them is killed once all are connected; reports the time until all are back"
+        ),
+    ] = 0,
 ) -> None:
     """Run a local cluster, carry real chat traffic through it, verify every delivery, write a report."""
     opts = DemoOptions(
@@ -96,6 +103,7 @@ def demo(
         chaos=chaos,
         chaos_outage_s=chaos_outage,
         nodes=nodes,
+        storm=storm,
     )
     try:
         code = run_demo(opts, echo=typer.echo)

@@ -31,6 +31,7 @@ from typing import Any
 from drivers.chaos import PRIVATE_SERVICE_KINDS, ChaosMonkey, ChaosSpec, summarize
 from drivers.replay import ReplayWorkload
 from drivers.run import run_workload, run_workload_async
+from drivers.storm import reconnect_storm
 from drivers.synthetic import SyntheticWorkload
 from drivers.verdict import Threshold, judge
 from drivers.workload import DEFAULTS, Workload
@@ -94,6 +95,7 @@ class DemoOptions:
     chaos: str | None = None
     chaos_outage_s: float = 10.0
     nodes: int = 1
+    storm: int = 0
 
 
 def find_corpus() -> Path | None:
@@ -191,6 +193,13 @@ def summary(report: dict[str, Any]) -> str:
         f"  delivery latency ms  p50 {dl['p50']}  p95 {dl['p95']}  p99 {dl['p99']}  max {dl['max']}",
         "  services  " + "  ".join(f"{k}: {v.get('server', '?')} {v.get('version', '')}" for k, v in svc.items()),
     ]
+    storm = report.get("storm")
+    if storm:
+        back = f"{storm['all_back_s']} s" if storm["all_back_s"] is not None else "never seen"
+        lines.append(
+            f"  storm: {storm['hub']} killed holding {storm['hub_clients']} of {storm['clients']} clients; "
+            f"all back after {back}"
+        )
     for note in report.get("notes", []):
         lines.append(f"  note: {note}")
     for kind, row in report.get("faults_summary", {}).items():
@@ -272,9 +281,13 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
     if own_mongo_db:
         cfg = cfg.model_copy(update={"mongo_db": f"im_{cfg.deployment}"})
     progress = sys.stdout.isatty() if opts.progress is None else opts.progress
+    if opts.storm and opts.chaos:
+        raise DemoError("--storm and --chaos: one fault plan at a time")
+    if opts.storm and cfg.hubs < 1:
+        raise DemoError("--storm needs a hub to kill")
     spec = chaos_spec(opts.chaos, cfg, own_mongo_db, echo) if opts.chaos else None
     notes: list[str] = []
-    workload = _workload(opts, notes, echo)
+    workload = _workload(opts, notes, echo) if not opts.storm else None
     _sigterm_to_exit()
     try:
         private = [] if spec is None else [k for k in ("redis", "rabbitmq") if k in private_kinds(spec)]
@@ -301,7 +314,22 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
         _sigterm_to_exit()  # ray.init installs its own SIGTERM handler, which skips our clean-up
         dep = deploy(cfg)
         echo(f"router {dep.router_url}; hubs {', '.join(dep.hub_urls.values())}")
-        if spec is None:
+        if opts.storm:
+            result = asyncio.run(
+                reconnect_storm(
+                    cfg,
+                    dep.router_url,
+                    clients=opts.storm,
+                    rate=opts.rate,
+                    duration_s=opts.duration_s,
+                    group_size=opts.group_size,
+                    processes=opts.processes,
+                    progress=progress,
+                )
+            )
+        elif workload is None:
+            raise AssertionError("a workload is planned unless --storm")
+        elif spec is None:
             result = run_workload(dep.router_url, workload, processes=opts.processes, progress=progress)
         else:
             result = asyncio.run(
