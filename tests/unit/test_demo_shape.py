@@ -77,6 +77,7 @@ def test_the_console_script_has_every_command() -> None:
         (DemoOptions(thresholds=("p99<5",)), "--threshold: threshold 'p99<5': unknown metric"),
         (DemoOptions(chaos="hub,volcano"), "--chaos: unknown fault kind"),
         (DemoOptions(hubs=0), "hubs"),
+        (DemoOptions(storm=10, chaos="hub"), "one fault plan at a time"),
     ],
 )
 def test_demo_refuses_bad_input_before_starting_anything(opts: DemoOptions, message: str) -> None:
