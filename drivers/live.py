@@ -80,6 +80,8 @@ class LiveView:
     processes: int = 1
     enabled: bool = True
     faults: Callable[[], list[str]] | None = None
+    #: Called with the run's phase each time it changes (also when the line is not drawn).
+    on_phase: Callable[[str], None] | None = None
     file: TextIO = field(default_factory=lambda: sys.stdout)
     refresh_s: float = 0.5
     _parts: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -91,16 +93,30 @@ class LiveView:
     _rates: tuple[float, float] = (0.0, 0.0)
     _drawn: float = 0.0
     _started: float = 0.0
+    _announced: str = ""
 
     def update(self, index: int, snapshot: dict[str, Any]) -> None:
         """Take process ``index``'s latest :meth:`PartProgress.snapshot`; redraws at most every ``refresh_s``."""
-        if not self.enabled:
-            return
         self._parts[index] = snapshot
         self._phases.setdefault(index, {})[snapshot["phase"]] = (snapshot["done"], snapshot["total"])
+        phase = self.phase
+        if phase != self._announced:
+            self._announced = phase
+            if self.on_phase is not None:
+                self.on_phase(phase)
+        if not self.enabled:
+            return
         now = time.monotonic()
         if now - self._drawn >= self.refresh_s:
             self.draw(now)
+
+    @property
+    def phase(self) -> str:
+        """The run's phase: that of its slowest process (processes wait for each other between
+        phases); "" before any snapshot."""
+        if not self._parts:
+            return ""
+        return min((p["phase"] for p in self._parts.values()), key=PHASES.index)
 
     def draw(self, now: float | None = None) -> None:
         """Redraw the line from the snapshots so far."""
@@ -109,8 +125,7 @@ class LiveView:
         now = time.monotonic() if now is None else now
         self._drawn = now
         parts = list(self._parts.values())
-        # the run is in the phase of its slowest process (processes wait for each other between phases)
-        phase = min((p["phase"] for p in parts), key=PHASES.index)
+        phase = self.phase
         seen = [by_phase[phase] for by_phase in self._phases.values() if phase in by_phase]
         done = sum(d for d, _ in seen)
         total = max(sum(t for _, t in seen), done)

@@ -422,13 +422,16 @@ async def run_workload_async(
     drain_timeout_s: float = 30.0,
     faults_in_progress: Callable[[], list[str]] | None = None,
     user_prefix: str | None = None,
+    on_phase: Callable[[str], None] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """:func:`run_workload` for callers already inside an event loop (processes > 1 run in a thread).
 
     ``faults_in_progress``: what the live view shows after ``faults:`` (the chaos runner's faults
     not yet recovered); ``user_prefix``: the prefix of user ids and group names (default
-    ``"<run_id>."``, fresh per run; fix it when the users' tokens come from a token file)."""
+    ``"<run_id>."``, fresh per run; fix it when the users' tokens come from a token file); ``on_phase``:
+    called with each phase the run enters (``connecting``, ``groups``, ``sending``, ``draining``: see
+    :mod:`drivers.live`), within about half a second."""
     started = time.monotonic()
     run_id = options.pop("run_id", None) or secrets.token_hex(4)
     opts = RunOptions(router_url=router_url, run_id=run_id, drain_timeout_s=drain_timeout_s, **options)
@@ -436,7 +439,7 @@ async def run_workload_async(
         workload if isinstance(workload, Plan) else workload.build(f"{run_id}." if user_prefix is None else user_prefix)
     )
     parts = split_users(plan, processes)
-    view = LiveView(len(parts), enabled=progress, faults=faults_in_progress)
+    view = LiveView(len(parts), enabled=progress, faults=faults_in_progress, on_phase=on_phase)
     try:
         if len(parts) == 1:
             results = [await _run_part(plan, parts[0], opts, _LocalCoordinator(opts, view))]

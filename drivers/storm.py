@@ -2,8 +2,8 @@
 
 :func:`reconnect_storm` runs a synthetic workload of ``clients`` users (one client each, in groups)
 through :func:`drivers.run.run_workload_async` and, once every client is connected and the sends have
-begun, kills the hub actor holding the most connections (``ray.kill``, Ray restarts it empty). Its
-clients reconnect at once, each after the client library's jittered exponential backoff
+begun (after the groups are made), kills the hub actor holding the most connections (``ray.kill``, Ray
+restarts it empty). Its clients reconnect at once, each after the client library's jittered exponential backoff
 (:func:`im_actors.client.backoff_delay`: equal jitter, 50 ms doubling up to 5 s), to another hub or to
 the restarted one, resend their unacked sends with the same cmid and sync.
 
@@ -72,7 +72,7 @@ async def reconnect_storm(
     """Run the storm against the deployment of ``config`` at ``router_url`` (see the module docstring).
 
     ``rate`` msgs/s in total for ``duration_s`` s of sends among ``clients`` users in groups of
-    ``group_size``; the hub is killed ``kill_after_s`` s after every client is connected. Other keyword
+    ``group_size``; the hub is killed ``kill_after_s`` s after the sends began. Other keyword
     options go to :func:`drivers.run.run_workload_async` (``drain_timeout_s``, ``send_deadline_s``,
     ``tokens``, ...). Raises RuntimeError when the clients never all connect (the run's own error, if
     it failed first).
@@ -80,13 +80,20 @@ async def reconnect_storm(
     workload = SyntheticWorkload(users=clients, rate=rate, duration_s=duration_s, group_size=min(group_size, clients))
     options.setdefault("drain_timeout_s", 60.0)
     options.setdefault("send_deadline_s", max(60.0, back_timeout_s))
-    run = asyncio.create_task(run_workload_async(router_url, workload, processes, progress, **options))
+    sending = asyncio.Event()
+
+    def phase(name: str) -> None:
+        if name == "sending":
+            sending.set()
+
+    run = asyncio.create_task(run_workload_async(router_url, workload, processes, progress, on_phase=phase, **options))
     started = time.monotonic()
     try:
-        while sum((await hub_connections(config)).values()) < clients:
+        # groups are made before the sends start, and group creation is not retried: kill only then
+        while not sending.is_set() or sum((await hub_connections(config)).values()) < clients:
             if run.done():
                 await run  # raises the run's error
-                raise RuntimeError("the run ended before every client was connected")
+                raise RuntimeError("the run ended before its sends began")
             await asyncio.sleep(poll_s)
         await asyncio.sleep(kill_after_s)
         before = await hub_connections(config)

@@ -53,3 +53,18 @@ def test_disabled_draws_nothing() -> None:
     view.update(0, p.snapshot(encode=False))
     view.close()
     assert buf.getvalue() == ""
+
+
+def test_phase_changes_are_announced_even_when_the_line_is_not_drawn() -> None:
+    seen: list[str] = []
+    view = LiveView(2, enabled=False, on_phase=seen.append)
+    parts = [PartProgress(), PartProgress()]
+    for i, p in enumerate(parts):
+        view.update(i, p.snapshot(encode=False))
+    for phase in ("groups", "sending"):
+        parts[0].enter(phase, 1)
+        view.update(0, parts[0].snapshot(encode=False))  # process 1 still connecting: no change yet
+        assert seen[-1] == "connecting"
+    parts[1].enter("sending", 1)
+    view.update(1, parts[1].snapshot(encode=False))
+    assert seen == ["connecting", "sending"] and view.phase == "sending"
