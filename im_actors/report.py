@@ -96,7 +96,7 @@ def _fault_spans(ax: Axes, report: Mapping[str, Any], start_ms: float, end_s: fl
         ax.axvspan(at_s, max(until, at_s + 0.1), color=color, alpha=0.25, label="_fault")
         text = f"{fault.get('kind')} {rec:.1f} s" if rec is not None else f"{fault.get('kind')} no recovery"
         ax.annotate(
-            text, (at_s, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7
+            text, (at_s, 0.02), xycoords=("data", "axes fraction"), rotation=90, va="bottom", ha="right", fontsize=7
         )
 
 
