@@ -201,6 +201,17 @@ def render_html(report: Mapping[str, Any], title: str = "im-actors run report") 
     for key, label in (("ack_latency_ms", "ack latency ms"), ("delivery_latency_ms", "delivery latency ms")):
         lat = report.get(key) or {}
         rows.append((label, "  ".join(f"{p} {lat.get(p)}" for p in ("p50", "p95", "p99", "max"))))
+    storm = report.get("storm")
+    if isinstance(storm, Mapping):
+        back = storm.get("all_back_s")
+        rows.append(
+            (
+                "reconnect storm",
+                f"{storm.get('hub')} killed holding {storm.get('hub_clients')} of {storm.get('clients')} clients; "
+                + (f"all back after {back} s" if back is not None else "not all back"),
+            )
+        )
+    rows += [("note", note) for note in report.get("notes") or []]
     parts = [f"<h1>{html.escape(title)}</h1>", _table(rows)]
     verdict = report.get("verdict")
     if isinstance(verdict, Mapping):

@@ -117,6 +117,12 @@ def test_html_embeds_every_figure_as_a_png_that_decodes(tmp_path: Path) -> None:
         assert image.shape[0] > 100 and image.shape[1] > 100
     text = " ".join(page.text)
     assert "FAILED" in text and "delivery_p99_ms = 64.0" in text and "conv-0" in text
+    report["storm"] = {"clients": 2000, "hub": "hub-1", "hub_clients": 1002, "all_back_s": 21.0}
+    report["notes"] = ["push off: no RabbitMQ"]
+    page = _Images()
+    page.feed(render_html(report))
+    text = " ".join(page.text)
+    assert "hub-1 killed holding 1002 of 2000 clients; all back after 21.0 s" in text and "push off" in text
 
 
 def test_png_folder(tmp_path: Path) -> None:
