@@ -51,6 +51,9 @@ class PartProgress:
     sent: int = 0
     acked: int = 0
     errors: int = 0
+    #: Clients with an open, authenticated connection, and reconnections so far (all clients).
+    connected: int = 0
+    reconnects: int = 0
     ack_hist: HdrHistogram | None = None
 
     def enter(self, phase: str, total: int) -> None:
@@ -69,6 +72,8 @@ class PartProgress:
             "sent": self.sent,
             "acked": self.acked,
             "errors": self.errors,
+            "connected": self.connected,
+            "reconnects": self.reconnects,
             "ack_hist": hist,
         }
 
@@ -82,6 +87,8 @@ class LiveView:
     faults: Callable[[], list[str]] | None = None
     #: Called with the run's phase each time it changes (also when the line is not drawn).
     on_phase: Callable[[str], None] | None = None
+    #: Called with this view after every snapshot taken (also when the line is not drawn).
+    on_update: Callable[[LiveView], None] | None = None
     file: TextIO = field(default_factory=lambda: sys.stdout)
     refresh_s: float = 0.5
     _parts: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -104,11 +111,23 @@ class LiveView:
             self._announced = phase
             if self.on_phase is not None:
                 self.on_phase(phase)
+        if self.on_update is not None:
+            self.on_update(self)
         if not self.enabled:
             return
         now = time.monotonic()
         if now - self._drawn >= self.refresh_s:
             self.draw(now)
+
+    @property
+    def connected(self) -> int:
+        """Clients connected, summed over the processes' latest snapshots."""
+        return sum(int(p.get("connected", 0)) for p in self._parts.values())
+
+    @property
+    def reconnects(self) -> int:
+        """Reconnections so far, summed over the processes' latest snapshots."""
+        return sum(int(p.get("reconnects", 0)) for p in self._parts.values())
 
     @property
     def phase(self) -> str:

@@ -202,6 +202,8 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
 
     async def tick() -> None:  # the live view, twice a second, off the hot path
         while True:
+            progress.connected = sum(1 for c in clients.values() if c.connected)
+            progress.reconnects = sum(c.reconnects for c in clients.values())
             coord.live(progress)
             await asyncio.sleep(LIVE_INTERVAL_S)
 
@@ -423,6 +425,7 @@ async def run_workload_async(
     faults_in_progress: Callable[[], list[str]] | None = None,
     user_prefix: str | None = None,
     on_phase: Callable[[str], None] | None = None,
+    on_update: Callable[[LiveView], None] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """:func:`run_workload` for callers already inside an event loop (processes > 1 run in a thread).
@@ -431,7 +434,8 @@ async def run_workload_async(
     not yet recovered); ``user_prefix``: the prefix of user ids and group names (default
     ``"<run_id>."``, fresh per run; fix it when the users' tokens come from a token file); ``on_phase``:
     called with each phase the run enters (``connecting``, ``groups``, ``sending``, ``draining``: see
-    :mod:`drivers.live`), within about half a second."""
+    :mod:`drivers.live`), within about half a second; ``on_update``: called with the
+    :class:`~drivers.live.LiveView` after every progress snapshot (about twice a second per process)."""
     started = time.monotonic()
     run_id = options.pop("run_id", None) or secrets.token_hex(4)
     opts = RunOptions(router_url=router_url, run_id=run_id, drain_timeout_s=drain_timeout_s, **options)
@@ -439,7 +443,7 @@ async def run_workload_async(
         workload if isinstance(workload, Plan) else workload.build(f"{run_id}." if user_prefix is None else user_prefix)
     )
     parts = split_users(plan, processes)
-    view = LiveView(len(parts), enabled=progress, faults=faults_in_progress, on_phase=on_phase)
+    view = LiveView(len(parts), enabled=progress, faults=faults_in_progress, on_phase=on_phase, on_update=on_update)
     try:
         if len(parts) == 1:
             results = [await _run_part(plan, parts[0], opts, _LocalCoordinator(opts, view))]

@@ -7,14 +7,17 @@ restarts it empty). Its clients reconnect at once, each after the client library
 (:func:`im_actors.client.backoff_delay`: equal jitter, 50 ms doubling up to 5 s), to another hub or to
 the restarted one, resend their unacked sends with the same cmid and sync.
 
-"Back" is read from the hubs, not the clients, so it works with any number of driver processes: the
-sum of the hubs' open connections (``HubActor.load``), polled every ``poll_s``; all are back when it is
-again at least the number of clients. The report is the run's report plus:
+"Back" is read from the clients, through the runner's progress snapshots (about twice a second from
+every driver process, so it works with any number of them): all are back when the clients have made at
+least as many reconnections as the killed hub held connections since the kill, and every client is
+connected again. The hubs' open connections (``HubActor.load``, summed) are sampled beside it every
+``poll_s`` for the report. The report is the run's report plus:
 
 - ``storm``: ``clients``, ``hub`` (the one killed), ``hub_clients`` (its connections at the kill),
   ``killed_at_s`` (since the first connection poll), ``all_back_s`` (from the kill until every client
-  was connected again; None when that was not seen within ``back_timeout_s``), ``connections``
-  (``[[s since the kill, total connections], ...]`` samples);
+  was connected again, to the snapshot's half second; None when that was not seen within
+  ``back_timeout_s``), ``connections`` (``[[s since the kill, connections at the hubs, clients
+  connected, reconnections since the kill], ...]`` samples);
 - ``faults``: the kill as a ``hub`` fault whose ``recovery_s`` is ``all_back_s``, so the verdict
   (:func:`drivers.verdict.judge`) fails a storm that did not end with every client back, and the report's
   plots mark it.
@@ -29,6 +32,7 @@ from typing import Any
 
 import ray
 
+from drivers.live import LiveView
 from drivers.run import run_workload_async
 from drivers.synthetic import SyntheticWorkload
 from im_actors import ids
@@ -81,12 +85,18 @@ async def reconnect_storm(
     options.setdefault("drain_timeout_s", 60.0)
     options.setdefault("send_deadline_s", max(60.0, back_timeout_s))
     sending = asyncio.Event()
+    seen = {"connected": 0, "reconnects": 0}
 
     def phase(name: str) -> None:
         if name == "sending":
             sending.set()
 
-    run = asyncio.create_task(run_workload_async(router_url, workload, processes, progress, on_phase=phase, **options))
+    def update(view: LiveView) -> None:
+        seen["connected"], seen["reconnects"] = view.connected, view.reconnects
+
+    run = asyncio.create_task(
+        run_workload_async(router_url, workload, processes, progress, on_phase=phase, on_update=update, **options)
+    )
     started = time.monotonic()
     try:
         # groups are made before the sends start, and group creation is not retried: kill only then
@@ -100,17 +110,17 @@ async def reconnect_storm(
         victim = max(before, key=lambda name: before[name])
         killed_at = time.monotonic()
         kill_ms = time.time() * 1000.0
+        reconnects_before = seen["reconnects"]
         ray.kill(ray.get_actor(victim, namespace=ids.NAMESPACE), no_restart=False)
         log.warning("storm: killed %s holding %d connections", victim, before[victim])
         samples: list[list[float]] = []
         all_back: float | None = None
-        dropped = False  # the kill is seen once the total falls below the clients
-        while time.monotonic() - killed_at < back_timeout_s:
+        while time.monotonic() - killed_at < back_timeout_s and not run.done():
             total = sum((await hub_connections(config)).values())
             since = time.monotonic() - killed_at
-            samples.append([round(since, 3), total])
-            dropped = dropped or total < clients
-            if dropped and total >= clients:
+            again = seen["reconnects"] - reconnects_before
+            samples.append([round(since, 3), total, seen["connected"], again])
+            if again >= before[victim] and seen["connected"] >= clients:
                 all_back = since
                 break
             await asyncio.sleep(poll_s)

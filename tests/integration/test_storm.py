@@ -46,8 +46,8 @@ async def test_every_client_of_a_killed_hub_comes_back(storm_deployment: Deploym
     storm = report["storm"]
     assert storm["clients"] == 40 and storm["hub"] in await hub_connections(cfg)
     assert storm["hub_clients"] > 0
-    assert storm["all_back_s"] is not None and storm["all_back_s"] > 0
-    assert min(total for _, total in storm["connections"]) < 40  # the drop was seen
+    assert storm["all_back_s"] is not None and storm["all_back_s"] > 0, storm
+    assert storm["connections"][-1][2:] >= [40, storm["hub_clients"]]  # all connected, each of them came back
     assert report["reconnects"] >= storm["hub_clients"]
     assert report["sent"] == report["acked"] == 160
     assert (report["lost"], report["duplicates"], report["order_violations"]) == (0, 0, 0), report["lost_entries"]
