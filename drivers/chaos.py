@@ -119,6 +119,8 @@ class Fault:
     kind: str
     target: str
     at_s: float
+    #: When it was injected, ms since the epoch (the report's plots place it on the run's timeline).
+    at_ms: float = 0.0
     recovery_s: float | None = None
     worst_latency_ms: float | None = None
     error: str | None = None
@@ -135,6 +137,7 @@ class Fault:
             "kind": self.kind,
             "target": self.target,
             "at_s": round(self.at_s, 3),
+            "at_ms": round(self.at_ms, 1),
             "recovery_s": None if self.recovery_s is None else round(self.recovery_s, 3),
             "worst_delivery_latency_ms": self.worst_latency_ms,
             "error": self.error,
@@ -260,7 +263,7 @@ class ChaosMonkey:
 
     async def inject(self, kind: str) -> Fault:
         """Inject one fault of ``kind`` now; returns its record (recovery filled in by :meth:`finish`)."""
-        fault = Fault(kind, "", self.now())
+        fault = Fault(kind, "", self.now(), at_ms=time.time() * 1000.0)
         self.faults.append(fault)
         try:
             if kind in _ACTOR_KINDS:
@@ -269,13 +272,14 @@ class ChaosMonkey:
                 await self._drain_hub(fault)
             elif kind == "mongodb":
                 fault.target = "mongodb"
-                if self.services is None or self.services.mongo_proc is None:
+                mongo = self.services.mongo if self.services else None
+                if mongo is None or mongo.proc is None:
                     raise RuntimeError("mongo_url was given: this run does not own the MongoDB server")
-                await asyncio.to_thread(self.services.stop_mongo)
+                await asyncio.to_thread(mongo.stop)
                 await asyncio.sleep(self.outage_s)
                 # Spawned from this (long-lived) thread: the server dies with the thread that made it.
-                self.services.start_mongo(wait=False)
-                await asyncio.to_thread(self.services.wait_mongo)
+                mongo.start(wait=False)
+                await asyncio.to_thread(mongo.wait)
             elif kind == "redis":
                 fault.target = f"redis keys {self.config.key_prefix}*"
                 await asyncio.to_thread(self._flush_prefix)
@@ -426,6 +430,11 @@ class ChaosMonkey:
             fault.worst_latency_ms = self._worst_latency(fault)
         await asyncio.gather(*(c.close() for c in self._clients), return_exceptions=True)
         return [f.as_dict() for f in self.faults]
+
+    def in_progress(self) -> list[str]:
+        """The faults injected and not recovered yet, as ``"<kind> <seconds since>s"`` (the live view)."""
+        now = self.now()
+        return [f"{f.kind} {now - f.at_s:.0f}s" for f in self.faults if f.error is None and self._recovery(f) is None]
 
     def _complete(self, probe: _Probe) -> float | None:
         if probe.acked is None or len(probe.received) < len(self._clients):

@@ -25,6 +25,13 @@ What counts:
   the time a send waited behind a slow driver or a slow previous ack. Empty (count 0) when the driver
   gives no schedule.
 
+For the plots of :mod:`im_actors.report` the partial also keeps a timeline: per wall-clock second
+(``int(ms // 1000)`` of the event's time) the sends issued, acks received and deliveries counted
+there, and per-second HdrHistograms (2 significant digits) of the ack latencies (by ack time) and
+delivery latencies (by receive time), whose p99 the report gives per second. The report carries
+the whole-run histograms too, in hdrhistogram's own encoding (:meth:`HdrHistogram.encode`: V2,
+zlib-compressed, base64; values in microseconds), so a reader can recompute any percentile.
+
 Only entries of kind != ``system`` sent by the driver count: :meth:`Recorder.record_msg` skips the rest.
 Device keys are ``"<user>/<device>"`` (:func:`device_key`); times are milliseconds since the epoch.
 """
@@ -46,11 +53,17 @@ __all__ = [
     "device_key",
     "new_histogram",
     "latency_summary",
+    "decode_histogram",
+    "HISTOGRAM_ENCODING",
 ]
 
 #: Highest latency the histograms track: one hour, in microseconds.
 MAX_LATENCY_US = 3_600_000_000
 _SIG_FIGS = 3
+#: Per-second histograms are coarser (2 significant digits: about 26 KB each instead of 190 KB).
+_SECOND_SIG_FIGS = 2
+#: How the report's ``histograms`` are encoded (see :func:`decode_histogram`).
+HISTOGRAM_ENCODING = "hdrhistogram V2 (HdrHistogram.encode: zlib, base64), values in microseconds"
 
 
 def device_key(user: str, device: str = "d1") -> str:
@@ -61,6 +74,18 @@ def device_key(user: str, device: str = "d1") -> str:
 def new_histogram() -> HdrHistogram:
     """An empty latency histogram: microseconds, 1 us .. 1 h, 3 significant digits."""
     return HdrHistogram(1, MAX_LATENCY_US, _SIG_FIGS)
+
+
+def _second_histogram() -> HdrHistogram:
+    return HdrHistogram(1, MAX_LATENCY_US, _SECOND_SIG_FIGS)
+
+
+def decode_histogram(encoded: str | bytes) -> HdrHistogram:
+    """A histogram of the report's ``histograms`` (see :data:`HISTOGRAM_ENCODING`); values in us.
+
+    Raises ``ValueError`` or ``zlib.error`` (from hdrh) when ``encoded`` is not such a histogram.
+    """
+    return HdrHistogram.decode(encoded)
 
 
 def _record_ms(hist: HdrHistogram, ms: float) -> None:
@@ -140,6 +165,18 @@ class Partial:
     first_ack_ms: float | None = None
     last_ack_ms: float | None = None
     last_recv_ms: float | None = None
+    #: Epoch second -> [sends issued, acks received, deliveries counted] in that second.
+    seconds: dict[int, list[int]] = field(default_factory=dict)
+    #: Epoch second -> latencies (us) of the acks / deliveries of that second.
+    ack_by_s: dict[int, HdrHistogram] = field(default_factory=dict)
+    delivery_by_s: dict[int, HdrHistogram] = field(default_factory=dict)
+
+    def count(self, at_ms: float, column: int, n: int = 1) -> None:
+        """Add ``n`` to ``column`` (0 sent, 1 acked, 2 delivered) of the second of ``at_ms``."""
+        row = self.seconds.get(sec := int(at_ms // 1000))
+        if row is None:
+            row = self.seconds[sec] = [0, 0, 0]
+        row[column] += n
 
     def to_dict(self) -> dict[str, Any]:
         """A picklable, msgpack/JSON-friendly form (histograms encoded) to send to another process."""
@@ -160,6 +197,9 @@ class Partial:
             "first_ack_ms": self.first_ack_ms,
             "last_ack_ms": self.last_ack_ms,
             "last_recv_ms": self.last_recv_ms,
+            "seconds": [[sec, *row] for sec, row in self.seconds.items()],
+            "ack_by_s": [[sec, h.encode().decode("ascii")] for sec, h in self.ack_by_s.items()],
+            "delivery_by_s": [[sec, h.encode().decode("ascii")] for sec, h in self.delivery_by_s.items()],
         }
 
     @classmethod
@@ -184,6 +224,9 @@ class Partial:
             first_ack_ms=data.get("first_ack_ms"),
             last_ack_ms=data.get("last_ack_ms"),
             last_recv_ms=data.get("last_recv_ms"),
+            seconds={int(r[0]): [int(v) for v in r[1:]] for r in data.get("seconds", [])},
+            ack_by_s={int(sec): _decode_hist(h, _SECOND_SIG_FIGS) for sec, h in data.get("ack_by_s", [])},
+            delivery_by_s={int(sec): _decode_hist(h, _SECOND_SIG_FIGS) for sec, h in data.get("delivery_by_s", [])},
         )
 
     def report(self) -> dict[str, Any]:
@@ -192,7 +235,9 @@ class Partial:
         got it, devices expected), order_violations, unexpected_deliveries (by devices that are not
         members), delivered_unacked
         (deliveries of entries whose ack the driver never got), ack_latency_ms, delivery_latency_ms,
-        ack_latency_from_schedule_ms, delivery_latency_from_schedule_ms."""
+        ack_latency_from_schedule_ms, delivery_latency_from_schedule_ms, ``timeline``
+        (:meth:`timeline`) and ``histograms`` (``{"encoding", "ack_latency_us", "delivery_latency_us"}``,
+        see :data:`HISTOGRAM_ENCODING`)."""
         acked = sum(len(seqs) for seqs in self.acked.values())
         expected = delivered = 0
         short: list[dict[str, Any]] = []  # entries some expected device never got, for diagnosis
@@ -228,15 +273,47 @@ class Partial:
             "delivery_latency_ms": latency_summary(self.delivery_hist),
             "ack_latency_from_schedule_ms": latency_summary(self.ack_sched_hist),
             "delivery_latency_from_schedule_ms": latency_summary(self.delivery_sched_hist),
+            "timeline": self.timeline(),
+            "histograms": {
+                "encoding": HISTOGRAM_ENCODING,
+                "ack_latency_us": self.ack_hist.encode().decode("ascii"),
+                "delivery_latency_us": self.delivery_hist.encode().decode("ascii"),
+            },
+        }
+
+    def timeline(self) -> dict[str, Any]:
+        """The run second by second, as columns: ``{"start_ms", "step_s": 1, "sent", "acked",
+        "delivered", "ack_p99_ms", "delivery_p99_ms"}``; entry i covers ``[start_ms + 1000 i,
+        start_ms + 1000 (i + 1))`` (epoch ms), from the first second with an event to the last, and
+        a p99 is 0.0 in a second without acks / deliveries. ``start_ms`` is None when nothing happened."""
+        secs = set(self.seconds) | set(self.ack_by_s) | set(self.delivery_by_s)
+        if not secs:
+            return {"start_ms": None, "step_s": 1, **{k: [] for k in _TIMELINE_COLUMNS}}
+        first, last = min(secs), max(secs)
+        rows = [self.seconds.get(sec, [0, 0, 0]) for sec in range(first, last + 1)]
+
+        def p99(by_s: dict[int, HdrHistogram], sec: int) -> float:
+            h = by_s.get(sec)
+            return round(h.get_value_at_percentile(99.0) / 1000.0, 3) if h is not None and h.get_total_count() else 0.0
+
+        return {
+            "start_ms": first * 1000,
+            "step_s": 1,
+            "sent": [r[0] for r in rows],
+            "acked": [r[1] for r in rows],
+            "delivered": [r[2] for r in rows],
+            "ack_p99_ms": [p99(self.ack_by_s, sec) for sec in range(first, last + 1)],
+            "delivery_p99_ms": [p99(self.delivery_by_s, sec) for sec in range(first, last + 1)],
         }
 
 
 #: How many short entries a report lists (``lost_entries``).
 _LOST_EXAMPLES = 20
+_TIMELINE_COLUMNS = ("sent", "acked", "delivered", "ack_p99_ms", "delivery_p99_ms")
 
 
-def _decode_hist(encoded: str | bytes) -> HdrHistogram:
-    hist = new_histogram()
+def _decode_hist(encoded: str | bytes, sig_figs: int = _SIG_FIGS) -> HdrHistogram:
+    hist = HdrHistogram(1, MAX_LATENCY_US, sig_figs)
     other = HdrHistogram.decode(encoded)
     if other.get_total_count():
         hist.add(other)
@@ -276,7 +353,22 @@ def merge(partials: Iterable[Partial]) -> Partial:
         out.first_ack_ms = _min(out.first_ack_ms, p.first_ack_ms)
         out.last_ack_ms = _max(out.last_ack_ms, p.last_ack_ms)
         out.last_recv_ms = _max(out.last_recv_ms, p.last_recv_ms)
+        for sec, row in p.seconds.items():
+            for column, n in enumerate(row):
+                out.count(sec * 1000, column, n)
+        for src, dst_by_s in ((p.ack_by_s, out.ack_by_s), (p.delivery_by_s, out.delivery_by_s)):
+            for sec, h in src.items():
+                if sec not in dst_by_s:
+                    dst_by_s[sec] = _second_histogram()
+                dst_by_s[sec].add(h)
     return out
+
+
+def _per_second(by_s: dict[int, HdrHistogram], at_ms: float) -> HdrHistogram:
+    hist = by_s.get(sec := int(at_ms // 1000))
+    if hist is None:
+        hist = by_s[sec] = _second_histogram()
+    return hist
 
 
 class Recorder:
@@ -311,6 +403,8 @@ class Recorder:
         """Count ``n`` send calls, the first issued at ``at_ms``."""
         self._part.sent += n
         self._part.first_send_ms = _min(self._part.first_send_ms, at_ms)
+        if at_ms is not None:
+            self._part.count(at_ms, 0, n)
 
     def add_ack(self, conv: str, seq: int, send_ms: float, ack_ms: float, scheduled_ms: float | None = None) -> None:
         """Record the ack of entry (``conv``, ``seq``), sent at ``send_ms``, acked at ``ack_ms``; with
@@ -321,6 +415,8 @@ class Recorder:
         if scheduled_ms is not None:
             _record_ms(p.ack_sched_hist, ack_ms - scheduled_ms)
             self._sched_ms[(conv, seq)] = scheduled_ms
+        p.count(ack_ms, 1)
+        _record_ms(_per_second(p.ack_by_s, ack_ms), ack_ms - send_ms)
         p.last_ack_ms = _max(p.last_ack_ms, ack_ms)
         p.first_ack_ms = _min(p.first_ack_ms, ack_ms)
         p.first_send_ms = _min(p.first_send_ms, send_ms)
@@ -360,10 +456,12 @@ class Recorder:
             return
         by_seq = p.received.setdefault(conv, {})
         by_seq[seq] = by_seq.get(seq, 0) + 1
+        p.count(recv_ms, 2)
         if send_ms is None:
             send_ms = self._send_ms.get((conv, seq))
         if send_ms is not None:
             _record_ms(p.delivery_hist, recv_ms - send_ms)
+            _record_ms(_per_second(p.delivery_by_s, recv_ms), recv_ms - send_ms)
         if scheduled_ms is None:
             scheduled_ms = self._sched_ms.get((conv, seq))
         if scheduled_ms is not None:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers.workload import GroupSpec, Plan, PlannedSend
+from drivers.workload import DEFAULTS, GroupSpec, Plan, PlannedSend
 
 __all__ = ["CorpusMessage", "read_corpus", "compress_times", "plan_replay", "ReplayWorkload"]
 
@@ -133,9 +133,9 @@ class ReplayWorkload:
     """
 
     path: str
-    messages: int = 2000
-    duration_s: float | None = 60.0
-    gap_cap_s: float | None = 60.0
+    messages: int = DEFAULTS.messages
+    duration_s: float | None = DEFAULTS.duration_s
+    gap_cap_s: float | None = DEFAULTS.gap_cap_s
     speed: float | None = None
 
     def build(self, run_prefix: str) -> Plan:

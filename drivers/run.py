@@ -17,8 +17,9 @@ for its share of the users (one :class:`~im_actors.client.Client` each, device `
    the report.
 
 With ``processes > 1`` the users are split over OS processes (multiprocessing, spawn context), each
-running its clients in one asyncio loop; the parent only coordinates the stages, shows the tqdm bar
-of sends and merges the results.
+running its clients in one asyncio loop; the parent only coordinates the stages, draws the live
+status line (:mod:`drivers.live`: phase and its progress, rates, p99 so far, errors, faults) and
+merges the results.
 
 CLI: ``python -m drivers.run --router URL replay --corpus FILE -n 2000 --duration 60`` or
 ``python -m drivers.run --router URL synthetic --users 100 --rate 200 --duration 10``; ``--fake-hubs N``
@@ -32,28 +33,35 @@ import asyncio
 import json
 import logging
 import multiprocessing as mp
+import os
 import queue
 import secrets
 import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
-from tqdm import tqdm
 
+from drivers.live import LiveView, PartProgress
 from drivers.oracle import Partial, Recorder, device_key, latency_summary, merge, new_histogram
 from drivers.stages import StageRecorder
-from drivers.workload import DEVICE, Plan, PlannedSend, Workload
+from drivers.synthetic import parse_stages
+from drivers.tokens import TokenSource
+from drivers.verdict import Threshold, judge
+from drivers.workload import DEFAULTS, DEVICE, GroupSpec, Plan, PlannedSend, Workload
 from im_actors.client import Client
 from im_actors.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK
 
 __all__ = ["RunOptions", "run_workload", "run_workload_async", "split_users", "build_report", "main"]
 
 log = logging.getLogger(__name__)
+
+#: How often each process hands its progress to the live view (s).
+LIVE_INTERVAL_S = 0.5
 
 _COUNTERS = ("reconnects", "gap_fills", "gap_fill_failures", "dups_dropped", "resends", "holes_skipped")
 
@@ -68,6 +76,8 @@ class RunOptions:
     bounds simultaneous connects per process; ``setup_timeout_s`` bounds connecting and group creation;
     ``open_loop`` issues each send at its scheduled time without waiting for the sender's previous ack
     (False: one send in flight per sender, the historical behaviour).
+    ``tokens`` says where each client's token comes from (:class:`~drivers.tokens.TokenSource`: minted,
+    a token file, or development login).
     """
 
     router_url: str
@@ -81,6 +91,7 @@ class RunOptions:
     setup_timeout_s: float = 120.0
     start_lead_s: float = 0.3
     open_loop: bool = False
+    tokens: TokenSource = field(default_factory=TokenSource)
 
 
 # --- coordination between processes -----------------------------------------------------------------
@@ -89,7 +100,7 @@ class RunOptions:
 class _Coordinator(Protocol):
     async def exchange(self, stage: str, payload: Any) -> Any: ...
 
-    def progress(self, n: int) -> None: ...
+    def live(self, progress: PartProgress) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -107,18 +118,17 @@ def _stage_reply(stage: str, payloads: Sequence[Any], opts: RunOptions, processe
 
 
 class _LocalCoordinator:
-    """The single-process case: every stage is reached by the one process; progress goes to the bar."""
+    """The single-process case: every stage is reached by the one process; progress goes to the view."""
 
-    def __init__(self, opts: RunOptions, bar: tqdm | None) -> None:
+    def __init__(self, opts: RunOptions, view: LiveView) -> None:
         self._opts = opts
-        self._bar = bar
+        self._view = view
 
     async def exchange(self, stage: str, payload: Any) -> Any:
         return _stage_reply(stage, [payload], self._opts, 1)
 
-    def progress(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
+    def live(self, progress: PartProgress) -> None:
+        self._view.update(0, progress.snapshot(encode=False))
 
     def flush(self) -> None:
         pass
@@ -131,8 +141,7 @@ class _ChildCoordinator:
         self._index = index
         self._up = up
         self._down = down
-        self._pending = 0
-        self._last_flush = time.monotonic()
+        self._live: dict[str, Any] | None = None
 
     async def exchange(self, stage: str, payload: Any) -> Any:
         self.flush()
@@ -151,16 +160,14 @@ class _ChildCoordinator:
                 if parent is not None and not parent.is_alive():
                     raise RuntimeError("the parent process is gone") from None
 
-    def progress(self, n: int) -> None:
-        self._pending += n
-        if time.monotonic() - self._last_flush >= 0.2:
-            self.flush()
+    def live(self, progress: PartProgress) -> None:
+        self._live = progress.snapshot(encode=True)
+        self.flush()
 
     def flush(self) -> None:
-        if self._pending:
-            self._up.put(("progress", self._index, self._pending))
-            self._pending = 0
-        self._last_flush = time.monotonic()
+        if self._live is not None:
+            self._up.put(("live", self._index, self._live))
+            self._live = None
 
 
 # --- one process's share -----------------------------------------------------------------------------
@@ -197,6 +204,17 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
     lag_hist = new_histogram()
     errors: Counter[str] = Counter()
     drained = False
+    progress = PartProgress(ack_hist=recorder.partial().ack_hist)
+    progress.enter("connecting", len(users))
+
+    async def tick() -> None:  # the live view, twice a second, off the hot path
+        while True:
+            progress.connected = sum(1 for c in clients.values() if c.connected)
+            progress.reconnects = sum(c.reconnects for c in clients.values())
+            coord.live(progress)
+            await asyncio.sleep(LIVE_INTERVAL_S)
+
+    ticker = asyncio.get_running_loop().create_task(tick())
     try:
         for user in users:
             dev = device_key(user, DEVICE)
@@ -211,6 +229,7 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
                 opts.router_url,
                 user,
                 DEVICE,
+                token=opts.tokens.token_for(user),
                 subprotocol=opts.subprotocol,
                 on_msg=on_msg,
                 http=http,
@@ -223,13 +242,21 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
         async def connect(c: Client) -> None:
             async with sem:
                 await c.connect()
+            progress.done += 1
 
         await asyncio.wait_for(asyncio.gather(*(connect(c) for c in clients.values())), opts.setup_timeout_s)
         await coord.exchange("connected", len(clients))
 
         mine = [g for g in plan.groups if g.creator in clients]
+        progress.enter("groups", len(mine))
+
+        async def create(g: GroupSpec) -> tuple[str, str]:
+            made = await _create_group(clients[g.creator], g.name, g.members)
+            progress.done += 1
+            return made
+
         created = await asyncio.wait_for(
-            asyncio.gather(*(_create_group(clients[g.creator], g.name, g.members) for g in mine)),
+            asyncio.gather(*(create(g) for g in mine)),
             opts.setup_timeout_s,
         )
         group_convs: dict[str, str] = await coord.exchange(
@@ -237,6 +264,8 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
         )
         recorder.set_recipients(plan.recipients(group_convs))
         t0: float = await coord.exchange("start", None)
+        by_sender = plan.sends_by_sender()
+        progress.enter("sending", sum(len(by_sender.get(u, ())) for u in users))
 
         async def issue(client: Client, s: PlannedSend, due: float) -> None:
             conv = s.conv(group_convs)
@@ -244,18 +273,21 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
             due_ms = due * 1000.0
             lag_hist.record_value(min(max(int((send_ms - due_ms) * 1000.0), 0), 3_600_000_000))
             recorder.add_sent(1, send_ms)
+            progress.sent += 1
+            progress.done += 1
             inflight[0] += 1
             inflight[1] = max(inflight[1], inflight[0])
             try:
                 ack = await client.send(conv, s.body, cmid=f"{opts.run_id}.{s.index}", meta={"t": send_ms, "s": due_ms})
             except Exception as exc:  # counted in the report; the run goes on
                 errors[type(exc).__name__] += 1
+                progress.errors += 1
                 log.debug("send %d failed: %r", s.index, exc)
             else:
                 recorder.add_ack(conv, ack.seq, send_ms, time.time() * 1000.0, due_ms)
+                progress.acked += 1
             finally:
                 inflight[0] -= 1
-            coord.progress(1)
 
         async def until(due: float) -> None:
             delay = due - time.time()
@@ -278,14 +310,20 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
         if opts.open_loop:
             await scheduler([s for s in plan.sends if s.sender in clients])
         else:
-            by_sender = plan.sends_by_sender()
             await asyncio.gather(*(sender(clients[u], by_sender[u]) for u in users if u in by_sender))
         coord.flush()
         await coord.exchange("sent", None)
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + opts.drain_timeout_s
-        caught_up = await asyncio.gather(*(c.catch_up(opts.drain_timeout_s) for c in clients.values()))
+        progress.enter("draining", len(clients))
+
+        async def catch_up(c: Client) -> bool:
+            done = await c.catch_up(opts.drain_timeout_s)
+            progress.done += 1
+            return done
+
+        caught_up = await asyncio.gather(*(catch_up(c) for c in clients.values()))
         last, quiet_since = recorder.receipts, loop.time()
         while loop.time() < deadline and loop.time() - quiet_since < opts.quiet_s:
             await asyncio.sleep(min(0.1, opts.quiet_s))
@@ -293,6 +331,9 @@ async def _run_part(plan: Plan, users: Sequence[str], opts: RunOptions, coord: _
                 last, quiet_since = recorder.receipts, loop.time()
         drained = all(caught_up) and loop.time() - quiet_since >= opts.quiet_s
     finally:
+        ticker.cancel()
+        coord.live(progress)
+        coord.flush()
         await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
         await http.close()
     stats = Counter({k: 0 for k in _COUNTERS})
@@ -323,7 +364,7 @@ def _child_main(index: int, plan: Plan, users: list[str], opts: RunOptions, up: 
         up.put(("result", index, result))
 
 
-def _run_processes(plan: Plan, parts: list[list[str]], opts: RunOptions, progress: bool) -> list[dict[str, Any]]:
+def _run_processes(plan: Plan, parts: list[list[str]], opts: RunOptions, view: LiveView) -> list[dict[str, Any]]:
     """Start one spawn process per part, relay the stages, return every process's result."""
     ctx = mp.get_context("spawn")
     up = ctx.Queue()
@@ -334,7 +375,6 @@ def _run_processes(plan: Plan, parts: list[list[str]], opts: RunOptions, progres
     ]
     for p in procs:
         p.start()
-    bar = tqdm(total=len(plan.sends), unit="msg", desc=plan.name, disable=not progress)
     stages: dict[str, dict[int, Any]] = {}
     results: dict[int, dict[str, Any]] = {}
     dead_since: dict[int, float] = {}
@@ -350,8 +390,8 @@ def _run_processes(plan: Plan, parts: list[list[str]], opts: RunOptions, progres
                             raise RuntimeError(f"driver process {i} exited ({p.exitcode}) without a result") from None
                 continue
             kind, index = item[0], item[1]
-            if kind == "progress":
-                bar.update(item[2])
+            if kind == "live":
+                view.update(index, item[2])
             elif kind == "stage":
                 stage, payload = item[2], item[3]
                 stages.setdefault(stage, {})[index] = payload
@@ -364,7 +404,6 @@ def _run_processes(plan: Plan, parts: list[list[str]], opts: RunOptions, progres
             elif kind == "error":
                 raise RuntimeError(f"driver process {index} failed:\n{item[2]}")
     finally:
-        bar.close()
         for p in procs:
             p.join(timeout=5 if len(results) == len(procs) else 0.1)
             if p.is_alive():
@@ -428,22 +467,35 @@ async def run_workload_async(
     processes: int = 1,
     progress: bool = True,
     drain_timeout_s: float = 30.0,
+    faults_in_progress: Callable[[], list[str]] | None = None,
+    user_prefix: str | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    on_update: Callable[[LiveView], None] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """:func:`run_workload` for callers already inside an event loop (processes > 1 run in a thread)."""
+    """:func:`run_workload` for callers already inside an event loop (processes > 1 run in a thread).
+
+    ``faults_in_progress``: what the live view shows after ``faults:`` (the chaos runner's faults
+    not yet recovered); ``user_prefix``: the prefix of user ids and group names (default
+    ``"<run_id>."``, fresh per run; fix it when the users' tokens come from a token file); ``on_phase``:
+    called with each phase the run enters (``connecting``, ``groups``, ``sending``, ``draining``: see
+    :mod:`drivers.live`), within about half a second; ``on_update``: called with the
+    :class:`~drivers.live.LiveView` after every progress snapshot (about twice a second per process)."""
     started = time.monotonic()
     run_id = options.pop("run_id", None) or secrets.token_hex(4)
     opts = RunOptions(router_url=router_url, run_id=run_id, drain_timeout_s=drain_timeout_s, **options)
-    plan = workload if isinstance(workload, Plan) else workload.build(f"{run_id}.")
+    plan = (
+        workload if isinstance(workload, Plan) else workload.build(f"{run_id}." if user_prefix is None else user_prefix)
+    )
     parts = split_users(plan, processes)
-    if len(parts) == 1:
-        bar = tqdm(total=len(plan.sends), unit="msg", desc=plan.name, disable=not progress)
-        try:
-            results = [await _run_part(plan, parts[0], opts, _LocalCoordinator(opts, bar))]
-        finally:
-            bar.close()
-    else:
-        results = await asyncio.to_thread(_run_processes, plan, parts, opts, progress)
+    view = LiveView(len(parts), enabled=progress, faults=faults_in_progress, on_phase=on_phase, on_update=on_update)
+    try:
+        if len(parts) == 1:
+            results = [await _run_part(plan, parts[0], opts, _LocalCoordinator(opts, view))]
+        else:
+            results = await asyncio.to_thread(_run_processes, plan, parts, opts, view)
+    finally:
+        view.close()
     report = build_report(plan, results, len(parts), time.monotonic() - started)
     report["run_id"] = run_id
     report["open_loop"] = opts.open_loop
@@ -462,9 +514,10 @@ def run_workload(
 
     ``workload``: a :class:`~drivers.replay.ReplayWorkload`, a :class:`~drivers.synthetic.SyntheticWorkload`
     (anything with ``build(run_prefix) -> Plan``) or a ready :class:`~drivers.workload.Plan`.
-    ``processes``: OS processes to spread the clients over (spawn context); ``progress``: a tqdm bar of
-    sends; ``drain_timeout_s``: bound of the final catch-up and drain. Other keyword options are the
-    fields of :class:`RunOptions` (``send_deadline_s``, ``subprotocol``, ``quiet_s``, ``run_id``, ...).
+    ``processes``: OS processes to spread the clients over (spawn context); ``progress``: the live
+    status line (:mod:`drivers.live`; callers pass ``sys.stdout.isatty()``); ``drain_timeout_s``: bound
+    of the final catch-up and drain. Other keyword options are the fields of :class:`RunOptions`
+    (``send_deadline_s``, ``subprotocol``, ``quiet_s``, ``run_id``, ...).
 
     The report (counts are entries or deliveries, latencies in ms, rates per second):
     ``sent``, ``acked``, ``unacked``, ``expected_deliveries``, ``delivered``, ``lost``, ``duplicates``,
@@ -503,25 +556,53 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--open-loop", action="store_true", help="issue every send on schedule, not waiting for the previous ack"
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no live status line (drawn only on a terminal)")
+    t = p.add_argument_group("tokens (default: the router's development login)")
+    t.add_argument(
+        "--jwt-secret",
+        default=os.environ.get("IM_JWT_SECRET", ""),
+        help="mint HS256 tokens per user with the deployment's jwt_secret [default: $IM_JWT_SECRET]",
+    )
+    t.add_argument("--jwt-key", help="mint tokens per user with this PEM private key (RS256, or ES256 for EC keys)")
+    t.add_argument("--jwt-algorithm", default="", help="HS256, RS256 or ES256 [default: from the secret or key]")
+    t.add_argument("--jwt-audience", default="", help="aud claim of minted tokens (the deployment's jwt_audience)")
+    t.add_argument("--jwt-issuer", default="", help="iss claim of minted tokens (the deployment's jwt_issuer)")
+    t.add_argument("--token-ttl", type=int, default=3600, help="lifetime of minted tokens (s)")
+    t.add_argument(
+        "--token-file", help="tokens per user: a JSON object or '<user> <token>' lines (needs --user-prefix)"
+    )
+    p.add_argument("--user-prefix", help="prefix of user ids and group names [default: '<run id>.', fresh per run]")
     p.add_argument("--out", help="also write the report to this file")
+    p.add_argument("--html", help="also write the HTML report with plots to this file")
+    p.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="METRIC_OP_NUMBER",
+        help="fail (exit 1) unless it holds, e.g. 'delivery_p99_ms<50' (repeatable; see drivers.verdict)",
+    )
     sub = p.add_subparsers(dest="workload", required=True)
     r = sub.add_parser("replay", help="replay the chat corpus")
     r.add_argument("--corpus", required=True, help="gzip JSON Lines file (fluid_irc_replay.jsonl.gz)")
-    r.add_argument("-n", "--messages", type=int, default=2000)
-    r.add_argument("--duration", type=float, default=60.0, help="wall seconds the replay lasts")
+    r.add_argument("-n", "--messages", type=int, default=DEFAULTS.messages)
+    r.add_argument("--duration", type=float, default=DEFAULTS.duration_s, help="wall seconds the replay lasts")
     r.add_argument("--speed", type=float, help="compression factor instead of --duration")
-    r.add_argument("--gap-cap", type=float, default=60.0, help="longest idle gap kept, corpus seconds")
+    r.add_argument("--gap-cap", type=float, default=DEFAULTS.gap_cap_s, help="longest idle gap kept, corpus seconds")
     s = sub.add_parser("synthetic", help="synthetic direct and group traffic")
-    s.add_argument("--users", type=int, default=100)
-    s.add_argument("--rate", type=float, default=100.0, help="messages per second, in total")
-    s.add_argument("--duration", type=float, default=10.0, help="seconds")
-    s.add_argument("--size", type=int, default=64, help="body bytes")
-    s.add_argument("--group-size", type=int, default=0)
+    s.add_argument("--users", type=int, default=DEFAULTS.users)
+    s.add_argument("--rate", type=float, default=DEFAULTS.rate, help="messages per second, in total")
+    s.add_argument("--duration", type=float, default=DEFAULTS.duration_s, help="seconds")
+    s.add_argument("--size", type=int, default=DEFAULTS.msg_bytes, help="body bytes")
+    s.add_argument("--group-size", type=int, default=DEFAULTS.group_size, help="0: direct messages only")
     s.add_argument("--groups", type=int)
     s.add_argument("--direct-share", type=float)
     s.add_argument("--poisson", action="store_true")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--stages",
+        type=parse_stages,
+        help="ramp the rate k6 style instead of --rate/--duration, e.g. 30s:100,60s:1000 (duration:msgs/s)",
+    )
     return p
 
 
@@ -542,7 +623,33 @@ def _workload_from_args(args: argparse.Namespace) -> Workload:
         direct_share=args.direct_share,
         poisson=args.poisson,
         seed=args.seed,
+        stages=args.stages or (),
     )
+
+
+def _tokens(args: argparse.Namespace) -> TokenSource:
+    """The token source of the flags; raises ValueError (or OSError) for a bad combination or file."""
+    common: dict[str, Any] = {"ttl_s": args.token_ttl, "audience": args.jwt_audience, "issuer": args.jwt_issuer}
+    if args.jwt_algorithm:
+        common["algorithm"] = args.jwt_algorithm
+    if args.token_file:
+        if args.jwt_key or args.jwt_secret:
+            raise ValueError("give --token-file or a way to mint tokens (--jwt-secret, --jwt-key), not both")
+        if args.user_prefix is None:
+            raise ValueError("--token-file needs --user-prefix: the user ids must be known before the run")
+        return TokenSource.from_token_file(args.token_file)
+    if args.jwt_key:
+        if args.jwt_secret:
+            raise ValueError("give --jwt-secret or --jwt-key, not both")
+        return TokenSource.from_key_file(args.jwt_key, **common)
+    if args.jwt_secret:
+        return TokenSource(secret=args.jwt_secret, **common)
+    return TokenSource()
+
+
+def _live(args: argparse.Namespace) -> bool:
+    """The live view only on a terminal (stdout), unless --no-progress."""
+    return not args.no_progress and sys.stdout.isatty()
 
 
 async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -550,6 +657,8 @@ async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
         "send_deadline_s": args.send_deadline,
         "subprotocol": SUBPROTOCOL_JSON if args.json_subprotocol else SUBPROTOCOL_MSGPACK,
         "open_loop": args.open_loop,
+        "tokens": _tokens(args),
+        "user_prefix": args.user_prefix,
     }
     workload = _workload_from_args(args)
     if args.fake_hubs:
@@ -557,27 +666,46 @@ async def _main_async(args: argparse.Namespace) -> dict[str, Any]:
 
         async with FakeServer(hubs=args.fake_hubs) as fake:
             return await run_workload_async(
-                fake.router_url, workload, args.processes, not args.no_progress, args.drain_timeout, **kwargs
+                fake.router_url, workload, args.processes, _live(args), args.drain_timeout, **kwargs
             )
-    return await run_workload_async(
-        args.router, workload, args.processes, not args.no_progress, args.drain_timeout, **kwargs
-    )
+    return await run_workload_async(args.router, workload, args.processes, _live(args), args.drain_timeout, **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m drivers.run``: print the report as JSON; exit 1 when anything was lost, duplicated or
-    reordered."""
+    """``python -m drivers.run``: print the report as JSON (with its ``verdict``), the verdict on stderr;
+    exit 1 when :func:`drivers.verdict.judge` fails the run (oracle or a ``--threshold``), 2 on bad flags."""
     args = _parser().parse_args(argv)
     if not args.router and not args.fake_hubs:
         _parser().error("give --router URL or --fake-hubs N")
+    try:
+        thresholds = [Threshold.parse(t) for t in args.threshold]
+    except ValueError as exc:
+        _parser().error(f"--threshold: {exc}")
+    try:
+        _tokens(args)
+    except (OSError, ValueError) as exc:
+        _parser().error(f"tokens: {exc}")
     logging.basicConfig(level=logging.WARNING)
     report = asyncio.run(_main_async(args))
+    decision = judge(report, thresholds)
+    report["verdict"] = decision.as_dict()
     text = json.dumps(report, indent=2, sort_keys=True)
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(text + "\n")
-    return 1 if report["lost"] or report["duplicates"] or report["order_violations"] else 0
+    if args.html:
+        from im_actors.report import write_html
+
+        write_html(report, args.html)
+    if decision.passed:
+        print(
+            "OK" + (f": thresholds held: {', '.join(decision.thresholds)}" if decision.thresholds else ""),
+            file=sys.stderr,
+        )
+    else:
+        print(f"FAILED: {'; '.join(decision.reasons())}", file=sys.stderr)
+    return decision.exit_code
 
 
 if __name__ == "__main__":

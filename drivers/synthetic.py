@@ -5,19 +5,71 @@
 to the direct conversation of a random pair; the rest go to a random group (``groups`` groups of
 ``group_size`` members, made from consecutive runs of a shuffled user list, so with the default
 count every user is in at least one group) from a random member. Sends are evenly spaced
-(``1 / rate`` apart) or, with ``poisson``, exponentially spaced at the same mean rate. Everything is
-drawn from ``random.Random(seed)``: the same parameters give the same plan in every process.
+(``1 / rate`` apart) or, with ``poisson``, exponentially spaced at the same mean rate. With ``stages``
+(k6 style, :func:`parse_stages`: ``30s:100,60s:1000``) the rate instead ramps linearly, stage by
+stage, from the previous stage's target (0 before the first) to the stage's target over its duration,
+and the plan lasts the stages' total; a send falls where the integral of the rate reaches its number.
+Everything is drawn from ``random.Random(seed)``: the same parameters give the same plan in every
+process.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 
-from drivers.workload import GroupSpec, Plan, PlannedSend
+from drivers.workload import DEFAULTS, GroupSpec, Plan, PlannedSend
 
-__all__ = ["SyntheticWorkload", "plan_synthetic", "make_body"]
+__all__ = ["SyntheticWorkload", "plan_synthetic", "make_body", "parse_stages", "stage_times"]
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_stages(spec: str) -> tuple[tuple[float, float], ...]:
+    """``"30s:100,60s:1000"`` -> ``((30.0, 100.0), (60.0, 1000.0))``: (duration s, target msgs/s).
+
+    Durations take ``ms``, ``s``, ``m`` or ``h`` (a bare number is seconds). Raises ValueError naming
+    the stage that does not parse, a duration that is not positive or a negative target.
+    """
+    out = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        dur, sep, target = part.partition(":")
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)?", dur.strip())
+        try:
+            value = float(target)
+        except ValueError:
+            value = -1.0
+        if not sep or m is None or value < 0:
+            raise ValueError(f"stage {part!r}: expected DURATION:RATE, e.g. 30s:100")
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+        if seconds <= 0:
+            raise ValueError(f"stage {part!r}: the duration must be positive")
+        out.append((seconds, value))
+    if not out:
+        raise ValueError("no stages")
+    return tuple(out)
+
+
+def stage_times(stages: tuple[tuple[float, float], ...], step_s: float = 0.001) -> list[float]:
+    """Send offsets (s) of a rate ramping linearly through ``stages`` (see the module docstring):
+    send i (0-based) at the first step where the integral of the rate reaches i + 1."""
+    times: list[float] = []
+    base = 0.0  # sends due before this stage
+    t0 = 0.0
+    start = 0.0
+    for duration, target in stages:
+        n = max(1, int(round(duration / step_s)))
+        for k in range(1, n + 1):
+            tau = k * duration / n  # the integral in closed form: no rounding drift over long runs
+            due = base + start * tau + (target - start) * tau * tau / (2 * duration)
+            while due + 1e-6 >= len(times) + 1:
+                times.append(t0 + tau)
+        base += (start + target) * duration / 2
+        t0 += duration
+        start = target
+    return times
 
 
 def make_body(index: int, size: int) -> str:
@@ -36,18 +88,20 @@ class SyntheticWorkload:
 
     ``rate`` msgs/s in total; ``duration_s`` seconds; ``msg_bytes`` bytes per body; ``group_size`` 0
     means no groups; ``groups`` None means ``ceil(users / group_size)``; ``direct_share`` None means
-    1.0 without groups and 0.0 with them.
+    1.0 without groups and 0.0 with them; ``stages`` ((duration s, target msgs/s), ...) ramps the rate
+    instead of ``rate`` and ``duration_s``.
     """
 
-    users: int = 100
-    rate: float = 100.0
-    duration_s: float = 10.0
-    msg_bytes: int = 64
+    users: int = DEFAULTS.users
+    rate: float = DEFAULTS.rate
+    duration_s: float = DEFAULTS.duration_s
+    msg_bytes: int = DEFAULTS.msg_bytes
     group_size: int = 0
     groups: int | None = None
     direct_share: float | None = None
     poisson: bool = False
     seed: int = 0
+    stages: tuple[tuple[float, float], ...] = ()
 
     def build(self, run_prefix: str) -> Plan:
         """The plan, with user ids and group names prefixed by ``run_prefix``."""
@@ -56,6 +110,8 @@ class SyntheticWorkload:
 
 def plan_synthetic(w: SyntheticWorkload, run_prefix: str = "") -> Plan:
     """The :class:`~drivers.workload.Plan` of ``w``; raises ValueError for impossible parameters."""
+    if w.stages and w.poisson:
+        raise ValueError("stages ramp an even rate: not with poisson")
     if w.users < 1 or w.rate <= 0 or w.duration_s < 0 or w.msg_bytes < 0:
         raise ValueError("users >= 1, rate > 0, duration_s >= 0 and msg_bytes >= 0 are required")
     if w.group_size < 0 or w.group_size > w.users or w.group_size == 1:
@@ -77,11 +133,14 @@ def plan_synthetic(w: SyntheticWorkload, run_prefix: str = "") -> Plan:
         for g in range(count):
             members = tuple(order[(g * w.group_size + k) % len(order)] for k in range(w.group_size))
             groups.append(GroupSpec(key=f"g{g}", name=f"{run_prefix}g{g}", creator=members[0], members=members))
-    n = int(round(w.rate * w.duration_s))
+    staged = stage_times(w.stages) if w.stages else None
+    n = len(staged) if staged is not None else int(round(w.rate * w.duration_s))
     sends: list[PlannedSend] = []
     at = 0.0
     for i in range(n):
-        if w.poisson:
+        if staged is not None:
+            at = staged[i]
+        elif w.poisson:
             at = at + rng.expovariate(w.rate) if i else 0.0
         else:
             at = i / w.rate
@@ -105,5 +164,6 @@ def plan_synthetic(w: SyntheticWorkload, run_prefix: str = "") -> Plan:
             "direct_share": direct_share,
             "poisson": w.poisson,
             "seed": w.seed,
+            **({"stages": [list(s) for s in w.stages]} if w.stages else {}),
         },
     )

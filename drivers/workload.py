@@ -15,10 +15,35 @@ from typing import Any, Protocol
 from drivers.oracle import device_key
 from im_actors.ids import direct_conv
 
-__all__ = ["DEVICE", "GroupSpec", "PlannedSend", "Plan", "Workload"]
+__all__ = ["DEVICE", "DEFAULTS", "WorkloadDefaults", "GroupSpec", "PlannedSend", "Plan", "Workload"]
 
 #: The one device every simulated user connects with.
 DEVICE = "d1"
+
+
+@dataclass(frozen=True)
+class WorkloadDefaults:
+    """The workload defaults of every command line (``im-actors demo``, ``python -m drivers.run``) and
+    of :class:`~drivers.replay.ReplayWorkload` and :class:`~drivers.synthetic.SyntheticWorkload`.
+
+    ``messages``: corpus lines replayed; ``duration_s``: wall seconds of the send phase (replay and
+    synthetic); ``gap_cap_s``: longest idle corpus gap kept (corpus seconds); ``users``, ``rate``
+    (msgs/s in total), ``msg_bytes`` (bytes per body) and ``group_size`` (members per group) of the
+    synthetic workload. The library class keeps ``group_size=0`` (direct messages only) unless asked;
+    the command lines use :attr:`group_size`.
+    """
+
+    messages: int = 2000
+    duration_s: float = 30.0
+    gap_cap_s: float = 60.0
+    users: int = 100
+    rate: float = 200.0
+    msg_bytes: int = 64
+    group_size: int = 10
+
+
+#: The one set of workload defaults.
+DEFAULTS = WorkloadDefaults()
 
 
 @dataclass(frozen=True)

