@@ -53,6 +53,9 @@ __all__ = [  # SendItem and stamp live in im_actors.wire; named here for older i
 
 log = logging.getLogger(__name__)
 
+#: Upper bound of one delivery call to a hub (s), see ConversationShard._send_to_hub.
+DELIVER_TIMEOUT_S = 10.0
+
 #: Recently committed cmids kept per conversation (older resends are caught by the unique index).
 RECENT_CMIDS = 4096
 
@@ -814,14 +817,16 @@ class ConversationShard:
 
     async def _send_to_hub(self, hub: str, items: list[tuple[dict[str, Any], list[int]]]) -> None:
         try:
-            await self.peers.hub(hub).call("deliver", items)
+            # Bounded well below a commit's timeout: a dead hub's restart must not hold the live copies
+            # for its next incarnation's clients for long (they catch up with sync meanwhile).
+            await self.peers.hub(hub).call("deliver", items, timeout=DELIVER_TIMEOUT_S)
         except Unavailable as exc:
             # The hub's clients reconnect elsewhere and catch up with sync.
             log.warning("delivery of %d entries to %s failed: %s", len(items), hub, exc)
 
     async def _send_events_to_hub(self, hub: str, items: list[tuple[dict[str, Any], list[int]]]) -> None:
         try:
-            await self.peers.hub(hub).call("deliver_events", items)
+            await self.peers.hub(hub).call("deliver_events", items, timeout=DELIVER_TIMEOUT_S)
         except Unavailable as exc:
             log.info("%d events to %s dropped: %s", len(items), hub, exc)
 

@@ -39,6 +39,8 @@ export const CLOSE_MEANINGS = {
 const PAGE = 30;          // entries per history page and per first load of a conversation
 const SYNC_LIMIT = 200;   // entries per sync page while catching up
 const REQUEST_TIMEOUT_MS = 10000;
+/** Attempts of the first connection after a sign-in (or a reload) before asking to sign in again. */
+const SIGN_IN_ATTEMPTS = 8;
 const TYPING_EVERY_MS = 2500;
 const BACKOFF_BASE_MS = 200;
 const BACKOFF_MAX_MS = 5000;
@@ -288,12 +290,28 @@ export class ImClient {
     }
     this._stopped = false;
     this._setState("connecting");
-    try {
-      await this._connect([]);
-    } catch (err) {
-      this._stopped = true;
-      this._setState("signed-out", err.message);
-      throw err;
+    // A retryable failure of the first connection (a hub that just died and that the router still
+    // hands out, 1006) is tried again on another hub, as a reconnect is; only a final answer (a
+    // refused token, a protocol error) or SIGN_IN_ATTEMPTS failures send the user back to sign in.
+    const exclude = [];
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this._connect(exclude);
+        break;
+      } catch (err) {
+        if (!err.retry || attempt + 1 >= SIGN_IN_ATTEMPTS || this._stopped) {
+          this._stopped = true;
+          this._setState("signed-out", err.message);
+          throw err;
+        }
+        if (err.code === "no_hub") {
+          exclude.length = 0;
+        } else if (err.hub && !exclude.includes(err.hub)) {
+          exclude.push(err.hub);
+        }
+        this._setState("connecting", `attempt ${attempt + 1}: ${err.message}`);
+        await sleep(backoffMs(attempt));
+      }
     }
     this._save();
   }
