@@ -29,11 +29,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiormq
-import pymongo
 import redis
 
 from im_actors.config import Config, mask_url
-from im_actors.errors import ServiceError
+from im_actors.errors import ServiceError, StorageUnavailable
+from im_actors.store import drop_database, server_answers, server_info
 
 __all__ = [
     "LocalServices",
@@ -174,15 +174,7 @@ def _secantus_executable() -> str:
 
 
 def _mongo_answers(url: str) -> bool:
-    try:
-        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(url, serverSelectionTimeoutMS=500)
-        try:
-            client.admin.command("ping")
-        finally:
-            client.close()
-        return True
-    except pymongo.errors.PyMongoError:
-        return False
+    return server_answers(url)
 
 
 @dataclass
@@ -522,22 +514,7 @@ def describe_services(config: Config) -> dict[str, dict[str, Any]]:
             out["redis"].update(server="valkey", version=info["valkey_version"])
     except (redis.RedisError, OSError) as exc:
         out["redis"] = {"url": masked["redis_url"], "error": str(exc)}
-    try:
-        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-            config.mongo_url, serverSelectionTimeoutMS=2000
-        )
-        info = client.server_info()
-        client.close()
-        server = "SecantusDB" if "secantusVersion" in info else "mongod"
-        version = info.get("secantusVersion") or info.get("version")
-        out["mongodb"] = {
-            "url": masked["mongo_url"],
-            "server": server,
-            "version": version,
-            "wire_version": info.get("version"),
-        }
-    except pymongo.errors.PyMongoError as exc:
-        out["mongodb"] = {"url": masked["mongo_url"], "error": str(exc)}
+    out["mongodb"] = {"url": masked["mongo_url"], **server_info(config.mongo_url)}
 
     async def amqp() -> dict[str, Any]:
         if not config.rabbitmq_url:
@@ -591,11 +568,7 @@ def purge_deployment(config: Config, drop_mongo_db: bool = False) -> dict[str, i
         log.warning("RabbitMQ names of %s not removed: %s", config.deployment, exc)
     if drop_mongo_db:
         try:
-            mongo: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-                config.mongo_url, serverSelectionTimeoutMS=5000
-            )
-            mongo.drop_database(config.mongo_db)
-            mongo.close()
-        except pymongo.errors.PyMongoError as exc:
+            drop_database(config.mongo_url, config.mongo_db)
+        except StorageUnavailable as exc:
             log.warning("MongoDB database %s not dropped: %s", config.mongo_db, exc)
     return {"redis_keys": removed}

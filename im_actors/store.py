@@ -104,6 +104,49 @@ def storage_errors(what: str) -> Iterator[None]:
         raise StorageUnavailable(f"Redis unreachable: {what} failed ({type(exc).__name__})") from exc
 
 
+def server_answers(url: str, timeout_ms: int = 500) -> bool:
+    """Does a MongoDB-wire server answer ``ping`` at ``url`` within ``timeout_ms``? (Blocking: for
+    the local services' start-up, never an actor's event loop.)"""
+    try:
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms)
+        try:
+            client.admin.command("ping")
+        finally:
+            client.close()
+        return True
+    except PyMongoError:
+        return False
+
+
+def server_info(url: str, timeout_ms: int = 2000) -> dict[str, Any]:
+    """``{"server": "SecantusDB" | "mongod", "version", "wire_version"}`` of the server at ``url``, or
+    ``{"error": text}`` when it does not answer (blocking; for reports)."""
+    try:
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms)
+        try:
+            info = client.server_info()
+        finally:
+            client.close()
+    except PyMongoError as exc:
+        return {"error": str(exc)}
+    return {
+        "server": "SecantusDB" if "secantusVersion" in info else "mongod",
+        "version": info.get("secantusVersion") or info.get("version"),
+        "wire_version": info.get("version"),
+    }
+
+
+def drop_database(url: str, db: str, timeout_ms: int = 5000) -> None:
+    """Drop a deployment's database ``db`` (``im-actors purge``); raises :class:`StorageUnavailable`
+    when the server does not answer (blocking)."""
+    with storage_errors("database drop"):
+        client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(url, serverSelectionTimeoutMS=timeout_ms)
+        try:
+            client.drop_database(db)
+        finally:
+            client.close()
+
+
 def chunks(items: Sequence[Any], size: int = BULK_CHUNK) -> Iterator[Sequence[Any]]:
     """``items`` in consecutive pieces of at most ``size`` (>= 1)."""
     for start in range(0, len(items), size):
