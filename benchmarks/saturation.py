@@ -420,7 +420,8 @@ def run_step(base: Config, services: LocalServices, rate: float, opts: RampOptio
                 raise
             log.warning("deploying for the step at %g msgs/s failed (%s); once more in 5 s", rate, exc)
             time.sleep(5.0)
-    mongo_pid = services.mongo_proc.pid if services.mongo_proc is not None else None
+    mongo_proc = services.mongo.proc if services.mongo is not None else None
+    mongo_pid = mongo_proc.pid if mongo_proc is not None else None
     pids = actor_pids(cfg)
 
     def groups() -> dict[str, list[int]]:
