@@ -799,9 +799,7 @@ class ConversationShard:
         if cached is not None and cached[0] is members:
             by_shard = cached[1]
         else:
-            by_shard = {}
-            for user in members:
-                by_shard.setdefault(self.peers.session_index(user), []).append(user)
+            by_shard = ids.split_by_shard(members, self.peers.session_index)
             if conv in self.sequencers:
                 self._splits[conv] = (members, by_shard)
         for shard, users in by_shard.items():
@@ -924,9 +922,7 @@ class ConversationShard:
             for hub, conn_ids in self.routes.targets(users, skip=origin).items():
                 self._events_to_hubs.add(hub, (frame, conn_ids))
             return
-        by_shard: dict[int, list[str]] = {}
-        for user in users:
-            by_shard.setdefault(self.peers.session_index(user), []).append(user)
+        by_shard = ids.split_by_shard(users, self.peers.session_index)
         for shard, shard_users in by_shard.items():
             self._events.add(shard, (frame, shard_users, origin))
 

@@ -640,9 +640,7 @@ class Hub:
             contacts = await self.peers.contact_host(user, user).call("contact_list", user)
             return {"t": "contacts", "id": rid, "contacts": contacts}
         if req.t == "presence.get":
-            by_shard: dict[int, list[str]] = {}
-            for u in f["users"]:
-                by_shard.setdefault(self.peers.session_index(u), []).append(u)
+            by_shard = ids.split_by_shard(f["users"], self.peers.session_index)
             answers = await asyncio.gather(
                 *(self.peers.sessions[i].call("presence", users) for i, users in by_shard.items())
             )

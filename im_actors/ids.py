@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 import secrets
 import zlib
+from collections.abc import Callable, Iterable
 
 from im_actors.errors import BadRequest
 
 __all__ = [
     "NAMESPACE",
+    "split_by_shard",
     "ROLES",
     "placement_group_name",
     "valid_id",
@@ -119,3 +121,13 @@ def parse_actor_name(name: str, prefix: str = "") -> tuple[str, int]:
 def shard_of(key: str, shards: int) -> int:
     """Stable shard index of ``key`` over ``shards`` shards (CRC-32, the same in every process)."""
     return zlib.crc32(key.encode()) % shards
+
+
+def split_by_shard(keys: Iterable[str], index: Callable[[str], int]) -> dict[int, list[str]]:
+    """``keys`` grouped by the shard hosting each (``index(key)``, e.g. ``Peers.session_index``):
+    ``{shard index: [key, ...]}``, keys in their first order within each shard. The one place a
+    batch of users or conversations is cut by shard before one call per shard."""
+    out: dict[int, list[str]] = {}
+    for key in keys:
+        out.setdefault(index(key), []).append(key)
+    return out

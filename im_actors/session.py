@@ -22,6 +22,7 @@ from typing import Any
 
 import ray
 
+from im_actors import ids
 from im_actors.batching import Batcher
 from im_actors.config import Config
 from im_actors.contacts import accepted_contacts
@@ -190,9 +191,7 @@ class SessionShard:
             log.info("presence of %s not announced: %s", user, exc, extra={"user": user})
             return
         frame = {"t": "presence", "user": user, "online": online, "last_seen": s.last_seen_ms}
-        by_shard: dict[int, list[str]] = {}
-        for contact in contacts:
-            by_shard.setdefault(self.peers.session_index(contact), []).append(contact)
+        by_shard = ids.split_by_shard(contacts, self.peers.session_index)
         for index, contacts in by_shard.items():
             self.stats["presence_events"] += 1
             if index == self.index:
@@ -345,9 +344,7 @@ class SessionShard:
     async def convs(self, user: str) -> list[dict[str, Any]]:
         """Every conversation of ``user``: ``[{"conv", "last", "read"}]``, sorted by conv."""
         conv_ids, reads = await self.store.user_convs(user)
-        by_shard: dict[int, list[str]] = {}
-        for conv in conv_ids:
-            by_shard.setdefault(self.peers.conv_index(conv), []).append(conv)
+        by_shard = ids.split_by_shard(conv_ids, self.peers.conv_index)
         answers = await asyncio.gather(
             *(self.peers.convs[i].call("last_seqs", user, convs) for i, convs in by_shard.items())
         )

@@ -70,3 +70,14 @@ def test_knobs_mask_secrets() -> None:
     knobs = cfg.knobs()
     assert knobs["jwt_secret"] == "***"
     assert knobs["rabbitmq_url"] == "amqp://guest:***@127.0.0.1:5672/"
+
+
+def test_split_by_shard_groups_keys_by_their_shard_in_first_order() -> None:
+    from im_actors.ids import shard_of, split_by_shard
+
+    users = [f"u{i}" for i in range(20)]
+    split = split_by_shard(users, lambda u: shard_of(u, 3))
+    assert sorted(u for part in split.values() for u in part) == sorted(users)
+    for index, part in split.items():
+        assert all(shard_of(u, 3) == index for u in part)
+        assert part == [u for u in users if shard_of(u, 3) == index]
