@@ -36,7 +36,7 @@ from im_actors.config import Config
 from im_actors.errors import Conflict, Forbidden, RequestError, StorageUnavailable, Unavailable
 from im_actors.membership import Membership
 from im_actors.protocol import body_size
-from im_actors.refs import Peers
+from im_actors.refs import Peers, ask_hubs_to_reannounce
 from im_actors.routes import Routes
 from im_actors.store import CommitResult, Store
 from im_actors.wire import Answer, SendItem, ack_answer, err_answer, stamp
@@ -968,23 +968,21 @@ class ConversationShardActor:
         m.start()
 
     async def ready(self) -> bool:
-        """Start the commit loop (creating the indexes when there are no store writers) and, with
-        ``fanout_via = "conv"``, the first time this incarnation is asked, have every hub announce
-        its connections here. The router calls this on every heartbeat, so a restarted shard knows
-        the routes again within one heartbeat (:mod:`im_actors.routes`). Returns True."""
+        """Start-up: create the indexes when there are no store writers, and start the commit loop.
+        Returns True."""
         if self._config.store_writers == 0 and not self._indexes_made:
             await self._store.setup()
             self._indexes_made = True
         self._shard.start()
+        return True
+
+    async def heartbeat(self) -> bool:
+        """The router's call on every heartbeat (``fanout_via = "conv"``): the first time this
+        incarnation is asked, every hub announces its connections here, so a restarted shard knows
+        the routes again within one heartbeat (:mod:`im_actors.routes`). Returns True."""
+        self._shard.start()
         if self._config.fanout_via == "conv":
-            for name, hub in self._shard.peers.hubs.items():
-                if name in self._announced:
-                    continue
-                try:
-                    await hub.call("reannounce_routes", self._index, timeout=5.0)
-                    self._announced.add(name)
-                except Unavailable:
-                    pass  # not up yet, or restarting: asked again at the next heartbeat
+            await ask_hubs_to_reannounce(self._shard.peers.hubs, self._announced, "reannounce_routes", self._index)
         return True
 
     def route(self, user: str, device: str, hub: str, conn_id: int) -> None:

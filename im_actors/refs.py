@@ -41,7 +41,15 @@ from im_actors import ids
 from im_actors.config import Config
 from im_actors.errors import CloseConnection, ImError, Internal, RequestError, Unavailable
 
-__all__ = ["Peer", "Peers", "DEFAULT_CALL_TIMEOUT_S", "TRANSIENT", "answers_internal", "UNAVAILABLE_MSG"]
+__all__ = [
+    "ask_hubs_to_reannounce",
+    "Peer",
+    "Peers",
+    "DEFAULT_CALL_TIMEOUT_S",
+    "TRANSIENT",
+    "answers_internal",
+    "UNAVAILABLE_MSG",
+]
 
 log = logging.getLogger(__name__)
 
@@ -220,3 +228,21 @@ class Peers:
         if peer is None:
             peer = self.hubs[name] = Peer(name)
         return peer
+
+
+async def ask_hubs_to_reannounce(hubs: dict[str, Peer], announced: set[str], method: str, index: int) -> int:
+    """Ask every hub of ``hubs`` not in ``announced`` to call ``method(index)``: announce its
+    connections to this (new or restarted) session or conversation shard. A hub that answers is added
+    to ``announced`` (asked once per incarnation of the shard); one that does not (not up yet,
+    restarting) is asked again at the next heartbeat. Returns how many hubs answered now."""
+    answered = 0
+    for name, hub in hubs.items():
+        if name in announced:
+            continue
+        try:
+            await hub.call(method, index, timeout=5.0)
+        except Unavailable:
+            continue
+        announced.add(name)
+        answered += 1
+    return answered

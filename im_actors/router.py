@@ -259,15 +259,15 @@ class RouterActor:
             await asyncio.sleep(max(0.0, interval - (asyncio.get_running_loop().time() - started)))
 
     async def _supervise(self) -> None:
-        """Every heartbeat, call ``ready`` on each session shard and, with ``fanout_via = "conv"``,
-        each conversation shard: a restarted one comes back empty, and its first ``ready`` has the
-        hubs re-announce their connections to it (:mod:`im_actors.routes`)."""
+        """Every heartbeat, call ``heartbeat`` on each session shard and, with ``fanout_via = "conv"``,
+        each conversation shard: a restarted one comes back empty, and its first ``heartbeat`` has
+        the hubs re-announce their connections to it (:mod:`im_actors.routes`)."""
         interval = self._config.heartbeat_s
         holders = self._route_holders()
         while True:
             for peer in holders:
                 try:
-                    await peer.call("ready", timeout=10 * interval)
+                    await peer.call("heartbeat", timeout=10 * interval)
                 except Unavailable as exc:
                     log.info("%s not ready: %s", peer.name, exc)
             await asyncio.sleep(interval)

@@ -28,7 +28,7 @@ from im_actors.config import Config
 from im_actors.contacts import accepted_contacts
 from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, BadRequest, CloseConnection, StorageUnavailable, Unavailable
 from im_actors.push.planner import JobSink, PushPlanner
-from im_actors.refs import Peers, answers_internal
+from im_actors.refs import Peers, answers_internal, ask_hubs_to_reannounce
 from im_actors.store import Store
 from im_actors.wire import stamp
 
@@ -378,20 +378,17 @@ class SessionShardActor:
         self._metrics.start()
 
     async def ready(self) -> bool:
-        """Start the push publisher (it connects in the background) and, the first time this
-        incarnation is asked, have every hub re-announce its connections here. The router calls
-        this on every heartbeat, so a restarted shard knows its users' devices again within one
-        heartbeat (DESIGN.md section 4). Returns True.
-        """
+        """Start-up: start the push publisher (it connects in the background). Returns True."""
         await self._start_publisher()
-        for name, hub in self._core.peers.hubs.items():
-            if name in self._announced:
-                continue
-            try:
-                await hub.call("reannounce", self._index, timeout=5.0)
-                self._announced.add(name)
-            except Unavailable:
-                pass  # not up yet, or restarting: asked again at the next heartbeat
+        return True
+
+    async def heartbeat(self) -> bool:
+        """The router's call on every heartbeat: the first time this incarnation is asked, every hub
+        re-announces its connections here, so a restarted shard knows its users' devices again
+        within one heartbeat (DESIGN.md section 4); the publisher is started if a restart left it
+        stopped. Returns True."""
+        await self._start_publisher()
+        await ask_hubs_to_reannounce(self._core.peers.hubs, self._announced, "reannounce", self._index)
         return True
 
     async def _start_publisher(self) -> None:
