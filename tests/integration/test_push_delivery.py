@@ -252,7 +252,13 @@ async def test_push_worker_killed_mid_batch_each_job_reaches_the_provider_once(
         assert await publisher.flush(30)
         # Mid-batch: some jobs accepted, a prefetch window of others in the worker's hands or held at
         # the provider.
-        await until(lambda: len(receiver.accepted) >= 40, 60, "40 jobs delivered")
+        # (The provider answers in waves of a prefetch window; wait for a moment inside one, with
+        # requests held at the provider, rather than counting on the poll to land there.)
+        await until(
+            lambda: len(receiver.accepted) >= 40 and len(receiver.arrived) > len(receiver.accepted),
+            60,
+            "40 jobs delivered and more in hand at the provider",
+        )
         in_hand = len(receiver.arrived) - len(receiver.accepted)
         ray.kill(actor, no_restart=False)
         await until(lambda: len(receiver.accepted) == len(jobs), 120, "every job after the worker restarted")
