@@ -202,6 +202,11 @@ class RouterActor:
         self.url = ""
         self._metrics = metrics.for_actor(config, "router", self.stats)
         self._metrics.start()
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Ray restarted this actor after its process died: nobody calls ready() on a restart
+            # (deploy did, once), so serve again at once, on the configured port, and heartbeat the
+            # hubs, which re-register on their next heartbeat (HubTable starts empty).
+            await self.ready()
 
     async def ready(self) -> str:
         """Start serving (once); returns the router's base URL, e.g. ``http://127.0.0.1:8080``

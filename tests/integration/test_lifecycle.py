@@ -33,7 +33,7 @@ from im_actors.cluster import (
 )
 from im_actors.config import Config
 from im_actors.errors import ConfigError
-from im_actors.services import purge_deployment
+from im_actors.services import free_port, purge_deployment
 
 pytestmark = pytest.mark.integration
 
@@ -190,4 +190,44 @@ def test_cli_down_status_purge_name_the_deployment(base_config: Config, local_ra
         assert f"purged deployment '{name}'" in purged.output
     finally:
         teardown(cfg)
+        purge_deployment(cfg, drop_mongo_db=True)
+
+
+async def test_restarted_router_serves_again_on_its_port(base_config: Config, local_ray: None) -> None:
+    """Ray restarts a killed router; nobody calls ``ready`` on a restart, so the router must start
+    serving by itself, on its configured port, and learn the live hubs from its heartbeats."""
+    name = f"rr{secrets.token_hex(3)}"
+    cfg = base_config.model_copy(
+        update={
+            "deployment": name,
+            "hubs": 1,
+            "mongo_db": f"im_{name}",
+            "push_workers": 0,
+            "store_writers": 0,
+            "router_port": free_port(),
+            "heartbeat_s": 0.5,
+        }
+    )
+    try:
+        dep = await asyncio.to_thread(deploy, cfg)
+        router = ray.get_actor(ids.actor_name("router", 0, cfg.actor_prefix), namespace=ids.NAMESPACE)
+        ray.kill(router, no_restart=False)
+        deadline = time.monotonic() + 60
+        hub: str | None = None
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline and hub is None:
+                try:
+                    async with http.get(f"{dep.router_url}/v1/hub", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                        if resp.status == 200:
+                            hub = (await resp.json())["hub"]
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.3)
+        assert hub == ids.actor_name("hub", 0, cfg.actor_prefix), "the restarted router never served its port"
+        # the hub it hands out still serves
+        client = Client(dep.router_url, f"rr-alice-{name}")
+        await client.connect()
+        await client.close()
+    finally:
+        await asyncio.to_thread(teardown, cfg)
         purge_deployment(cfg, drop_mongo_db=True)
