@@ -648,6 +648,10 @@ class Client:
             return await asyncio.wait_for(fut, timeout_s)
         finally:
             conn.pending.pop(rid, None)
+            if fut.done() and not fut.cancelled():
+                # The connection was lost while the frame was still being written: the reader failed
+                # this future too, and nobody awaits it now (asyncio would log it as never retrieved).
+                fut.exception()
 
     async def _call(
         self, frame: dict[str, Any], *, retry_transport: bool, deadline_s: float | None = None

@@ -352,3 +352,33 @@ async def test_a_refused_connect_leaves_the_client_failed(fake: FakeServer, apps
     assert err.value.close_code == 4401
     await intruder.client.close()
     assert intruder.client.state is ConnState.CLOSED
+
+
+async def test_a_request_lost_while_its_frame_is_written_leaves_no_unretrieved_future() -> None:
+    """The reader fails every pending request when the connection drops; a request whose frame was
+    still being written gets the transport error from ``send`` and must also retrieve its future's
+    (asyncio otherwise logs "Future exception was never retrieved", seen in a drain demo)."""
+    import gc
+
+    from websockets.exceptions import ConnectionClosedError
+    from websockets.frames import Close
+
+    from im_actors.client import ConnectionLost, _Connection
+
+    seen: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: seen.append(ctx))
+
+    class DroppingWs:
+        async def send(self, _data: Any) -> None:
+            for fut in conn.pending.values():  # what the reader does on the close
+                fut.set_exception(ConnectionLost(1001, "hub draining"))
+            raise ConnectionClosedError(Close(1001, "hub draining"), None)
+
+    conn = _Connection(DroppingWs(), "hub-0", "im.v1.msgpack", {})  # type: ignore[arg-type]
+    client = Client("http://127.0.0.1:1", "alice")
+    with pytest.raises(ConnectionLost):
+        await client._request_on(conn, {"t": "ping"}, 1.0)
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not [c for c in seen if "never retrieved" in str(c.get("message", ""))], seen
