@@ -582,6 +582,9 @@ class Hub:
         try:
             frame = await self._handle(conn, req)
         except RequestError as exc:
+            if isinstance(exc, Internal):  # a bug in the actor that answered (its log has the details)
+                ids_ = {"user": conn.user, "device": conn.device, "request_id": req.id, "conv": req.fields.get("conv")}
+                log.error("request %s id=%s of %s answered internal by a peer", req.t, req.id, conn.user, extra=ids_)
             frame = exc.frame(req.id)
         except asyncio.CancelledError:
             raise
@@ -734,19 +737,25 @@ class HubActor:
         self._index = index
         name = ids.actor_name("hub", index, config.actor_prefix)
         self._hub = Hub(config, name, Peers(config))
+        self._starting = asyncio.Lock()
         self._metrics = metrics.for_actor(config, "hub", self.stats)
         self._metrics.start()
         self._delivery_ms = metrics.delivery_latency_ms
 
     async def ready(self) -> str:
-        """Start listening (once) and register with the router; returns the hub's URL."""
-        if not self._hub.url:
-            port = self._config.hub_port + self._index if self._config.hub_port else 0
-            if not self._config.advertise_host and self._config.host in ("0.0.0.0", "::"):
-                self._config = self._config.model_copy(update={"advertise_host": ray.util.get_node_ip_address()})
-                self._hub.config = self._config
-            await self._hub.start(port)
-            self._hub.peers.router.notify("register", self._hub.name, self._hub.url)
+        """Start listening (once) and register with the router; returns the hub's URL.
+
+        Callers may overlap (deploy, and the router's heartbeat finding a restarted hub without a
+        URL): the start is guarded so that a second call waits for the first instead of opening a
+        second server."""
+        async with self._starting:
+            if not self._hub.url:
+                port = self._config.hub_port + self._index if self._config.hub_port else 0
+                if not self._config.advertise_host and self._config.host in ("0.0.0.0", "::"):
+                    self._config = self._config.model_copy(update={"advertise_host": ray.util.get_node_ip_address()})
+                    self._hub.config = self._config
+                await self._hub.start(port)
+                self._hub.peers.router.notify("register", self._hub.name, self._hub.url)
         return self._hub.url
 
     def load(self) -> dict[str, Any]:
