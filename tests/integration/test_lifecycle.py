@@ -231,3 +231,53 @@ async def test_restarted_router_serves_again_on_its_port(base_config: Config, lo
     finally:
         await asyncio.to_thread(teardown, cfg)
         purge_deployment(cfg, drop_mongo_db=True)
+
+
+async def test_overlapping_ready_calls_start_one_server(base_config: Config, local_ray: None) -> None:
+    """deploy and the router's heartbeat may both call ``ready`` on a restarted hub at once: one
+    WebSocket server must come of it, every caller getting its URL."""
+    import psutil
+
+    name = f"rh{secrets.token_hex(3)}"
+    cfg = base_config.model_copy(
+        update={
+            "deployment": name,
+            "hubs": 1,
+            "mongo_db": f"im_{name}",
+            "push_workers": 0,
+            "store_writers": 0,
+        }
+    )
+    try:
+        dep = await asyncio.to_thread(deploy, cfg)  # kept: non-detached actors go with their last handle
+        hub = ray.get_actor(ids.actor_name("hub", 0, cfg.actor_prefix), namespace=ids.NAMESPACE)
+        old = (await hub.load.remote())["incarnation"]
+        # the router would call ready on the restarted hub itself, first: out of the way
+        ray.kill(ray.get_actor(ids.actor_name("router", 0, cfg.actor_prefix), namespace=ids.NAMESPACE), no_restart=True)
+        ray.kill(hub, no_restart=False)
+        load: dict[str, Any] | None = None
+        errs: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the restarted process answers
+            try:
+                load = await hub.load.remote()
+                if load["incarnation"] != old:
+                    break
+            except ray.exceptions.RayActorError as exc:
+                errs.append(repr(exc)[:300])
+            await asyncio.sleep(0.1)
+        assert load is not None and load["incarnation"] != old and load["url"] == "", errs[-3:]
+        urls = await asyncio.gather(*(hub.ready.remote() for _ in range(4)))
+        assert len(set(urls)) == 1 and urls[0]
+        pid = await hub.__ray_call__.remote(lambda self: __import__("os").getpid())
+        ports = {
+            c.laddr.port
+            for c in psutil.Process(pid).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.ip in ("127.0.0.1", "0.0.0.0")
+        }
+        servers = [p for p in sorted(ports) if hub_ready(f"ws://127.0.0.1:{p}/v1/ws", timeout_s=1.0)]
+        assert servers == [int(urls[0].rsplit(":", 1)[1].split("/", 1)[0])]
+        assert dep.config.deployment == name
+    finally:
+        await asyncio.to_thread(teardown, cfg)
+        purge_deployment(cfg, drop_mongo_db=True)
