@@ -116,6 +116,12 @@ class Config(BaseSettings):
     )
     store_batch_max: int = Field(512, ge=1, description="entries per store commit")
     store_inflight: int = Field(4, ge=1, description="store commits in flight per conversation shard")
+    conv_active_max: int = Field(
+        100_000,
+        ge=0,
+        description="sequencers a conversation shard keeps in memory; beyond it the least recently used idle ones "
+        "are dropped and re-activated from storage on their next use (0: never drop)",
+    )
     fanout_batch_max: int = Field(256, ge=1, description="entries per fan-out call (to a session shard, to a hub)")
     fanout_via: Literal["conv", "session"] = Field(
         "conv",

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,7 +195,8 @@ class ConversationShard:
         self.config = config
         self.peers = peers
         self.store = store
-        self.sequencers: dict[str, Sequencer] = {}
+        # least recently used first (see _evict_idle); dict order is kept by move_to_end on every use
+        self.sequencers: OrderedDict[str, Sequencer] = OrderedDict()
         self._splits: dict[str, tuple[frozenset[str], dict[int, list[str]]]] = {}  # conv -> members by shard
         self._absent: OrderedDict[str, None] = OrderedDict()  # made-up conversation ids, see ABSENT_KEPT
         self._activating: dict[str, asyncio.Future[Sequencer]] = {}
@@ -226,6 +227,7 @@ class ConversationShard:
             "unavailable": 0,
             "commit_ms_total": 0.0,
             "activations": 0,
+            "evictions": 0,
             "deliveries": 0,
         }
 
@@ -262,6 +264,7 @@ class ConversationShard:
         """
         seqr = self.sequencers.get(conv)
         if seqr is not None:
+            self.sequencers.move_to_end(conv)
             return seqr
         if conv in self._absent:
             self._absent.move_to_end(conv)
@@ -338,7 +341,37 @@ class ConversationShard:
             for conv in todo:
                 del self._activating[conv]
         self.stats["activations"] += len(todo) - len(failed)
+        self._evict_idle(keep=frozenset(todo))
         return failed
+
+    def _evict_idle(self, keep: Collection[str] = ()) -> None:
+        """Keep at most ``conv_active_max`` sequencers: past it, drop the least recently used idle
+        ones (no send waiting or in flight) down to nine tenths of the bound, so one pass serves
+        many activations. ``keep``: conversations just activated for the caller, never dropped here.
+
+        Dropping is what a failed commit already does (:meth:`_commit`): the next use re-activates
+        from storage, with the larger of Redis's and MongoDB's last seq, and a resend of a cmid
+        older than the new activation is settled by MongoDB's unique ``(conv, sender, cmid)`` index
+        (answered ``dup`` with its first seq), so nothing is renumbered or lost; a holder of the old
+        object across an await meets the new one in :meth:`_enqueue_now`. What it costs is one
+        activation (a few storage reads) when a dropped conversation speaks again.
+        """
+        limit = self.config.conv_active_max
+        if limit <= 0 or len(self.sequencers) <= limit:
+            return
+        excess = len(self.sequencers) - (limit - limit // 10)
+        victims: list[str] = []
+        for conv, seqr in self.sequencers.items():  # least recently used first
+            if len(victims) >= excess:
+                break
+            if seqr.pending or seqr.inflight or conv in self._inflight_convs or conv in self._ready or conv in keep:
+                continue
+            victims.append(conv)
+        for conv in victims:
+            del self.sequencers[conv]
+            self._splits.pop(conv, None)
+            self._targets.pop(conv, None)
+        self.stats["evictions"] += len(victims)
 
     @staticmethod
     def _precheck(user: str, conv: str) -> None:
@@ -496,6 +529,7 @@ class ConversationShard:
         resend of a committed cmid answers its seq (``dup``), of a queued one the first send's
         answer; raises :class:`Conflict` when the cmid came with another body."""
         seqr = self.sequencers.setdefault(item.conv, seqr)  # a membership change makes the group exist
+        self.sequencers.move_to_end(item.conv)
         digest = body_digest(item.kind, item.body, item.meta)
         known = seqr.cmids.get((item.sender, item.cmid))
         if known is not None:

@@ -10,6 +10,7 @@ import pytest
 from im_actors.config import load_config
 from im_actors.conversation import ConversationShard, SendItem
 from im_actors.errors import Unavailable
+from im_actors.ids import direct_conv
 from tests.fakes import FakePeers, FakeStore
 
 CONV = "d:alice:bob"
@@ -281,3 +282,35 @@ async def test_batches_in_flight_together_keep_their_arrival_order() -> None:
     second = asyncio.ensure_future(shard.send_batch([item("a2"), item("a3")]))
     acks = [*await first, *await second]
     assert [a["seq"] for a in acks] == [1, 2, 3]
+
+
+async def test_idle_sequencers_past_the_bound_are_dropped_and_come_back_from_storage() -> None:
+    """conv_active_max bounds the sequencers a shard holds (the capacity model's memory per active
+    conversation): the least recently used idle ones go, and their next send re-activates them
+    from storage: numbering goes on from the stored last seq and an old cmid is still a dup."""
+    store = FakeStore()
+    shard, _ = make_shard(store, conv_active_max=10)
+    users = [f"u{i:02d}" for i in range(30)]
+    convs = [direct_conv("alice", u) for u in users]
+    first = {}
+    for conv in convs:  # one at a time: each activation may drop older idle ones
+        (ack,) = await shard.send_batch([item(f"{conv}-1", conv=conv)])
+        first[conv] = ack
+        assert len(shard.sequencers) <= 10
+    assert shard.stats["evictions"] >= 20
+    assert convs[0] not in shard.sequencers and convs[-1] in shard.sequencers
+    # the oldest: dropped, now used again
+    again = await shard.send_batch([item(f"{convs[0]}-1", conv=convs[0]), item(f"{convs[0]}-2", conv=convs[0])])
+    assert again[0] == {**first[convs[0]], "dup": True}
+    assert again[1]["seq"] == 2 and not again[1]["dup"]
+    assert sorted(s for c, s in store.entries if c == convs[0]) == [1, 2]
+    # a conversation in use is never dropped: the most recent stays
+    assert convs[0] in shard.sequencers
+
+
+async def test_no_bound_keeps_every_sequencer() -> None:
+    store = FakeStore()
+    shard, _ = make_shard(store, conv_active_max=0)
+    for i in range(30):
+        await shard.send_batch([item(f"c{i}", conv=direct_conv("alice", f"v{i:02d}"))])
+    assert len(shard.sequencers) == 30 and shard.stats["evictions"] == 0
