@@ -24,13 +24,15 @@ mongodb-   every MongoDB reply delayed by ``slow_ms`` (default 500 ms) for ``out
 slow       the run's TCP proxy in front of the server (:mod:`drivers.tcpproxy`; works in front
            of a given ``mongo_url`` too: the server itself is never touched). Sends answer
            slowly or ``unavailable``, within the bound below. The record carries ``proxy``:
-           ``delay_ms``, ``window_s``, ``delayed`` (replies held back)
+           ``delay_ms``, ``window_s``, ``delayed`` (replies held back). Its recovery is the
+           first probe through the slow storage: the service goes on, slowly
 mongodb-   every connection to MongoDB cut mid-reply for ``outage_s`` (through the same proxy:
 cut        the client gets half of a reply, then both sockets close; reconnects are cut at
            their first reply too, and succeed again after the window). A cut write may have
            been carried out: the commit's read-back settles it, or the send answers
            ``unavailable`` and its resend with the same cmid answers the stored seq. The
-           record's ``proxy`` carries ``cuts`` (connections cut) and ``window_s``
+           record's ``proxy`` carries ``cuts`` (connections cut) and ``window_s``; recovery
+           is the window plus pymongo's reconnect (under a second, measured)
 redis      every Redis key of this deployment deleted (a flush, as the deployment sees it; the
            shared Redis itself is never flushed or restarted)
 redis-     the Redis server restarted, every key lost (only a private Redis this run started:
@@ -46,8 +48,8 @@ node       a whole Ray node removed, killed without warning (only on a local mul
 (5 s by default; pymongo's ``timeoutMS``: retries and server selection included), a commit makes
 at most three in a row (:mod:`im_actors.store`), and a hub answers ``unavailable`` itself when its
 call to the conversation shard passes :data:`im_actors.refs.DEFAULT_CALL_TIMEOUT_S` (30 s); a send
-waits behind at most one batch of its hub (``hub_inflight`` 1; past ``hub_send_queue_max`` it is
-refused at once). So every send is answered, ack or ``unavailable``, within 2 x 30 s of reaching its
+waits for at most one batch of its hub to that shard to end first (past ``hub_send_queue_max`` it
+is refused at once). So every send is answered, ack or ``unavailable``, within 2 x 30 s of reaching its
 hub, and an ack is only ever sent for a commit MongoDB confirmed. A ``mongodb-slow`` delay under
 ``mongo_timeout_ms`` makes slow successes; one over it makes ``unavailable`` answers.
 

@@ -136,3 +136,26 @@ async def test_a_replay_injects_the_same_kinds_at_the_same_offsets_on_the_same_t
     proxy_faults = [f for f in again if f["kind"].startswith("mongodb-")]
     assert all(f["proxy"]["window_s"] == 0.0 for f in proxy_faults)
     assert [f["proxy"]["delay_ms"] for f in proxy_faults] == [300.0, 0.0, 300.0, 0.0]
+
+
+def test_the_demo_records_the_options_a_replay_gives_back(tmp_path: Path) -> None:
+    import dataclasses
+
+    from drivers.demo import DemoOptions, _replayed_options
+    from drivers.faultplan import REPLAYED_OPTIONS
+    from drivers.replay import ReplayWorkload
+    from drivers.synthetic import SyntheticWorkload
+
+    assert set(REPLAYED_OPTIONS) <= {f.name for f in dataclasses.fields(DemoOptions)}
+    cfg = load_config(hubs=3, conv_shards=2, session_shards=2, store_writers=1)
+    opts = DemoOptions(messages=300, duration_s=20.0, seed=5, chaos="hub")
+    fell_back = _replayed_options(opts, SyntheticWorkload(seed=5), cfg, nodes=1)
+    assert fell_back["synthetic"] is True and fell_back["corpus"] is None
+    assert (fell_back["hubs"], fell_back["shards"], fell_back["store_writers"]) == (3, 2, 1)
+    corpus = tmp_path / "c.jsonl.gz"
+    recorded = _replayed_options(opts, ReplayWorkload(path=str(corpus)), cfg, nodes=3)
+    plan = FaultPlan.from_faults(5, "hub", [], 10.0, 500.0, recorded)
+    again = FaultPlan.read(plan.write(tmp_path / "p.json"))
+    replayed = dataclasses.replace(DemoOptions(), **dict(again.options))
+    assert (replayed.corpus, replayed.synthetic, replayed.messages, replayed.duration_s) == (corpus, False, 300, 20.0)
+    assert (replayed.hubs, replayed.shards, replayed.nodes) == (3, 2, 3)
