@@ -410,6 +410,9 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
     if spec is not None and set(PROXY_KINDS) & set(spec.kinds):
         try:
             cfg, proxy = _start_mongo_proxy(cfg, opts.seed)
+        except (OSError, TimeoutError) as exc:
+            services.stop()
+            raise DemoError(f"the MongoDB proxy of {', '.join(PROXY_KINDS)} did not start: {exc}", 3) from None
         except BaseException:
             services.stop()
             raise
