@@ -20,6 +20,19 @@ store      a store writer killed (the commit is retried once on another writer, 
 push       a push worker killed (RabbitMQ hands its unacked jobs out again)
 mongodb    the MongoDB-wire server stopped for ``outage_s`` and started again on its data
            (only when this run started it: a given ``mongo_url`` is never touched)
+mongodb-   every MongoDB reply delayed by ``slow_ms`` (default 500 ms) for ``outage_s``, through
+slow       the run's TCP proxy in front of the server (:mod:`drivers.tcpproxy`; works in front
+           of a given ``mongo_url`` too: the server itself is never touched). Sends answer
+           slowly or ``unavailable``, within the bound below. The record carries ``proxy``:
+           ``delay_ms``, ``window_s``, ``delayed`` (replies held back). Its recovery is the
+           first probe through the slow storage: the service goes on, slowly
+mongodb-   every connection to MongoDB cut mid-reply for ``outage_s`` (through the same proxy:
+cut        the client gets half of a reply, then both sockets close; reconnects are cut at
+           their first reply too, and succeed again after the window). A cut write may have
+           been carried out: the commit's read-back settles it, or the send answers
+           ``unavailable`` and its resend with the same cmid answers the stored seq. The
+           record's ``proxy`` carries ``cuts`` (connections cut) and ``window_s``; recovery
+           is the window plus pymongo's reconnect (under a second, measured)
 redis      every Redis key of this deployment deleted (a flush, as the deployment sees it; the
            shared Redis itself is never flushed or restarted)
 redis-     the Redis server restarted, every key lost (only a private Redis this run started:
@@ -31,11 +44,26 @@ node       a whole Ray node removed, killed without warning (only on a local mul
            stays; Ray restarts the lost node's actors elsewhere (DESIGN.md section 4, last row)
 =========  =======================================================================================
 
+**Bounded time under slow storage.** Every MongoDB operation ends within ``mongo_timeout_ms``
+(5 s by default; pymongo's ``timeoutMS``: retries and server selection included), a commit makes
+at most three in a row (:mod:`im_actors.store`), and a hub answers ``unavailable`` itself when its
+call to the conversation shard passes :data:`im_actors.refs.DEFAULT_CALL_TIMEOUT_S` (30 s); a send
+waits for at most one batch of its hub to that shard to end first (past ``hub_send_queue_max`` it
+is refused at once). So every send is answered, ack or ``unavailable``, within 2 x 30 s of reaching its
+hub, and an ack is only ever sent for a commit MongoDB confirmed. A ``mongodb-slow`` delay under
+``mongo_timeout_ms`` makes slow successes; one over it makes ``unavailable`` answers.
+
 Recovery is measured by probes: a few probe clients (at least one per hub) in a probe group, one
 of which sends a probe message every ``probe_interval_s``. A fault's recovery time is the time from
 the fault until a probe message *sent after it* has been acknowledged and delivered to every probe
-client. The worst delivery latency of probe messages sent during the recovery window is reported
-too.
+client. The worst delivery latency of probe messages sent during the recovery window (for the
+kinds that last ``outage_s``, the whole window) is reported too, and for those kinds the worst
+ack latency of the probes sent in it (``worst_ack_latency_ms``: resends included, as a client sees it).
+
+Every random choice (which actor of a role is killed, ties between the busiest hubs) is drawn from
+``rng``, and each fault records the target index it chose (``index``) and its planned offset
+(``planned_at_s``): :mod:`drivers.faultplan` writes them down and ``--replay`` passes them back to
+:meth:`ChaosMonkey.run` as ``(at_s, kind, index)``.
 """
 
 from __future__ import annotations
@@ -47,9 +75,9 @@ import random
 import secrets
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import redis
@@ -59,7 +87,19 @@ from im_actors.client import Client
 from im_actors.config import Config, mask_url
 from im_actors.services import LocalServices
 
-__all__ = ["KINDS", "PRIVATE_SERVICE_KINDS", "ChaosSpec", "Fault", "ChaosMonkey", "summarize"]
+if TYPE_CHECKING:
+    from drivers.tcpproxy import TcpProxy
+
+__all__ = [
+    "KINDS",
+    "PRIVATE_SERVICE_KINDS",
+    "PROXY_KINDS",
+    "ChaosSpec",
+    "Fault",
+    "ChaosMonkey",
+    "summarize",
+    "pick_index",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +112,8 @@ KINDS = (
     "store",
     "push",
     "mongodb",
+    "mongodb-slow",
+    "mongodb-cut",
     "redis",
     "redis-restart",
     "rabbitmq",
@@ -79,6 +121,8 @@ KINDS = (
 )
 #: Kinds that need a server of this run's own (never the machine's shared one).
 PRIVATE_SERVICE_KINDS = {"mongodb": "mongodb", "redis-restart": "redis", "rabbitmq": "rabbitmq"}
+#: Kinds that need the MongoDB proxy of :mod:`drivers.tcpproxy` between the deployment and the server.
+PROXY_KINDS = ("mongodb-slow", "mongodb-cut")
 _ACTOR_KINDS = {"hub": "hub", "conv": "conv", "session": "session", "store": "store", "push": "push"}
 
 
@@ -130,6 +174,17 @@ class Fault:
     #: For ``drain``: the figures of :func:`im_actors.cluster.restart_hub` (connections closed,
     #: window, first and last close, spread, drain and ready times in s).
     drain: dict[str, Any] | None = None
+    #: The target index chosen within its role (an actor kind, ``drain``), None when there was no choice.
+    index: int | None = None
+    #: The schedule's offset for it (s since :meth:`ChaosMonkey.start`); ``at_s`` is when it happened.
+    planned_at_s: float | None = None
+    #: How long the fault lasted (s), for the kinds that hold for ``outage_s`` (``mongodb-slow``, ``-cut``).
+    window_s: float | None = None
+    #: For the proxy kinds: ``delay_ms``, ``window_s`` and the proxy's counts during the window
+    #: (``delayed`` replies, ``cuts``, ``refused`` connections).
+    proxy: dict[str, Any] | None = None
+    #: Worst ack latency (ms) of the probes sent during ``window_s`` (proxy kinds only).
+    worst_ack_latency_ms: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for the report."""
@@ -145,6 +200,13 @@ class Fault:
         if self.drain is not None:
             out["drain"] = self.drain
             out["reconnect_spread_s"] = self.drain.get("spread_s")
+        if self.index is not None:
+            out["index"] = self.index
+        if self.planned_at_s is not None:
+            out["planned_at_s"] = round(self.planned_at_s, 3)
+        if self.proxy is not None:
+            out["proxy"] = self.proxy
+            out["worst_ack_latency_ms"] = self.worst_ack_latency_ms
         return out
 
 
@@ -179,8 +241,13 @@ class ChaosMonkey:
         rng: random.Random | None = None,
         cluster: Any = None,
         client_ping_s: float | None = 20.0,
+        mongo_proxy: TcpProxy | None = None,
+        slow_ms: float = 500.0,
     ) -> None:
         self.config = config
+        #: The proxy between the deployment and MongoDB (the proxy kinds), and their delay (ms).
+        self.mongo_proxy = mongo_proxy
+        self.slow_ms = slow_ms
         #: WebSocket ping interval of the probe clients (s; the client library's default): how soon a
         #: probe client notices a connection whose peer vanished without a close (a host cut off).
         self.client_ping_s = client_ping_s
@@ -253,23 +320,29 @@ class ChaosMonkey:
 
     # --- faults ------------------------------------------------------------------------------
 
-    async def run(self, schedule: list[tuple[float, str]]) -> None:
-        """Inject the faults of ``schedule`` (``[(at_s, kind)]``, times since :meth:`start`)."""
-        for at_s, kind in schedule:
+    async def run(self, schedule: Sequence[tuple[float, str] | tuple[float, str, int | None]]) -> None:
+        """Inject the faults of ``schedule`` one after another: ``[(at_s, kind)]`` or, replaying a
+        plan, ``[(at_s, kind, index)]`` (times since :meth:`start`; ``index`` the target within its
+        role, None to choose with ``rng``)."""
+        for at_s, kind, *rest in schedule:
             await asyncio.sleep(max(0.0, at_s - self.now()))
             if self._stopping:
                 return
-            await self.inject(kind)
+            await self.inject(kind, rest[0] if rest else None, planned_at_s=at_s)
 
-    async def inject(self, kind: str) -> Fault:
-        """Inject one fault of ``kind`` now; returns its record (recovery filled in by :meth:`finish`)."""
-        fault = Fault(kind, "", self.now(), at_ms=time.time() * 1000.0)
+    async def inject(self, kind: str, index: int | None = None, planned_at_s: float | None = None) -> Fault:
+        """Inject one fault of ``kind`` now, on target ``index`` of its role when given (actor
+        kinds, ``drain``; one out of range is chosen again); returns its record (recovery filled
+        in by :meth:`finish`)."""
+        fault = Fault(kind, "", self.now(), at_ms=time.time() * 1000.0, planned_at_s=planned_at_s)
         self.faults.append(fault)
         try:
             if kind in _ACTOR_KINDS:
-                fault.target = self._kill_actor(_ACTOR_KINDS[kind])
+                fault.target, fault.index = self._kill_actor(_ACTOR_KINDS[kind], index)
             elif kind == "drain":
-                await self._drain_hub(fault)
+                await self._drain_hub(fault, index)
+            elif kind in PROXY_KINDS:
+                await self._storage_fault(fault)
             elif kind == "mongodb":
                 fault.target = "mongodb"
                 mongo = self.services.mongo if self.services else None
@@ -312,7 +385,7 @@ class ChaosMonkey:
         log.warning("chaos: %s %s at %.1f s", kind, fault.target, fault.at_s)
         return fault
 
-    def _kill_actor(self, role: str) -> str:
+    def _kill_actor(self, role: str, index: int | None = None) -> tuple[str, int]:
         count = {
             "hub": self.config.hubs,
             "conv": self.config.conv_shards,
@@ -322,14 +395,41 @@ class ChaosMonkey:
         }[role]
         if count == 0:
             raise RuntimeError(f"the deployment has no {role} actors")
-        name = ids.actor_name(role, self.rng.randrange(count), self.config.actor_prefix)
+        chosen = pick_index(count, index, self.rng)
+        name = ids.actor_name(role, chosen, self.config.actor_prefix)
         ray.kill(ray.get_actor(name, namespace=ids.NAMESPACE), no_restart=False)
-        return name
+        return name, chosen
 
-    async def _drain_hub(self, fault: Fault) -> None:
-        """Drain and replace the hub with the most connections, ties at random
-        (:func:`im_actors.cluster.restart_hub`): a hub just replaced is empty, and draining it
-        again would show nothing. The fault cannot count as recovered before the hub is ready again."""
+    async def _storage_fault(self, fault: Fault) -> None:
+        """``mongodb-slow`` or ``mongodb-cut`` for ``outage_s`` through the proxy, then healed
+        (also when the run ends meanwhile: nothing after the workload goes through a broken proxy)."""
+        proxy = self.mongo_proxy
+        if proxy is None:
+            raise RuntimeError(f"{fault.kind} needs the MongoDB proxy (drivers/tcpproxy.py) in front of the server")
+        before = proxy.stats.as_dict()
+        fault.window_s = self.outage_s
+        if fault.kind == "mongodb-slow":
+            fault.target = f"mongodb replies +{self.slow_ms:g} ms"
+            proxy.slow(self.slow_ms)
+        else:
+            fault.target = "mongodb connections cut mid-reply"
+            proxy.cut()
+        try:
+            await asyncio.sleep(self.outage_s)
+        finally:
+            proxy.heal()
+            after = proxy.stats.as_dict()
+            fault.proxy = {
+                "delay_ms": self.slow_ms if fault.kind == "mongodb-slow" else 0.0,
+                "window_s": self.outage_s,
+                **{k: after[k] - before[k] for k in ("delayed", "cuts", "refused", "connections")},
+            }
+
+    async def _drain_hub(self, fault: Fault, index: int | None = None) -> None:
+        """Drain and replace the hub with the most connections, ties at random, or hub ``index``
+        when given (a replay) (:func:`im_actors.cluster.restart_hub`): a hub just replaced is empty,
+        and draining it again would show nothing. The fault cannot count as recovered before the
+        hub is ready again."""
         from im_actors.cluster import restart_hub
 
         loads: list[int] = []
@@ -341,7 +441,10 @@ class ChaosMonkey:
             except Exception:  # noqa: BLE001 - a hub that does not answer is not drained
                 loads.append(-1)
         most = max(loads)
-        index = self.rng.choice([i for i, n in enumerate(loads) if n == most])
+        busiest = [i for i, n in enumerate(loads) if n == most]
+        if index is None or not 0 <= index < self.config.hubs:
+            index = self.rng.choice(busiest)
+        fault.index = index
         fault.target = ids.actor_name("hub", index, self.config.actor_prefix)
         fault.floor_s = math.inf  # until the hub is back
         fault.drain = await asyncio.to_thread(restart_hub, self.config, index)
@@ -428,6 +531,8 @@ class ChaosMonkey:
         for fault in self.faults:
             fault.recovery_s = self._recovery(fault)
             fault.worst_latency_ms = self._worst_latency(fault)
+            if fault.window_s is not None:
+                fault.worst_ack_latency_ms = self._worst_ack_latency(fault)
         await asyncio.gather(*(c.close() for c in self._clients), return_exceptions=True)
         return [f.as_dict() for f in self.faults]
 
@@ -453,13 +558,35 @@ class ChaosMonkey:
         return None
 
     def _worst_latency(self, fault: Fault) -> float | None:
-        end = fault.at_s + (fault.recovery_s or 0.0) + self.probe_interval_s
+        end = fault.at_s + max(fault.recovery_s or 0.0, fault.window_s or 0.0) + self.probe_interval_s
         lat = [
             (done - p.sent) * 1000
             for p in self._probes.values()
             if fault.at_s - self.probe_interval_s <= p.sent <= end and (done := self._complete(p)) is not None
         ]
         return round(max(lat), 1) if lat else None
+
+    def _worst_ack_latency(self, fault: Fault) -> float | None:
+        """Worst ack latency (ms) of the probes sent within the fault's window; a probe sent then
+        and never acked counts as acked when the probing stopped (it waited at least that long)."""
+        end = fault.at_s + (fault.window_s or 0.0)
+        now = self.now()
+        lat = [
+            ((p.acked if p.acked is not None else now) - p.sent) * 1000
+            for p in self._probes.values()
+            if fault.at_s <= p.sent <= end
+        ]
+        return round(max(lat), 1) if lat else None
+
+
+def pick_index(count: int, index: int | None, rng: random.Random) -> int:
+    """The target index within a role of ``count`` actors: ``index`` when it is one (a replayed
+    plan), else drawn from ``rng``. Raises ValueError when ``count`` < 1."""
+    if count < 1:
+        raise ValueError("no target to choose from")
+    if index is not None and 0 <= index < count:
+        return index
+    return rng.randrange(count)
 
 
 def summarize(faults: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -477,4 +604,10 @@ def summarize(faults: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         spreads = [f["reconnect_spread_s"] for f in faults if f["kind"] == kind and "reconnect_spread_s" in f]
         if spreads:
             out[kind]["reconnect_spread_s"] = spreads
+        acks = [f["worst_ack_latency_ms"] for f in faults if f["kind"] == kind and f.get("worst_ack_latency_ms")]
+        if acks:
+            out[kind]["worst_ack_latency_ms"] = max(acks)
+        proxied = [f["proxy"] for f in faults if f["kind"] == kind and f.get("proxy")]
+        if proxied:
+            out[kind]["proxy"] = {k: sum(p[k] for p in proxied) for k in ("delayed", "cuts", "refused")}
     return out

@@ -55,15 +55,28 @@ def demo(
         str | None,
         typer.Option(
             help="inject faults during the run: all, or a comma list of hub, drain, conv, session, store, push, "
-            "mongodb, redis, redis-restart, rabbitmq, node; optionally :INTERVAL_S"
+            "mongodb, mongodb-slow, mongodb-cut, redis, redis-restart, rabbitmq, node; optionally :INTERVAL_S"
         ),
     ] = None,
     chaos_outage: Annotated[
         float,
         typer.Option(
-            help="how long a mongodb fault keeps the server down (s); redis-restart and rabbitmq restart at once"
+            help="how long a mongodb fault keeps the server down, and mongodb-slow / mongodb-cut last (s); "
+            "redis-restart and rabbitmq restart at once"
         ),
     ] = 10.0,
+    chaos_delay: Annotated[float, typer.Option(help="mongodb-slow: delay added to every MongoDB reply (ms)")] = 500.0,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="seed of the synthetic workload and of the chaos targets [default: drawn, in the report]"),
+    ] = None,
+    replay: Annotated[
+        Path | None,
+        typer.Option(
+            help="rerun a run: its seed, workload, deployment sizes and fault schedule from FILE (the report, "
+            "or the .replay.json a failed run wrote); those flags are taken from FILE"
+        ),
+    ] = None,
     nodes: Annotated[
         int,
         typer.Option(
@@ -104,6 +117,9 @@ def demo(
         chaos_outage_s=chaos_outage,
         nodes=nodes,
         storm=storm,
+        seed=seed,
+        chaos_delay_ms=chaos_delay,
+        replay=replay,
     )
     try:
         code = run_demo(opts, echo=typer.echo)

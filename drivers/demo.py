@@ -9,15 +9,23 @@ SIGTERM or Ctrl-C), judges the run (:func:`drivers.verdict.judge`), writes the J
 HTML one) and prints the summary. It returns the exit code: 0 passed, 1 failed; a problem found before
 anything started raises :class:`DemoError` with code 2 (usage, configuration) or 3 (a service).
 
+Every run has a seed (``seed``, drawn when not given) that seeds the synthetic workload and the
+chaos monkey's choices; the report's ``fault_plan`` holds it with the faults injected, and a failed
+run writes the plan beside the report too (:mod:`drivers.faultplan`); ``replay`` reruns one. The
+``mongodb-slow`` and ``mongodb-cut`` kinds put a :class:`~drivers.tcpproxy.TcpProxy` (on a thread of
+this process) between the deployment and MongoDB: the deployment's ``mongo_url`` points at it.
+
 Dependencies point one way: :mod:`drivers` imports :mod:`im_actors`, never the reverse.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
+import random
 import secrets
 import signal
 import sys
@@ -28,11 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.chaos import PRIVATE_SERVICE_KINDS, ChaosMonkey, ChaosSpec, summarize
+from drivers.chaos import PRIVATE_SERVICE_KINDS, PROXY_KINDS, ChaosMonkey, ChaosSpec, summarize
+from drivers.faultplan import REPLAYED_OPTIONS, FaultPlan, plan_path
 from drivers.replay import ReplayWorkload
 from drivers.run import run_workload, run_workload_async
 from drivers.storm import reconnect_storm
 from drivers.synthetic import SyntheticWorkload
+from drivers.tcpproxy import TcpProxy, mongo_upstream, proxied_mongo_url
 from drivers.verdict import Threshold, judge
 from drivers.workload import DEFAULTS, Workload
 from im_actors.config import Config, load_config
@@ -96,6 +106,12 @@ class DemoOptions:
     chaos_outage_s: float = 10.0
     nodes: int = 1
     storm: int = 0
+    #: Seeds the synthetic workload and the chaos monkey's choices; None: drawn (and reported).
+    seed: int | None = None
+    #: ``mongodb-slow``'s delay of every MongoDB reply (ms).
+    chaos_delay_ms: float = 500.0
+    #: A fault plan or a report to rerun (:mod:`drivers.faultplan`): its seed, workload and faults.
+    replay: Path | None = None
 
 
 def find_corpus() -> Path | None:
@@ -115,8 +131,12 @@ def chaos_spec(spec: str, cfg: Config, mongo_given: bool, echo: Echo = _echo) ->
         raise DemoError(f"--chaos: {exc}") from None
     given = {"mongodb": mongo_given, "redis-restart": bool(cfg.redis_url), "rabbitmq": bool(cfg.rabbitmq_url)}
     keys = {"mongodb": "mongo_url", "redis-restart": "redis_url", "rabbitmq": "rabbitmq_url"}
+    unproxied = _unproxiable(cfg.mongo_url)
     if spec.split(":")[0].strip() in ("", "all"):
         skip = {kind for kind, is_given in given.items() if is_given}
+        if unproxied:
+            echo(f"im-actors: --chaos all: {unproxied}; {' and '.join(PROXY_KINDS)} left out")
+            skip |= set(PROXY_KINDS)
         for kind, service in (("redis-restart", "redis"), ("rabbitmq", "rabbitmq")):
             if kind not in skip and not can_start_private(service):
                 echo(f"im-actors: --chaos all: no {service} server program to restart here; {kind} left out")
@@ -130,7 +150,29 @@ def chaos_spec(spec: str, cfg: Config, mongo_given: bool, echo: Echo = _echo) ->
                 f"--chaos {kind}: {keys[kind]} is given, and a server this run did not start is "
                 "never stopped; leave it unset so the run starts a private one"
             )
+        if kind in PROXY_KINDS and unproxied:
+            raise DemoError(f"--chaos {kind}: {unproxied}")
     return parsed
+
+
+def _unproxiable(mongo_url: str) -> str:
+    """Why the MongoDB proxy cannot stand in front of ``mongo_url`` ("" when it can: always for
+    the SecantusDB the run starts itself)."""
+    if not mongo_url:
+        return ""
+    try:
+        mongo_upstream(mongo_url)
+    except ValueError as exc:
+        return f"mongo_url cannot be proxied ({exc})"
+    return ""
+
+
+def _start_mongo_proxy(cfg: Config, seed: int) -> tuple[Config, TcpProxy]:
+    """A :class:`TcpProxy` in front of ``cfg.mongo_url`` on its own thread (the deployment's
+    actors connect to it while this process blocks in Ray calls), and the config pointing at it."""
+    proxy = TcpProxy(mongo_upstream(cfg.mongo_url), rng=random.Random(seed ^ 0x5EED))
+    port = proxy.start_thread()
+    return cfg.model_copy(update={"mongo_url": proxied_mongo_url(cfg.mongo_url, port)}), proxy
 
 
 def private_kinds(spec: ChaosSpec) -> set[str]:
@@ -149,16 +191,35 @@ async def _run_with_chaos(
     processes: int,
     progress: bool,
     cluster: Any = None,
+    *,
+    mongo_proxy: TcpProxy | None = None,
+    slow_ms: float = 500.0,
+    rng: random.Random | None = None,
+    schedule: list[tuple[float, str, int | None]] | None = None,
 ) -> dict[str, Any]:
-    """The workload with a :class:`drivers.chaos.ChaosMonkey` breaking things beside it."""
-    monkey = ChaosMonkey(cfg, router_url, spec, services, outage_s=outage_s, cluster=cluster)
+    """The workload with a :class:`drivers.chaos.ChaosMonkey` breaking things beside it, on
+    ``schedule`` when given (a replayed plan), else on ``spec``'s."""
+    monkey = ChaosMonkey(
+        cfg,
+        router_url,
+        spec,
+        services,
+        outage_s=outage_s,
+        cluster=cluster,
+        rng=rng,
+        mongo_proxy=mongo_proxy,
+        slow_ms=slow_ms,
+    )
     await monkey.start()
     run = asyncio.create_task(
         run_workload_async(router_url, workload, processes, progress, faults_in_progress=monkey.in_progress)
     )
     setup_s = 5.0  # the driver connects its clients and creates the groups first
-    schedule = spec.schedule(setup_s + 0.05 * duration, setup_s + 0.8 * duration)
-    faults_task = asyncio.create_task(monkey.run(schedule))
+    if schedule is None:
+        planned: list[Any] = spec.schedule(setup_s + 0.05 * duration, setup_s + 0.8 * duration)
+    else:
+        planned = list(schedule)
+    faults_task = asyncio.create_task(monkey.run(planned))
     try:
         result = await run
     finally:
@@ -209,6 +270,13 @@ def summary(report: dict[str, Any]) -> str:
         )
         if "reconnect_spread_s" in row:
             lines.append(f"  {'':19}reconnect spread s {row['reconnect_spread_s']}")
+        if "proxy" in row:
+            counts = "  ".join(f"{k} {v}" for k, v in row["proxy"].items())
+            lines.append(f"  {'':19}worst probe ack latency {row.get('worst_ack_latency_ms')} ms  proxy: {counts}")
+    plan = report.get("fault_plan")
+    if plan:
+        faults = ", ".join(f"{f['kind']}@{f['at_s']:g}s" for f in plan.get("faults", []))
+        lines.append(f"  seed {plan['seed']}" + (f"  faults {faults}" if faults else ""))
     return "\n".join(lines)
 
 
@@ -225,7 +293,11 @@ def _workload(opts: DemoOptions, notes: list[str], echo: Echo) -> Workload:
     is found in the default places (a note says where to get it). A given ``corpus`` that is missing
     is an error (:class:`DemoError`, exit 2)."""
     synthetic = SyntheticWorkload(
-        users=opts.users, rate=opts.rate, duration_s=opts.duration_s, group_size=opts.group_size
+        users=opts.users,
+        rate=opts.rate,
+        duration_s=opts.duration_s,
+        group_size=opts.group_size,
+        seed=opts.seed or 0,
     )
     if opts.synthetic:
         return synthetic
@@ -244,6 +316,21 @@ def _workload(opts: DemoOptions, notes: list[str], echo: Echo) -> Workload:
     return ReplayWorkload(path=str(path), messages=opts.messages, duration_s=opts.duration_s)
 
 
+def _replayed_options(opts: DemoOptions, workload: Workload | None, cfg: Config, nodes: int) -> dict[str, Any]:
+    """The options a replay takes from this run (:data:`drivers.faultplan.REPLAYED_OPTIONS`), as
+    they were in effect: the deployment's sizes from ``cfg`` (a replay gives them as flags, so the
+    configuration file may differ), the Ray nodes run, and the workload actually run: a corpus
+    replay names its corpus file, a run that fell back to the synthetic workload is synthetic."""
+    out = {k: getattr(opts, k) for k in REPLAYED_OPTIONS}
+    shards = cfg.conv_shards if cfg.conv_shards == cfg.session_shards else opts.shards
+    out.update(hubs=cfg.hubs, shards=shards, store_writers=cfg.store_writers, nodes=nodes)
+    if isinstance(workload, ReplayWorkload):
+        out.update(corpus=str(workload.path), synthetic=False)
+    elif isinstance(workload, SyntheticWorkload):
+        out.update(corpus=None, synthetic=True)
+    return out
+
+
 def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
     """Run the demo (see the module docstring); returns the exit code (0 passed, 1 failed).
 
@@ -257,6 +344,24 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
     from im_actors.services import describe_services, ensure_services, purge_deployment
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    replayed: FaultPlan | None = None
+    if opts.replay is not None:
+        try:
+            replayed = FaultPlan.read(opts.replay)
+        except (OSError, ValueError) as exc:
+            raise DemoError(f"--replay: {exc}") from None
+        opts = dataclasses.replace(
+            opts,
+            seed=replayed.seed,
+            chaos=replayed.chaos,
+            chaos_outage_s=replayed.outage_s,
+            chaos_delay_ms=replayed.slow_ms,
+            **dict(replayed.options),
+        )
+        echo(f"replaying {opts.replay}: seed {replayed.seed}, {len(replayed.faults)} fault(s), chaos {opts.chaos}")
+    if opts.seed is None:
+        opts = dataclasses.replace(opts, seed=secrets.randbits(32))
+    assert opts.seed is not None
     try:
         thresholds = [Threshold.parse(t) for t in opts.thresholds]
     except ValueError as exc:
@@ -301,6 +406,16 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
         notes.append(note)
     if spec is not None and cfg.push_workers == 0:  # push turned off for want of a broker
         spec = ChaosSpec(tuple(k for k in spec.kinds if k not in ("push", "rabbitmq")), spec.interval_s)
+    proxy: TcpProxy | None = None
+    if spec is not None and set(PROXY_KINDS) & set(spec.kinds):
+        try:
+            cfg, proxy = _start_mongo_proxy(cfg, opts.seed)
+        except (OSError, TimeoutError) as exc:
+            services.stop()
+            raise DemoError(f"the MongoDB proxy of {', '.join(PROXY_KINDS)} did not start: {exc}", 3) from None
+        except BaseException:
+            services.stop()
+            raise
     nodes = opts.nodes
     if spec is not None and "node" in spec.kinds and nodes < 3:
         nodes = 3  # one to lose, one to keep the router, one for the restarted actors
@@ -346,6 +461,10 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
                     opts.processes,
                     progress,
                     cluster,
+                    mongo_proxy=proxy,
+                    slow_ms=opts.chaos_delay_ms,
+                    rng=random.Random(opts.seed),
+                    schedule=replayed.schedule() if replayed is not None else None,
                 )
             )
         result["hubs"] = cfg.hubs
@@ -353,6 +472,8 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
         result["config"] = cfg.knobs()
         result["services"] = describe_services(cfg)
         result["deploy_and_run_s"] = round(time.monotonic() - started, 1)
+        if proxy is not None:
+            result["mongo_proxy"] = {"port": proxy.port, **proxy.stats.as_dict()}
         if notes:
             result["notes"] = notes
     finally:
@@ -368,9 +489,23 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
                 stopper = threading.Thread(target=cluster.shutdown, daemon=True)
                 stopper.start()
                 stopper.join(30)
+            if proxy is not None:
+                proxy.heal()
             purge_deployment(cfg, drop_mongo_db=own_mongo_db)
         finally:
+            if proxy is not None:
+                proxy.stop_thread()
             services.stop()
+    chaos_used = f"{','.join(spec.kinds)}{f':{spec.interval_s:g}' if spec.interval_s else ''}" if spec else None
+    plan = FaultPlan.from_faults(
+        opts.seed,
+        chaos_used,
+        result.get("faults", []),
+        opts.chaos_outage_s,
+        opts.chaos_delay_ms,
+        _replayed_options(opts, workload, cfg, nodes),
+    )
+    result["fault_plan"] = plan.as_dict()
     decision = judge(result, thresholds)
     result["verdict"] = decision.as_dict()
     opts.report.write_text(json.dumps(result, indent=2, default=str))
@@ -381,7 +516,9 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
     echo(summary(result))
     written = f"report: {opts.report}" + (f", {opts.html}" if opts.html is not None else "")
     if not decision.passed:
+        replay_file = plan.write(plan_path(opts.report))
         echo(f"FAILED: {'; '.join(decision.reasons())}  ({written})", err=True)
+        echo(f"seed and fault schedule: {replay_file} (rerun: im-actors demo --replay {replay_file})", err=True)
         return decision.exit_code
     held = f"; thresholds held: {', '.join(decision.thresholds)}" if decision.thresholds else ""
     echo(f"OK: every acked message reached every member device once, in order{held}  ({written})")

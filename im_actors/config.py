@@ -89,7 +89,12 @@ class Config(BaseSettings):
     mongo_write_concern: Literal["majority", "1"] = Field(
         "majority", description="write concern of history commits (w=0 is not offered: a commit must be acknowledged)"
     )
-    mongo_timeout_ms: int = Field(5000, ge=100, description="MongoDB server selection and socket timeout (ms)")
+    mongo_timeout_ms: int = Field(
+        5000,
+        ge=100,
+        description="bound of one MongoDB operation, retries, server selection and socket waits included (ms; "
+        "pymongo's timeoutMS); a commit makes at most three in a row",
+    )
     redis_prefix: str = Field("im:", description="prefix of every Redis key (the deployment prefix is added in front)")
     recent_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="how long Redis keeps a recent entry (s)")
 

@@ -16,6 +16,13 @@ stored, or its seq is taken), the rest not written. A timeout is ambiguous: it i
 reading back, never by guessing; only when even that fails is :class:`StorageUnavailable` raised, and then
 the caller must re-seed the conversation from storage before assigning seqs again.
 
+Time (issue 14, storage that answers slowly): every MongoDB operation ends, done or raising, within
+``mongo_timeout_ms`` (:func:`mongo_client`: pymongo's ``timeoutMS``, retries included), and a
+:meth:`Store.commit` makes at most three in a row (the insert; the read-back or the conflict read;
+the stored last seq), so a commit is settled or refused within 3 x ``mongo_timeout_ms`` (15 s by
+default) however slowly the server answers. A slow reply within the bound is a slow success; one
+past it is an ambiguous commit, settled as above.
+
 The one door to storage: every MongoDB collection (``messages``, ``groups``, ``contacts``,
 ``devices``, ``user_convs``, ``cursors``) is read and written here and nowhere else, and every
 MongoDB or Redis error is turned into :class:`~im_actors.errors.StorageUnavailable` in one place,
@@ -178,10 +185,21 @@ class CommitResult:
 
 
 def mongo_client(config: Config) -> AsyncMongoClient[dict[str, Any]]:
-    """An async MongoDB client with the configured timeouts and write concern."""
+    """An async MongoDB client with the configured timeouts and write concern.
+
+    ``timeoutMS`` (pymongo's client-side operation timeout) bounds each operation as a whole at
+    ``mongo_timeout_ms``: server selection, a connection's handshake, the driver's one retry of a
+    retryable write or read, and every batch of a cursor included. Without it a reply slower than
+    the socket timeout cost up to three of them (the attempt, the retry's server selection, the
+    retry), measured with ``drivers/tcpproxy.py`` in front of SecantusDB: 15 s at 5 s. Past the bound
+    the operation raises a PyMongoError (``NetworkTimeout``, ``ServerSelectionTimeoutError``,
+    ``ExecutionTimeout``), which :func:`storage_errors` and :meth:`Store.commit` turn into
+    ``unavailable`` or a read-back.
+    """
     w: int | str = "majority" if config.mongo_write_concern == "majority" else 1
     return AsyncMongoClient(
         config.mongo_url,
+        timeoutMS=config.mongo_timeout_ms,
         serverSelectionTimeoutMS=config.mongo_timeout_ms,
         socketTimeoutMS=config.mongo_timeout_ms,
         connectTimeoutMS=config.mongo_timeout_ms,
@@ -332,10 +350,24 @@ class Store:
             return CommitResult(index, "seq", None, await self._mongo_last(bad["conv"]))
 
     async def _read_back(self, entries: list[dict[str, Any]]) -> CommitResult:
+        """Settle an ambiguous commit: which prefix of ``entries`` is stored, and whether the entry
+        after it lost its seq to another one. One query for the whole batch (each conversation's
+        seq range, only the fields compared), so the read-back is one bounded operation however
+        big the batch; a seq found taken costs one more (the stored last seq)."""
+        ranges: dict[str, list[int]] = {}
+        for entry in entries:
+            lo_hi = ranges.setdefault(entry["conv"], [entry["seq"], entry["seq"]])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], entry["seq"]), max(lo_hi[1], entry["seq"])
+        clauses = [{"conv": c, "seq": {"$gte": lo, "$lte": hi}} for c, (lo, hi) in ranges.items()]
         with storage_errors("commit read-back"):
+            cursor = self.messages.find(
+                clauses[0] if len(clauses) == 1 else {"$or": clauses},
+                {"conv": 1, "seq": 1, "sender": 1, "cmid": 1},
+            )
+            stored = {(d["conv"], int(d["seq"])): d async for d in cursor}
             committed = 0
             for entry in entries:
-                doc = await self.messages.find_one({"conv": entry["conv"], "seq": entry["seq"]})
+                doc = stored.get((entry["conv"], entry["seq"]))
                 if doc is None:
                     break
                 if doc.get("sender") != entry["sender"] or doc.get("cmid") != entry["cmid"]:

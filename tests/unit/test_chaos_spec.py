@@ -61,3 +61,24 @@ def test_all_leaves_out_store_writer_kills_when_shards_commit_themselves() -> No
 
     spec = _chaos_spec("all", load_config(store_writers=0), mongo_given=False)
     assert "store" not in spec.kinds and "conv" in spec.kinds
+
+
+def test_the_storage_proxy_kinds_are_in_all_unless_the_mongo_url_cannot_be_proxied() -> None:
+    from drivers.chaos import PROXY_KINDS
+    from drivers.demo import DemoError
+    from drivers.demo import chaos_spec as _chaos_spec
+    from im_actors.config import load_config
+
+    own = load_config()
+    assert set(PROXY_KINDS) <= set(_chaos_spec("all", own, mongo_given=False).kinds)
+    # A given single-host server: the proxy stands in front of it, the server is never touched.
+    given = load_config(mongo_url="mongodb://db.example:27017/")
+    kinds = _chaos_spec("all", given, mongo_given=True).kinds
+    assert set(PROXY_KINDS) <= set(kinds) and "mongodb" not in kinds
+    notes: list[str] = []
+    srv = load_config(mongo_url="mongodb+srv://cluster.example/")
+    kinds = _chaos_spec("all", srv, mongo_given=True, echo=lambda text, err=False: notes.append(text)).kinds
+    assert not set(PROXY_KINDS) & set(kinds) and "cannot be proxied" in notes[0]
+    with pytest.raises(DemoError, match="cannot be proxied") as exc:
+        _chaos_spec("mongodb-cut", srv, mongo_given=True)
+    assert exc.value.exit_code == 2

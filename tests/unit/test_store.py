@@ -197,3 +197,56 @@ async def test_commit_is_retried_on_another_writer_only_when_the_writer_failed_n
     with pytest.raises(StorageUnavailable):
         await shard._commit_with_retry([dict(entry, seq=2, cmid="c2")])
     assert tries == ["storage"]  # every writer talks to the same storage: not tried again
+
+
+class Messages:
+    """A ``messages`` collection whose inserts fail ambiguously (a reply cut mid-way) and whose
+    reads answer from ``stored``; records every query."""
+
+    def __init__(self, stored: list[dict[str, Any]]) -> None:
+        self.stored = stored
+        self.queries: list[dict[str, Any]] = []
+
+    async def insert_many(self, docs: list[Any], ordered: bool = True) -> None:
+        raise AutoReconnect("connection closed")  # the write may or may not have been carried out
+
+    @staticmethod
+    def _match(doc: dict[str, Any], clause: dict[str, Any]) -> bool:
+        seq = clause.get("seq", {})
+        return doc["conv"] == clause["conv"] and seq.get("$gte", 0) <= doc["seq"] <= seq.get("$lte", 1 << 62)
+
+    def find(self, query: dict[str, Any], projection: Any = None) -> _Cursor:
+        self.queries.append(query)
+        clauses = query.get("$or", [query])
+        return _Cursor([d for d in self.stored if any(self._match(d, c) for c in clauses)])
+
+    async def find_one(self, query: dict[str, Any], **kwargs: Any) -> dict[str, Any] | None:
+        self.queries.append(query)
+        docs = [d for d in self.stored if d["conv"] == query["conv"]]
+        return max(docs, key=lambda d: d["seq"]) if docs else None
+
+
+def _entry(conv: str, seq: int, cmid: str) -> dict[str, Any]:
+    return {"conv": conv, "seq": seq, "sender": "u1", "cmid": cmid, "ts": 1, "kind": "text", "body": "x"}
+
+
+async def test_an_ambiguous_commit_is_read_back_in_one_query_whatever_the_batch_size() -> None:
+    store = make_store()
+    entries = [_entry("d:a:b", s, f"c{s}") for s in range(1, 4)] + [_entry("g:g1", s, f"g{s}") for s in (5, 6)]
+    # The cut insert went through for the first two entries only.
+    store.messages = msgs = Messages([dict(e) for e in entries[:2]])  # type: ignore[assignment]
+    result = await store.commit([])  # nothing to do, no query
+    assert result.committed == 0 and msgs.queries == []
+    result = await store._read_back(entries)
+    assert (result.committed, result.conflict) == (2, None)
+    assert len(msgs.queries) == 1 and len(msgs.queries[0]["$or"]) == 2  # one range per conversation
+    # Nothing stored: the ambiguous commit settles as nothing committed (the send answers unavailable).
+    store.messages = msgs = Messages([])  # type: ignore[assignment]
+    result = await store.commit(entries)
+    assert (result.committed, result.conflict) == (0, None) and len(msgs.queries) == 1
+    # The seq after the committed prefix is held by another entry: a seq conflict with the stored last.
+    other = {**entries[1], "cmid": "someone-else"}
+    store.messages = msgs = Messages([dict(entries[0]), other, _entry("d:a:b", 3, "x3")])  # type: ignore[assignment]
+    result = await store._read_back(entries)
+    assert (result.committed, result.conflict, result.last_seq) == (1, "seq", 3)
+    assert len(msgs.queries) == 2  # the read-back, then the stored last seq
