@@ -32,6 +32,7 @@ __all__ = [
     "Limits",
     "SERVER_LIMITS",
     "Request",
+    "REQUEST_TYPES",
     "encode",
     "decode",
     "parse_auth",
@@ -434,6 +435,11 @@ _VALIDATORS: dict[str, Callable[[dict[str, Any], Limits], dict[str, Any]]] = {
     "push.register": _push_register,
     "push.unregister": _none,
 }
+
+
+#: Every request type ``t`` a client may send (PROTOCOL.md section 4), in the validators' table order:
+#: the fuzzer (benchmarks/fuzz.py) draws from it, so a new request type is fuzzed as soon as it exists.
+REQUEST_TYPES: tuple[str, ...] = tuple(_VALIDATORS)
 
 
 def parse_request(frame: dict[str, Any], limits: Limits = Limits()) -> Request:
