@@ -437,7 +437,7 @@ class FrameMaker:
         if kind == "provider":
             return rng.choice(PROVIDERS)
         if kind == "token":
-            return rng.choice([f"tok-{rng.randrange(10**9)}", "https://push.invalid/hook", "a" * 200])
+            return rng.choice([f"tok-{rng.randrange(10**9)}", "webhook-token-not-a-url", "a" * 200])
         raise ValueError(kind)
 
     def bad(self, kind: str, sub: str) -> Any:
@@ -1628,13 +1628,14 @@ def _fuzz_process(
         out.put(("error", f"{exc!r}\n{traceback.format_exc()}"))
 
 
-def hub_record(config: Config) -> dict[str, Any]:
-    """The hub actor's Ray record (``state``, ``restarts``, ``pid``) and its stats (answers by code)."""
+def hub_record(config: Config, name: str | None = None) -> dict[str, Any]:
+    """The hub actor's Ray record (``state``, ``restarts``, ``pid``) and its stats (answers by code);
+    ``name`` defaults to the deployment's first hub."""
     import ray
 
     from im_actors import cluster, ids
 
-    name = ids.actor_name("hub", 0, config.actor_prefix)
+    name = name or ids.actor_name("hub", 0, config.actor_prefix)
     info = cluster._actor_table({name}).get(name, {})  # noqa: SLF001 - the restart count without the dashboard
     stats: dict[str, Any]
     try:
@@ -1643,6 +1644,33 @@ def hub_record(config: Config) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - a hub that does not answer is what we report
         stats = {"error": repr(exc)}
     return {"name": name, **info, "stats": stats}
+
+
+#: The knobs the report shows (the limits a fuzzer meets), all left at their defaults.
+_KNOBS = (
+    "hubs",
+    "push_workers",
+    "rate_send_per_s",
+    "rate_send_burst",
+    "rate_request_per_s",
+    "rate_request_burst",
+    "rate_refusals_max",
+    "max_connections_per_user",
+    "conn_rate_per_address_per_s",
+    "max_frame_bytes",
+    "max_body_bytes",
+    "max_frame_items",
+    "max_frame_depth",
+    "max_pending_requests",
+)
+
+
+def actor_restarts(config: Config) -> dict[str, int]:
+    """Ray's restart count of every actor of the deployment (a restart is a crash here)."""
+    from im_actors import cluster
+
+    table = cluster._actor_table(set(cluster._names(config)))  # noqa: SLF001 - without the dashboard
+    return {name: int(rec.get("restarts", 0)) for name, rec in sorted(table.items())}
 
 
 def _worker_errors(limit: int = 8) -> dict[str, Any]:
@@ -1694,7 +1722,13 @@ def main(argv: list[str] | None = None) -> int:
         deployment=f"fz{secrets.token_hex(3)}",
     )
     base, services = ensure_services(base)
-    report: dict[str, Any] = {"seed": args.seed, "frames_asked": args.frames, "connections": args.connections}
+    report: dict[str, Any] = {
+        "seed": args.seed,
+        "frames_asked": args.frames,
+        "connections": args.connections,
+        # Every limit stays the default: each fuzz connection is its own user (a new one after 4429).
+        "knobs": {k: getattr(base, k) for k in _KNOBS},
+    }
     try:
         init_local_ray(base)
         report["services"] = describe_services(base)
@@ -1710,6 +1744,7 @@ def main(argv: list[str] | None = None) -> int:
             report["hub_restarts"] = int(after.get("restarts", 0)) - int(before.get("restarts", 0))
             report["hub_pid_changed"] = after.get("pid") != before.get("pid")
             report["worker_errors"] = _worker_errors()
+            report["actor_restarts"] = actor_restarts(base)
         finally:
             teardown(base)
             purge_deployment(base)
@@ -1825,6 +1860,9 @@ def problems(report: dict[str, Any]) -> list[str]:
         out.append(f"hub answered internal {stats['answers']['internal']} times")
     if report.get("hub_restarts") or report.get("hub_pid_changed"):
         out.append("the hub restarted")
+    restarted = {name: n for name, n in (report.get("actor_restarts") or {}).items() if n}
+    if restarted:
+        out.append(f"actors restarted: {restarted}")
     chat = report.get("chat", {})
     for key in ("lost", "duplicates", "order_violations", "dup_acks"):
         if chat.get(key):
@@ -1844,6 +1882,7 @@ def _print(report: dict[str, Any]) -> None:
         f"frames      {report.get('frames', 0):,} in {report.get('elapsed_s')} s: {report.get('frames_per_s')} frames/s"
     )
     print(f"connections {fuzz.get('connections', 0):,} (rate-closed users {fuzz.get('rate_closed', 0)})")
+    print(f"knobs       {report.get('knobs')} (all defaults)")
     print(
         "answers     "
         + ", ".join(f"{k} {v:,}" for k, v in sorted(fuzz.get("answers", {}).items(), key=lambda kv: -kv[1]))
@@ -1870,6 +1909,7 @@ def _print(report: dict[str, Any]) -> None:
         f"hub         restarts {report.get('hub_restarts')}, pid changed {report.get('hub_pid_changed')}, "
         f"answers {stats.get('answers')}"
     )
+    print(f"actors      restarts {report.get('actor_restarts')}")
     chat = report.get("chat", {})
     print(
         f"chat        sent {chat.get('sent')} acked {chat.get('acked')} expected deliveries "
