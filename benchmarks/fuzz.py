@@ -48,6 +48,15 @@ URLs and device tokens that no worker should try). ``--seed`` fixes every fuzz c
 stream (what it sends is a function of the seed and the connection's index; only server-made ids,
 such as the groups it created, and where the hub's rate limits close it, differ between runs).
 
+Storage: with no ``mongo_url`` it runs on a private SecantusDB, with MongoDB retryable writes off
+(``retryWrites=false``; ``--retry-writes`` keeps them): SecantusDB 0.7.0b3 keeps up to 10,000
+retryable-write records and sorts all of them on every write once it holds that many, so after the
+first ten thousand writes the storage, not the hub, would set the pace of a long run. The store
+does not rely on them (an ambiguous commit is settled by reading back, DESIGN.md section 2).
+
+``--max-seconds``, SIGINT and SIGTERM stop the fuzzing early; the report then covers the frames sent
+(``stopped_early`` says why) and everything is torn down as usual.
+
     python benchmarks/fuzz.py --frames 1000000
     python benchmarks/fuzz.py --frames 20000 --connections 8 --seed 7 --json fuzz.json
 
@@ -67,6 +76,7 @@ import os
 import random
 import re
 import secrets
+import signal
 import struct
 import sys
 import time
@@ -928,21 +938,22 @@ def predict(item: Fuzzed, sub: str, limits: protocol.Limits, max_frame_bytes: in
     return Expect("answer", None, request.id, request.t)
 
 
-def _best_fit(queue: deque[_Pending], answer: dict[str, Any]) -> _Pending:
-    """Of the requests waiting on one id, the oldest whose prediction fits ``answer`` (its error
-    code, or success and the answer type), else the oldest."""
+def _fits(expect: Expect, answer: dict[str, Any]) -> bool:
+    """Could ``answer`` be the answer to a request predicted ``expect``? A request that validation
+    refuses gets exactly that code (validation comes before anything else); one that passes it gets
+    any error, or its own answer type."""
     code = answer.get("code") if answer.get("t") == "err" else None
-    for pending in queue:
-        e = pending.expect
-        if code is not None and e.code == code:
-            return pending
-        if code is None and e.code is None and e.t is not None:
-            if answer.get("t") == ANSWER_T.get(e.t, "ok"):
-                return pending
-    for pending in queue:
-        if code is not None and pending.expect.code is None:
-            return pending
-    return queue[0]
+    if expect.code is not None:
+        return code == expect.code
+    if code is not None:
+        return True  # refused past validation (forbidden, conflict, rate_limited, a shard's bad_request...)
+    return expect.t is None or answer.get("t") == ANSWER_T.get(expect.t, "ok")
+
+
+def _best_fit(queue: deque[_Pending], answer: dict[str, Any]) -> _Pending:
+    """Of the requests waiting on one id, the oldest whose prediction fits ``answer``
+    (:func:`_fits`), else the oldest."""
+    return next((p for p in queue if _fits(p.expect, answer)), queue[0])
 
 
 def _idkey(value: Any) -> tuple[str, Any]:
@@ -1096,8 +1107,10 @@ class FuzzConnection:
         foreign_groups: list[str],
         answer_timeout_s: float,
         progress: Any = None,
+        stop: Any = None,
     ) -> None:
         self.index = index
+        self.stop = stop  # an Event (threading or multiprocessing): set, the slot ends after its burst
         self.url = url
         self.config = config
         self.quota = frames
@@ -1128,6 +1141,10 @@ class FuzzConnection:
     def _user(self) -> str:
         return f"fz{self.run}-{self.index}" + (f"-{self.generation}" if self.generation else "")
 
+    def _more(self) -> bool:
+        """Frames left to send, and no stop asked."""
+        return self.sent < self.quota and not (self.stop is not None and self.stop.is_set())
+
     def _count_frame(self, n: int = 1) -> None:
         self.sent += n
         self.tally.frames += n
@@ -1139,7 +1156,7 @@ class FuzzConnection:
         """Send this slot's share of frames, reconnecting as needed."""
         failures = 0
         loop = asyncio.get_running_loop()
-        while self.sent < self.quota:
+        while self._more():
             sub = MP if self.rng.random() < 0.5 else JS
             began = loop.time()
             try:
@@ -1190,7 +1207,7 @@ class FuzzConnection:
         except TimeoutError:
             self.tally.closes["no ready in 20 s"] += 1
             return
-        while self.sent < self.quota:
+        while self._more():
             burst, expects = self._next(sub)
             del burst[self.quota - self.sent :], expects[self.quota - self.sent :]  # the share, exactly
             for n, expect in enumerate(expects):  # nothing after a frame that closes the connection
@@ -1293,9 +1310,10 @@ class FuzzConnection:
         pending: _Pending | None = None
         if queue:
             pending = _best_fit(queue, frame)
-            queue.remove(pending)
-        elif rid is None and self._silent:
-            pending = self._silent.popleft()
+        if rid is None and self._silent and (pending is None or not _fits(pending.expect, frame)):
+            pending = self._silent[0]  # a typing without id refused by its shard, answered late
+        if pending is not None:
+            (queue if queue and pending in queue else self._silent).remove(pending)
         ambiguous = pending is not None and pending.shared  # its checks need to know which request it answers
         code = frame.get("code") if t == "err" else None
         self.tally.answers[f"err:{code}" if t == "err" else str(t)] += 1
@@ -1380,11 +1398,13 @@ async def fuzz_hub(
     foreign_groups: list[str] | None = None,
     answer_timeout_s: float = 15.0,
     progress: Any = None,
+    stop: Any = None,
 ) -> Tally:
     """Send ``frames`` fuzz frames to the hub at ``url`` over ``connections`` connection slots (indexes
-    ``first_index`` ..); returns the :class:`Tally`. ``bystanders``, ``foreign_convs`` and
-    ``foreign_groups`` are the chatting users and their conversations and groups (the fuzzers try
-    them too). Raises nothing for what the hub does; only for a broken setup (no hub at ``url``)."""
+    ``first_index`` ..), fewer if ``stop`` (an Event) is set meanwhile; returns the :class:`Tally`.
+    ``bystanders``, ``foreign_convs`` and ``foreign_groups`` are the chatting users and their
+    conversations and groups (the fuzzers try them too). Raises nothing for what the hub does; only
+    for a broken setup (no hub at ``url``)."""
     total = total_connections or connections
     tally = Tally()
     peers = [f"fz{run}-{i}" for i in range(total)]
@@ -1404,6 +1424,7 @@ async def fuzz_hub(
             foreign_groups or [],
             answer_timeout_s,
             progress,
+            stop,
         )
         for i in range(connections)
     ]
@@ -1596,9 +1617,11 @@ def _fuzz_process(
     groups: list[str],
     answer_timeout_s: float,
     progress: Any,
+    stop: Any,
     out: Any,
 ) -> None:
     logging.basicConfig(level=logging.ERROR)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent asks this process to stop (``stop``)
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -1619,6 +1642,7 @@ def _fuzz_process(
                 foreign_groups=groups,
                 answer_timeout_s=answer_timeout_s,
                 progress=progress,
+                stop=stop,
             )
         )
         out.put(("tally", tally.to_dict()))
@@ -1702,6 +1726,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="fixes every fuzz connection's frame stream")
     ap.add_argument("--chat-rate", type=float, default=2.0, help="messages/s of each chatting member per conversation")
     ap.add_argument("--answer-timeout", type=float, default=15.0, help="how long a request waits for its answer (s)")
+    ap.add_argument("--max-seconds", type=float, default=0.0, help="stop fuzzing after this long (s; 0: never)")
+    ap.add_argument(
+        "--retry-writes",
+        action="store_true",
+        help="keep MongoDB retryable writes on the private SecantusDB (see the module docstring: off by default)",
+    )
     ap.add_argument("--json", type=Path, help="write the report here")
     args = ap.parse_args(argv)
 
@@ -1721,13 +1751,22 @@ def main(argv: list[str] | None = None) -> int:
         hubs=1,
         deployment=f"fz{secrets.token_hex(3)}",
     )
+    private_mongo = not base.mongo_url
     base, services = ensure_services(base)
+    if private_mongo and not args.retry_writes:
+        # SecantusDB 0.7.0b3 keeps up to 10,000 retryable-write records and, once it holds that many,
+        # sorts them all on every write (transactions.py, _prune_retryable_locked): after ~10k writes
+        # each write costs milliseconds and the storage, not the hub, sets the pace. The store does
+        # not need them (an ambiguous commit is settled by reading back, DESIGN.md section 2).
+        sep = "&" if "?" in base.mongo_url else "?"
+        base = base.model_copy(update={"mongo_url": f"{base.mongo_url}{sep}retryWrites=false"})
     report: dict[str, Any] = {
         "seed": args.seed,
         "frames_asked": args.frames,
         "connections": args.connections,
         # Every limit stays the default: each fuzz connection is its own user (a new one after 4429).
         "knobs": {k: getattr(base, k) for k in _KNOBS},
+        "mongo_retry_writes": not private_mongo or args.retry_writes,
     }
     try:
         init_local_ray(base)
@@ -1764,6 +1803,18 @@ async def _drive(args: Any, config: Config, router_url: str, hub_name: str, hub_
     chat.run()
     ctx = mp.get_context("spawn")
     progress = ctx.Value("q", 0)
+    stop = ctx.Event()
+    stopped: list[str] = []
+
+    def stop_early(why: str) -> None:
+        if not stop.is_set():
+            stopped.append(why)
+            print(f"# stopping: {why}; the report covers the frames sent so far", file=sys.stderr, flush=True)
+            stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_early, f"signal {sig.name}")
     out = ctx.Queue()
     n_proc = max(1, min(args.processes, args.connections))
     conns = [args.connections // n_proc + (1 if i < args.connections % n_proc else 0) for i in range(n_proc)]
@@ -1789,6 +1840,7 @@ async def _drive(args: Any, config: Config, router_url: str, hub_name: str, hub_
                     [chat.group],
                     args.answer_timeout,
                     progress,
+                    stop,
                     out,
                 ),
                 daemon=True,
@@ -1802,8 +1854,9 @@ async def _drive(args: Any, config: Config, router_url: str, hub_name: str, hub_
     errors: list[str] = []
     done = 0
     last_print = started
-    loop = asyncio.get_running_loop()
     while done < n_proc:
+        if args.max_seconds and time.perf_counter() - started > args.max_seconds:
+            stop_early(f"--max-seconds {args.max_seconds:g} reached")
         try:
             kind, payload = await loop.run_in_executor(None, out.get, True, 5.0)
         except Exception:  # noqa: BLE001 - queue.Empty: print progress, check the processes
@@ -1829,6 +1882,8 @@ async def _drive(args: Any, config: Config, router_url: str, hub_name: str, hub_
     elapsed = time.perf_counter() - started
     for p in procs:
         p.join(10)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
     chat_report = await chat.stop()
     replayed = await replay(
         hub_url,
@@ -1837,6 +1892,7 @@ async def _drive(args: Any, config: Config, router_url: str, hub_name: str, hub_
         run,
     )
     return {
+        "stopped_early": stopped[0] if stopped else None,
         "elapsed_s": round(elapsed, 1),
         "frames": tally.frames,
         "frames_per_s": round(tally.frames / elapsed, 1) if elapsed else 0.0,
@@ -1924,6 +1980,10 @@ def _print(report: dict[str, Any]) -> None:
         print(f"worker log ERROR lines: {report['worker_errors']['count']}")
         for line in report["worker_errors"]["lines"][:4]:
             print(f"  {line[:300]}")
+    if report.get("stopped_early"):
+        print(
+            f"STOPPED     early ({report['stopped_early']}): {report.get('frames', 0):,} of {report['frames_asked']:,}"
+        )
     found = problems(report)
     print("VERDICT     " + ("FAILED: " + "; ".join(found) if found else "passed: nothing found"))
 
