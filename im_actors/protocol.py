@@ -32,6 +32,7 @@ __all__ = [
     "Limits",
     "SERVER_LIMITS",
     "Request",
+    "REQUEST_TYPES",
     "encode",
     "decode",
     "parse_auth",
@@ -230,10 +231,16 @@ def answer_frame(request_id: int | None, answer: dict[str, Any]) -> dict[str, An
 # --- validation --------------------------------------------------------------------------------
 
 
+def _is_int(value: object) -> bool:
+    """An integer of the protocol: a Python ``int`` that is not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _req_id(frame: dict[str, Any]) -> int:
     rid = frame.get("id")
-    if not isinstance(rid, int) or isinstance(rid, bool):
+    if not _is_int(rid):
         raise BadRequest("id must be an integer")
+    assert isinstance(rid, int)
     return rid
 
 
@@ -381,7 +388,7 @@ _GROUP_ROLES = ("owner", "admin", "member")
 
 def _group_role(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:
     role = frame.get("role")
-    if role not in _GROUP_ROLES:
+    if not isinstance(role, str) or role not in _GROUP_ROLES:
         raise BadRequest(f"role must be one of {list(_GROUP_ROLES)}")
     return {"group": _group(frame), "user": ids.check_id(frame.get("user"), "user"), "role": role}
 
@@ -392,7 +399,7 @@ def _group_rename(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:
 
 def _push_register(frame: dict[str, Any], limits: Limits) -> dict[str, Any]:
     provider = frame.get("provider")
-    if provider not in _PUSH_PROVIDERS:
+    if not isinstance(provider, str) or provider not in _PUSH_PROVIDERS:  # a map or list is unhashable
         raise BadRequest(f"provider must be one of {sorted(_PUSH_PROVIDERS)}")
     return {"provider": provider, "token": _str(frame, "token", 4096)}
 
@@ -436,6 +443,11 @@ _VALIDATORS: dict[str, Callable[[dict[str, Any], Limits], dict[str, Any]]] = {
 }
 
 
+#: Every request type ``t`` a client may send (PROTOCOL.md section 4), in the validators' table order:
+#: the fuzzer (benchmarks/fuzz.py) draws from it, so a new request type is fuzzed as soon as it exists.
+REQUEST_TYPES: tuple[str, ...] = tuple(_VALIDATORS)
+
+
 def parse_request(frame: dict[str, Any], limits: Limits = Limits()) -> Request:
     """Validate a decoded request frame (PROTOCOL.md section 4).
 
@@ -446,8 +458,8 @@ def parse_request(frame: dict[str, Any], limits: Limits = Limits()) -> Request:
     t = frame.get("t")
     rid: int | None = None
     try:
-        if t == "typing":
-            rid = frame.get("id") if isinstance(frame.get("id"), int) else None
+        if t == "typing":  # its id is optional: anything but an integer is no id (true is not 1)
+            rid = frame.get("id") if _is_int(frame.get("id")) else None
         else:
             rid = _req_id(frame)
         validator = _VALIDATORS.get(t) if isinstance(t, str) else None

@@ -187,6 +187,13 @@ async def test_undecodable_or_oversized_structure_is_closed_4400(make_kit: Any, 
         {"t": "nope", "id": 1},
         {"t": "auth", "id": 1, "token": "x", "device": "d", "proto": 1},  # no second auth
         {"t": "send", "id": 1, "conv": "d:alice:bob", "cmid": "c", "body": "x", "meta": {"$where": 1}},
+        # Found by benchmarks/fuzz.py: a provider that is a map or a list was answered internal (a
+        # TypeError in validation); ids with a trailing newline passed the id check.
+        {"t": "push.register", "id": 1, "provider": {"a": 1}, "token": "t"},
+        {"t": "push.register", "id": 1, "provider": [], "token": "t"},
+        {"t": "contact.request", "id": 1, "user": "bob\n"},
+        {"t": "presence.get", "id": 1, "users": ["bob", "carol\n"]},
+        {"t": "read", "id": 1, "conv": "d:alice\n:bob", "seq": 1},
     ],
 )
 async def test_wrong_types_and_missing_fields_answer_bad_request_and_keep_the_connection(
@@ -259,6 +266,7 @@ async def test_malformed_auth_frame_is_closed_4400(make_kit: Any) -> None:
         {"t": "auth", "token": kit.token("alice"), "device": "d1", "proto": 2},
         {"t": "auth", "token": 5, "device": "d1", "proto": 1},
         {"t": "auth", "token": kit.token("alice"), "device": "bad device", "proto": 1},
+        {"t": "auth", "token": kit.token("alice"), "device": "d1\n", "proto": 1},  # found by benchmarks/fuzz.py
     ):
         ws = await raw(kit)
         await ws.send(encode(frame, MP))

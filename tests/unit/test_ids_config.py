@@ -25,6 +25,17 @@ def test_bad_conversation_ids(conv: object) -> None:
         ids.conv_kind(conv)
 
 
+@pytest.mark.parametrize("value", ["alice\n", "alice\r\n", "\nalice", "a\n" * 2])
+def test_an_id_with_a_newline_is_not_an_id(value: str) -> None:
+    # Found by benchmarks/fuzz.py: "$" also matches before a final newline, so "alice\n" passed.
+    assert not ids.valid_id(value)
+    with pytest.raises(BadRequest):
+        ids.check_id(value, "user")
+    for conv in (f"d:{value}:zz", f"d:a:{value}", f"g:{value}"):
+        with pytest.raises(BadRequest):
+            ids.conv_kind(conv)
+
+
 def test_actor_names_round_trip() -> None:
     name = ids.actor_name("conv", 3, "t1-")
     assert name == "t1-im-conv-3"

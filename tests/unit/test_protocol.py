@@ -91,6 +91,24 @@ def test_bad_fields_answer_bad_request_with_the_id(frame: dict[str, object]) -> 
     assert info.value.frame(1)["code"] == "bad_request"
 
 
+@pytest.mark.parametrize("provider", [{}, {"a": 1}, [], ["log"], [[1]], b"log"])
+def test_a_push_provider_of_another_type_is_bad_request(provider: object) -> None:
+    # Found by benchmarks/fuzz.py: a map or list raised TypeError (unhashable) inside validation,
+    # which the hub answered internal without the request id.
+    with pytest.raises(BadRequest) as info:
+        protocol.parse_request({"t": "push.register", "id": 7, "provider": provider, "token": "t"})
+    assert info.value.request_id == 7
+
+
+def test_a_typing_id_that_is_not_an_integer_is_no_id() -> None:
+    # Found by benchmarks/fuzz.py: true passed as an id (bool is an int in Python) and was echoed.
+    for rid in (True, False, 1.0, "1"):
+        assert protocol.parse_request({"t": "typing", "id": rid, "conv": "d:a:b"}).id is None
+    with pytest.raises(BadRequest) as info:
+        protocol.parse_request({"t": "typing", "id": True, "conv": "nope"})
+    assert info.value.request_id is None
+
+
 def test_missing_id_is_bad_request_without_id() -> None:
     with pytest.raises(BadRequest) as info:
         protocol.parse_request({"t": "convs"})

@@ -31,6 +31,7 @@ PUBLIC: dict[str, list[str]] = {
         "Limits",
         "SERVER_LIMITS",
         "Request",
+        "REQUEST_TYPES",
         "encode",
         "decode",
         "parse_auth",
