@@ -30,6 +30,7 @@ from typing import Any
 
 from drivers.chaos import PRIVATE_SERVICE_KINDS, ChaosMonkey, ChaosSpec, summarize
 from drivers.replay import ReplayWorkload
+from drivers.resources import ResourceSampler, summary_lines
 from drivers.run import run_workload, run_workload_async
 from drivers.storm import reconnect_storm
 from drivers.synthetic import SyntheticWorkload
@@ -96,6 +97,10 @@ class DemoOptions:
     chaos_outage_s: float = 10.0
     nodes: int = 1
     storm: int = 0
+    #: drivers.resources: sample every role's processes this often (s; 0: off) and count leaks
+    #: after this settle time (s) once the clients closed.
+    sample_every_s: float = 10.0
+    leak_settle_s: float = 5.0
 
 
 def find_corpus() -> Path | None:
@@ -209,6 +214,7 @@ def summary(report: dict[str, Any]) -> str:
         )
         if "reconnect_spread_s" in row:
             lines.append(f"  {'':19}reconnect spread s {row['reconnect_spread_s']}")
+    lines += summary_lines(report)
     return "\n".join(lines)
 
 
@@ -307,6 +313,7 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
     started = time.monotonic()
     result: dict[str, Any] = {}
     cluster: Any = None
+    sampler: ResourceSampler | None = None
     try:
         echo(f"starting a local Ray cluster of {nodes} node(s) and deploying {cfg.hubs} hubs ...")
         if nodes > 1:
@@ -316,6 +323,9 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
         _sigterm_to_exit()  # ray.init installs its own SIGTERM handler, which skips our clean-up
         dep = deploy(cfg)
         echo(f"router {dep.router_url}; hubs {', '.join(dep.hub_urls.values())}")
+        if opts.sample_every_s > 0:
+            sampler = ResourceSampler(cfg, services, every_s=opts.sample_every_s, settle_s=opts.leak_settle_s)
+            sampler.start()
         if opts.storm:
             result = asyncio.run(
                 reconnect_storm(
@@ -348,6 +358,8 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
                     cluster,
                 )
             )
+        if sampler is not None:
+            result.update(sampler.finish())
         result["hubs"] = cfg.hubs
         result["ray_nodes"] = nodes
         result["config"] = cfg.knobs()
@@ -356,6 +368,8 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
         if notes:
             result["notes"] = notes
     finally:
+        if sampler is not None:
+            sampler.stop()
         try:
             # The demo owns this Ray cluster: shutting it down ends every actor. Bounded, because
             # a signal sent to the whole process group (timeout, Ctrl-C in some shells) may have
