@@ -90,8 +90,9 @@ def _cdf(encoded: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def _fault_spans(ax: Axes, report: Mapping[str, Any], start_ms: float, end_s: float) -> None:
-    """Shade each fault from injection to recovery (to the end, red, when none was seen)."""
+def _fault_spans(ax: Axes, report: Mapping[str, Any], start_ms: float, end_s: float, labels: bool = True) -> None:
+    """Shade each fault from injection to recovery (to the end, red, when none was seen); ``labels``:
+    write its kind and recovery time beside it."""
     for fault in report.get("faults") or []:
         at_ms = fault.get("at_ms")
         if at_ms is None:
@@ -101,6 +102,8 @@ def _fault_spans(ax: Axes, report: Mapping[str, Any], start_ms: float, end_s: fl
         until = at_s + float(rec) if rec is not None else max(end_s, at_s + 1.0)
         color = "tab:orange" if rec is not None and not fault.get("error") else "tab:red"
         ax.axvspan(at_s, max(until, at_s + 0.1), color=color, alpha=0.25, label="_fault")
+        if not labels:
+            continue
         text = f"{fault.get('kind')} {rec:.1f} s" if rec is not None else f"{fault.get('kind')} no recovery"
         ax.annotate(
             text, (at_s, 0.02), xycoords=("data", "axes fraction"), rotation=90, va="bottom", ha="right", fontsize=7
@@ -207,7 +210,7 @@ def _memory_figure(report: Mapping[str, Any], resources: Mapping[str, Any]) -> F
                 (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=_short(name))
                 for t in series.get("restarts_at_s") or []:
                     ax.axvline(t, color=line.get_color(), linestyle=":", linewidth=1)
-        _fault_spans(ax, report, start_ms, end_s)
+        _fault_spans(ax, report, start_ms, end_s, labels=False)  # small axes: the throughput figure names them
         ax.axvspan(0, float(resources.get("warmup_s") or 0.0), color="0.85", alpha=0.5, label="_warm-up")
         slope = (resources["roles"][role] or {}).get("mem_slope_mb_per_min")
         ax.set_title(f"{role}: {'-' if slope is None else f'{slope:+.2f}'} MB/min", fontsize=9)

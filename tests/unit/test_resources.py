@@ -250,3 +250,24 @@ async def test_vitals_counts_the_tasks_on_the_loop_by_coroutine() -> None:
     names = out["tasks_by_coro"]
     assert names[f"{test_vitals_counts_the_tasks_on_the_loop_by_coroutine.__name__}.<locals>.idle"] == 3
     assert out["tasks"] >= 4 and out["threads"] >= 1 and out["pid"] > 0
+
+
+def test_a_killed_process_not_reaped_yet_is_not_sampled() -> None:
+    import subprocess
+    import time
+
+    import psutil
+
+    from drivers.resources import _process_figures
+
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE
+        assert _process_figures([child.pid], {}) is None
+        mine = _process_figures([psutil.Process().pid, child.pid], {})
+        assert mine is not None and mine["rss_bytes"] > 0 and mine["fds"] > 0
+    finally:
+        child.wait()
