@@ -33,7 +33,8 @@ def demo(
         list[str] | None,
         typer.Option(
             help="fail the run (exit 1) unless METRIC OP NUMBER holds, e.g. 'delivery_p99_ms<50' (repeatable); "
-            "metrics: ack_/delivery_ p50/p95/p99/max _ms, lost, duplicates, order_violations, throughput"
+            "metrics: ack_/delivery_ p50/p95/p99/max _ms, lost, duplicates, order_violations, throughput, "
+            "mem_slope_mb_per_min, leaked_fds, leaked_tasks, leaked_connections"
         ),
     ] = None,
     synthetic: Annotated[bool, typer.Option(help="synthetic workload instead of the corpus")] = False,
@@ -91,6 +92,17 @@ def demo(
             "holding most of them is killed once all are connected; reports the time until all are back"
         ),
     ] = 0,
+    sample_every: Annotated[
+        float,
+        typer.Option(
+            help="sample every role's memory, file descriptors, sockets and asyncio tasks this often (s; 0: off); "
+            "the report gains resources and leaks (thresholds mem_slope_mb_per_min, leaked_fds, leaked_tasks, "
+            "leaked_connections)"
+        ),
+    ] = 10.0,
+    leak_settle: Annotated[
+        float, typer.Option(help="wait this long after the clients closed before counting what was left open (s)")
+    ] = 5.0,
 ) -> None:
     """Run a local cluster, carry real chat traffic through it, verify every delivery, write a report."""
     opts = DemoOptions(
@@ -120,6 +132,8 @@ def demo(
         seed=seed,
         chaos_delay_ms=chaos_delay,
         replay=replay,
+        sample_every_s=sample_every,
+        leak_settle_s=leak_settle,
     )
     try:
         code = run_demo(opts, echo=typer.echo)

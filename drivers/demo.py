@@ -39,6 +39,7 @@ from typing import Any
 from drivers.chaos import PRIVATE_SERVICE_KINDS, PROXY_KINDS, ChaosMonkey, ChaosSpec, summarize
 from drivers.faultplan import REPLAYED_OPTIONS, FaultPlan, plan_path
 from drivers.replay import ReplayWorkload
+from drivers.resources import ResourceSampler, summary_lines
 from drivers.run import run_workload, run_workload_async
 from drivers.storm import reconnect_storm
 from drivers.synthetic import SyntheticWorkload
@@ -112,6 +113,10 @@ class DemoOptions:
     chaos_delay_ms: float = 500.0
     #: A fault plan or a report to rerun (:mod:`drivers.faultplan`): its seed, workload and faults.
     replay: Path | None = None
+    #: drivers.resources: sample every role's processes this often (s; 0: off) and count leaks
+    #: after this settle time (s) once the clients closed.
+    sample_every_s: float = 10.0
+    leak_settle_s: float = 5.0
 
 
 def find_corpus() -> Path | None:
@@ -277,6 +282,7 @@ def summary(report: dict[str, Any]) -> str:
     if plan:
         faults = ", ".join(f"{f['kind']}@{f['at_s']:g}s" for f in plan.get("faults", []))
         lines.append(f"  seed {plan['seed']}" + (f"  faults {faults}" if faults else ""))
+    lines += summary_lines(report)
     return "\n".join(lines)
 
 
@@ -422,6 +428,7 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
     started = time.monotonic()
     result: dict[str, Any] = {}
     cluster: Any = None
+    sampler: ResourceSampler | None = None
     try:
         echo(f"starting a local Ray cluster of {nodes} node(s) and deploying {cfg.hubs} hubs ...")
         if nodes > 1:
@@ -431,6 +438,9 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
         _sigterm_to_exit()  # ray.init installs its own SIGTERM handler, which skips our clean-up
         dep = deploy(cfg)
         echo(f"router {dep.router_url}; hubs {', '.join(dep.hub_urls.values())}")
+        if opts.sample_every_s > 0:
+            sampler = ResourceSampler(cfg, services, every_s=opts.sample_every_s, settle_s=opts.leak_settle_s)
+            sampler.start()
         if opts.storm:
             result = asyncio.run(
                 reconnect_storm(
@@ -467,6 +477,8 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
                     schedule=replayed.schedule() if replayed is not None else None,
                 )
             )
+        if sampler is not None:
+            result.update(sampler.finish())
         result["hubs"] = cfg.hubs
         result["ray_nodes"] = nodes
         result["config"] = cfg.knobs()
@@ -477,6 +489,8 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
         if notes:
             result["notes"] = notes
     finally:
+        if sampler is not None:
+            sampler.stop()
         try:
             # The demo owns this Ray cluster: shutting it down ends every actor. Bounded, because
             # a signal sent to the whole process group (timeout, Ctrl-C in some shells) may have

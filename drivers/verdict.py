@@ -11,12 +11,16 @@ Thresholds are written as in k6 (``http_req_duration: ['p(95)<200']``), one metr
 one number: ``delivery_p99_ms<50``, ``lost==0``, ``throughput>=150``. The metrics (:data:`METRICS`):
 ``ack_p50_ms``, ``ack_p95_ms``, ``ack_p99_ms``, ``ack_max_ms`` and the same for ``delivery_``
 (milliseconds, from the report's ``ack_latency_ms`` / ``delivery_latency_ms``), ``lost``,
-``duplicates``, ``order_violations`` (counts) and ``throughput`` (acked msgs/s,
-``throughput_msgs_per_s``). The comparisons: ``<``, ``<=``, ``>``, ``>=``, ``==``, ``!=``.
+``duplicates``, ``order_violations`` (counts), ``throughput`` (acked msgs/s,
+``throughput_msgs_per_s``) and, from a run that sampled its resources (:mod:`drivers.resources`),
+``mem_slope_mb_per_min`` (the steepest role's RSS slope, MB per minute per process), ``leaked_fds``,
+``leaked_tasks`` and ``leaked_connections`` (what the actors held after the run beyond the allowance;
+NaN, so broken, when the run did not sample). The comparisons: ``<``, ``<=``, ``>``, ``>=``, ``==``, ``!=``.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -34,6 +38,19 @@ def _count(key: str) -> Callable[[Mapping[str, Any]], float]:
     return lambda report: float(report.get(key) or 0)
 
 
+def _nested(section: str, *keys: str) -> Callable[[Mapping[str, Any]], float]:
+    """``report[section][keys...]``; NaN when the run has no such figure (no resource sampling), so
+    that a threshold on it is broken rather than held by a zero nobody measured."""
+
+    def read(report: Mapping[str, Any]) -> float:
+        value: Any = report.get(section)
+        for key in keys:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        return math.nan if value is None else float(value)
+
+    return read
+
+
 #: Threshold metric -> how to read it from a report.
 METRICS: dict[str, Callable[[Mapping[str, Any]], float]] = {
     **{
@@ -45,6 +62,12 @@ METRICS: dict[str, Callable[[Mapping[str, Any]], float]] = {
     "duplicates": _count("duplicates"),
     "order_violations": _count("order_violations"),
     "throughput": _count("throughput_msgs_per_s"),
+    # drivers.resources: the steepest role's memory slope (MB/min per process) and what the actors
+    # held after the run beyond the allowance (see that module for the rule).
+    "mem_slope_mb_per_min": _nested("resources", "mem_slope_mb_per_min"),
+    "leaked_fds": _nested("leaks", "leaked", "fds"),
+    "leaked_tasks": _nested("leaks", "leaked", "tasks"),
+    "leaked_connections": _nested("leaks", "leaked", "connections"),
 }
 
 _OPS: dict[str, Callable[[float, float], bool]] = {

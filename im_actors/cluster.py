@@ -49,6 +49,7 @@ __all__ = [
     "init_local_cluster",
     "add_local_node",
     "actor_nodes",
+    "actor_records",
     "metrics_endpoints",
     "role_cpus",
     "bundle_cpus",
@@ -587,6 +588,14 @@ def _actor_table(names: set[str]) -> dict[str, dict[str, Any]]:
     for entry in out.values():
         entry.pop("_start")
     return out
+
+
+def actor_records(config: Config) -> dict[str, dict[str, Any]]:
+    """``{actor name: {"state", "restarts", "node", "pid"}}`` of every actor the deployment of ``config``
+    names, from Ray's GCS in one read (no dashboard, no call to the actors): the alive record of each
+    name, else its newest; an actor never created is left out. ``restarts`` counts Ray's restarts of
+    that name (a kill, a crash, a lost node), ``pid`` is its worker process on node ``node``."""
+    return _actor_table(set(_names(config)))
 
 
 def status(config: Config) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from im_actors.protocol import body_size
 from im_actors.refs import Peers, ask_hubs_to_reannounce
 from im_actors.routes import Routes
 from im_actors.store import CommitResult, Store
+from im_actors.vitals import Vitals
 from im_actors.wire import Answer, SendItem, ack_answer, err_answer, stamp
 
 __all__ = [  # SendItem and stamp live in im_actors.wire; named here for older imports
@@ -977,7 +978,7 @@ class ConversationShard:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
-class ConversationShardActor:
+class ConversationShardActor(Vitals):
     """Ray shell of :class:`ConversationShard`."""
 
     async def __init__(self, config: Config, index: int = 0) -> None:  # type: ignore[misc]  # Ray awaits it

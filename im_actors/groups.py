@@ -41,6 +41,7 @@ from im_actors.errors import BadRequest, Forbidden, StorageUnavailable
 from im_actors.membership import ROLES, Membership
 from im_actors.refs import Peers, answers_internal
 from im_actors.store import Store
+from im_actors.vitals import Vitals
 
 __all__ = ["GroupShard", "GroupShardActor", "NOT_A_GROUP_MEMBER"]
 
@@ -253,7 +254,7 @@ class GroupShard:
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 @answers_internal
-class GroupShardActor:
+class GroupShardActor(Vitals):
     """Ray shell of :class:`GroupShard` and of the :class:`ContactBook` it hosts."""
 
     async def __init__(self, config: Config, index: int) -> None:  # type: ignore[misc]  # Ray awaits it

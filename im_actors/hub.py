@@ -66,6 +66,7 @@ from im_actors.errors import (
 from im_actors.limits import AddressRates, RefusalWindow, UserRates
 from im_actors.refs import Peers
 from im_actors.tls import server_context
+from im_actors.vitals import Vitals
 from im_actors.wire import SendItem, err_answer, stamp
 
 __all__ = ["Connection", "Hub", "HubActor", "WS_PATH", "READY_PATH"]
@@ -724,7 +725,7 @@ def _address_key(conn: ServerConnection) -> str:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
-class HubActor:
+class HubActor(Vitals):
     """Ray shell of :class:`Hub`: starts the WebSocket server and registers with the router."""
 
     async def __init__(self, config: Config, index: int) -> None:  # type: ignore[misc]  # Ray awaits it

@@ -11,7 +11,11 @@ Input is the report that ``im-actors demo`` and ``python -m drivers.run`` write 
 
 Three figures (:data:`FIGURES`): ``latency_cdf`` (one axes, log-scale latency axis), ``throughput``
 (msgs/s per second) and ``p99`` (ms per second, log scale); the last two mark every fault as a span
-from its injection to its recovery, labelled with the kind and the recovery time. :func:`write_png`
+from its injection to its recovery, labelled with the kind and the recovery time. A report with a
+``resources`` section (``drivers.resources``: per actor ``t_s``, ``rss_bytes``, ``restarts_at_s``,
+per role ``mem_slope_mb_per_min``) adds ``memory`` (:data:`RESOURCE_FIGURES`): one axes per role,
+each process's RSS over time, its restarts dotted, the faults as spans; the page then also shows
+the ``resources`` and ``leaks`` tables. :func:`write_png`
 writes them as PNG files, :func:`write_html` one self-contained HTML page (the PNGs embedded as
 ``data:`` URIs, no script, no network: it opens offline). matplotlib runs with its Agg backend (no
 display needed). No Ray, no services: this module reads a dict.
@@ -36,7 +40,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
-__all__ = ["FIGURES", "load_report", "figures", "write_png", "write_html", "render_html"]
+__all__ = ["FIGURES", "RESOURCE_FIGURES", "load_report", "figures", "write_png", "write_html", "render_html"]
 
 #: The figures, in page order: name -> title.
 FIGURES = {
@@ -44,6 +48,9 @@ FIGURES = {
     "throughput": "Throughput per second",
     "p99": "p99 latency per second",
 }
+
+#: Drawn when the report has a ``resources`` section: name -> title.
+RESOURCE_FIGURES = {"memory": "Memory (RSS) per role over time"}
 
 _SUMMARY_KEYS = (
     ("sent", "sent"),
@@ -83,8 +90,9 @@ def _cdf(encoded: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def _fault_spans(ax: Axes, report: Mapping[str, Any], start_ms: float, end_s: float) -> None:
-    """Shade each fault from injection to recovery (to the end, red, when none was seen)."""
+def _fault_spans(ax: Axes, report: Mapping[str, Any], start_ms: float, end_s: float, labels: bool = True) -> None:
+    """Shade each fault from injection to recovery (to the end, red, when none was seen); ``labels``:
+    write its kind and recovery time beside it."""
     for fault in report.get("faults") or []:
         at_ms = fault.get("at_ms")
         if at_ms is None:
@@ -94,6 +102,8 @@ def _fault_spans(ax: Axes, report: Mapping[str, Any], start_ms: float, end_s: fl
         until = at_s + float(rec) if rec is not None else max(end_s, at_s + 1.0)
         color = "tab:orange" if rec is not None and not fault.get("error") else "tab:red"
         ax.axvspan(at_s, max(until, at_s + 0.1), color=color, alpha=0.25, label="_fault")
+        if not labels:
+            continue
         text = f"{fault.get('kind')} {rec:.1f} s" if rec is not None else f"{fault.get('kind')} no recovery"
         ax.annotate(
             text, (at_s, 0.02), xycoords=("data", "axes fraction"), rotation=90, va="bottom", ha="right", fontsize=7
@@ -168,7 +178,48 @@ def figures(report: Mapping[str, Any]) -> dict[str, Figure]:
     ax.set_title(FIGURES["p99"])
     ax.grid(True, which="both", alpha=0.3)
     out["p99"] = fig
+    resources = report.get("resources")
+    if isinstance(resources, Mapping) and resources.get("actors"):
+        out["memory"] = _memory_figure(report, resources)
     return out
+
+
+def _short(name: str) -> str:
+    """``hub-0`` of ``demo1a2b3c-im-hub-0`` (a server's name stays)."""
+    return name.rpartition("im-")[2] or name
+
+
+def _memory_figure(report: Mapping[str, Any], resources: Mapping[str, Any]) -> Figure:
+    """One axes per role: each process's RSS (MB) over the sampled time, its restarts dotted, faults
+    shaded (the warm-up left out of the slopes in grey)."""
+    roles = list(resources.get("roles") or {})
+    cols = 2
+    rows = max(1, -(-len(roles) // cols))
+    fig = Figure(figsize=(10, 2.6 * rows), layout="constrained")
+    fig.suptitle(RESOURCE_FIGURES["memory"])
+    start_ms = float(resources.get("start_ms") or 0.0)
+    actors = resources.get("actors") or {}
+    end_s = max((max(a.get("t_s") or [0.0]) for a in actors.values()), default=0.0)
+    for i, role in enumerate(roles):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for name, series in actors.items():
+            if series.get("role") != role:
+                continue
+            pts = [(t, v / 1e6) for t, v in zip(series["t_s"], series.get("rss_bytes") or [], strict=False) if v]
+            if pts:
+                (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=_short(name))
+                for t in series.get("restarts_at_s") or []:
+                    ax.axvline(t, color=line.get_color(), linestyle=":", linewidth=1)
+        _fault_spans(ax, report, start_ms, end_s, labels=False)  # small axes: the throughput figure names them
+        ax.axvspan(0, float(resources.get("warmup_s") or 0.0), color="0.85", alpha=0.5, label="_warm-up")
+        slope = (resources["roles"][role] or {}).get("mem_slope_mb_per_min")
+        ax.set_title(f"{role}: {'-' if slope is None else f'{slope:+.2f}'} MB/min", fontsize=9)
+        ax.set_ylabel("RSS (MB)")
+        ax.set_xlabel("s since sampling began")
+        ax.grid(True, alpha=0.3)
+        if ax.get_lines():
+            ax.legend(loc="lower right", fontsize=7)
+    return fig
 
 
 def _png(fig: Figure) -> bytes:
@@ -220,7 +271,7 @@ def render_html(report: Mapping[str, Any], title: str = "im-actors run report") 
         parts.append(f"<h2 class={'ok' if ok else 'fail'}>{'PASSED' if ok else 'FAILED'}</h2><ul>{problems}</ul>")
     for name, fig in figures(report).items():
         data = base64.b64encode(_png(fig)).decode("ascii")
-        alt = html.escape(FIGURES[name])
+        alt = html.escape({**FIGURES, **RESOURCE_FIGURES}[name])
         parts.append(f'<figure id="{name}"><img alt="{alt}" src="data:image/png;base64,{data}"></figure>')
     faults = report.get("faults") or []
     if faults:
@@ -235,6 +286,7 @@ def render_html(report: Mapping[str, Any], title: str = "im-actors run report") 
             for f in faults
         )
         parts.append(f"<h2>Faults</h2><table>{head}{body}</table>")
+    parts += _resource_tables(report)
     style = (
         "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
         "th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}img{max-width:100%}"
@@ -244,6 +296,54 @@ def render_html(report: Mapping[str, Any], title: str = "im-actors run report") 
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
     )
+
+
+def _grid(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape('-' if v is None else str(v))}</td>" for v in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
+def _mb(value: Any) -> str | None:
+    return None if value is None else f"{float(value) / 1e6:.1f}"
+
+
+def _resource_tables(report: Mapping[str, Any]) -> list[str]:
+    """The ``resources`` (memory per role) and ``leaks`` (before -> after per role) tables, if any."""
+    parts: list[str] = []
+    res = report.get("resources")
+    if isinstance(res, Mapping):
+        rows = [
+            (role, r.get("processes"), r.get("mem_slope_mb_per_min"), r.get("uss_slope_mb_per_min"))
+            + (_mb(r.get("first_rss_bytes")), _mb(r.get("last_rss_bytes")), _mb(r.get("peak_rss_bytes")))
+            + (r.get("restarts"),)
+            for role, r in (res.get("roles") or {}).items()
+        ]
+        head = ("role", "processes", "RSS slope MB/min", "USS slope MB/min", "first MB", "last MB", "peak MB")
+        parts.append(
+            f"<h2>Resources</h2><p>sampled every {res.get('sample_every_s')} s; slopes per process, after "
+            f"{res.get('warmup_s')} s of warm-up, leaving out {res.get('restart_settle_s')} s after each "
+            f"restart; first, last and peak of the role's sum</p>{_grid((*head, 'restarts'), rows)}"
+        )
+    leaks = report.get("leaks")
+    if isinstance(leaks, Mapping):
+        counts = [*(leaks.get("leaked") or {}), "pooled"]
+        rows = []
+        for role, r in (leaks.get("roles") or {}).items():
+            b, a = r.get("before") or {}, r.get("after") or {}
+            rows.append((role, *(f"{b.get(k, '-')} -> {a.get(k, '-')}" for k in counts)))
+        leaked = ", ".join(f"{k} {v}" for k, v in (leaks.get("leaked") or {}).items())
+        allowance = ", ".join(f"{k} {v}" for k, v in (leaks.get("allowance") or {}).items())
+        leaking = ", ".join(leaks.get("leaking") or []) or "no actor"
+        text = (
+            f"counted before the workload and {leaks.get('settle_s')} s after its clients closed; fds and "
+            "connections leave out the pooled sockets to the storage servers (pooled, reported only); allowed "
+            f"growth per actor: {allowance}; beyond it: {leaked} ({leaking})"
+        )
+        parts.append(f"<h2>Leaks</h2><p>{html.escape(text)}</p>" + _grid(("role", *counts), rows))
+    return parts
 
 
 def write_html(report: Mapping[str, Any], path: str | Path, title: str = "im-actors run report") -> Path:

@@ -32,6 +32,7 @@ from im_actors.config import Config
 from im_actors.errors import ConfigError, Unavailable
 from im_actors.refs import Peer, Peers
 from im_actors.tls import server_context
+from im_actors.vitals import Vitals
 
 __all__ = ["HubInfo", "HubTable", "make_app", "RouterActor"]
 
@@ -187,7 +188,7 @@ async def _page_headers(request: web.Request, response: web.StreamResponse) -> N
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
-class RouterActor:
+class RouterActor(Vitals):
     """Ray shell of the router: serves HTTP and heartbeats the hubs."""
 
     async def __init__(self, config: Config) -> None:  # type: ignore[misc]  # Ray awaits it

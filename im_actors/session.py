@@ -30,6 +30,7 @@ from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, BadRequest, CloseConnec
 from im_actors.push.planner import JobSink, PushPlanner
 from im_actors.refs import Peers, answers_internal, ask_hubs_to_reannounce
 from im_actors.store import Store
+from im_actors.vitals import Vitals
 from im_actors.wire import stamp
 
 __all__ = ["UserSession", "SessionShard", "SessionShardActor", "JobSink"]  # JobSink: from push.planner
@@ -356,7 +357,7 @@ class SessionShard:
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 @answers_internal
-class SessionShardActor:
+class SessionShardActor(Vitals):
     """Ray shell of :class:`SessionShard`; owns the push publisher when push is configured."""
 
     async def __init__(self, config: Config, index: int = 0) -> None:  # type: ignore[misc]  # Ray awaits it

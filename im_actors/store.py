@@ -59,6 +59,7 @@ from redis.exceptions import RedisError
 from im_actors.config import Config
 from im_actors.errors import StorageUnavailable
 from im_actors.refs import answers_internal
+from im_actors.vitals import Vitals
 
 __all__ = [
     "Store",
@@ -642,7 +643,7 @@ class Store:
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 @answers_internal
-class StoreWriter:
+class StoreWriter(Vitals):
     """Store writer actor: commits batches of entries (a thin shell over :class:`Store`)."""
 
     async def __init__(self, config: Config) -> None:  # type: ignore[misc]  # Ray awaits it

@@ -45,6 +45,7 @@ from im_actors.push.ledger import ClaimState, Ledger, RedisLedger, ledger_redis
 from im_actors.push.providers import make_providers
 from im_actors.push.providers.base import Outcome, OutcomeKind, Provider
 from im_actors.push.topology import PushNames, push_names, retry_delay_ms
+from im_actors.vitals import Vitals
 
 __all__ = ["PushWorker", "PushWorkerActor", "FOLLOW_UP_TIMEOUT_S", "DEPTH_INTERVAL_S"]
 
@@ -410,7 +411,7 @@ def _setter(event: asyncio.Event) -> Callable[[Any], None]:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
-class PushWorkerActor:
+class PushWorkerActor(Vitals):
     """A :class:`PushWorker` with the providers of ``config.push_providers``, as a Ray actor. It starts
     consuming as soon as it is created, and again after each restart; an invalid token is deleted from
     the ``devices`` collection of ``config.mongo_db``; the job ledger is in Redis (``config.redis_url``,

@@ -39,6 +39,10 @@ def test_parse_every_metric_and_comparison() -> None:
         "duplicates",
         "order_violations",
         "throughput",
+        "mem_slope_mb_per_min",
+        "leaked_fds",
+        "leaked_tasks",
+        "leaked_connections",
     }
     r = _report()
     assert [metric_value(r, m) for m in ("ack_p99_ms", "delivery_max_ms", "throughput", "lost")] == [12.5, 80, 150, 0]

@@ -1,0 +1,50 @@
+"""What an actor's process holds right now, asked from inside it: asyncio tasks and threads.
+
+A soak (``im-actors demo``, :mod:`drivers.resources`) samples every actor's process from outside
+with psutil (RSS, file descriptors, TCP sockets); the number of asyncio tasks on the actor's event
+loop can only be counted from inside. :class:`Vitals` is a mixin for the Ray actor shells (the
+``@ray.remote`` classes of hub, session, conversation, group, store, push worker and router) that
+adds one method, :meth:`Vitals.vitals`, answered on the actor's event loop.
+
+It reads and changes nothing else: a plain mixin, no Ray import, so unit tests call it on any object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections import Counter
+from typing import Any
+
+__all__ = ["Vitals", "task_name"]
+
+#: How many coroutine names :meth:`Vitals.vitals` lists (the most common first).
+TOP_COROS = 20
+
+
+def task_name(task: asyncio.Task[Any]) -> str:
+    """The qualified name of the coroutine ``task`` runs (``Hub._serve``), or the task's own name
+    when it does not run a coroutine function (a wrapped future)."""
+    coro = task.get_coro()
+    code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+    qualname = getattr(coro, "__qualname__", None) or getattr(code, "co_qualname", None)
+    return str(qualname or task.get_name())
+
+
+class Vitals:
+    """Mixin for an async Ray actor shell: ``await actor.vitals.remote()``."""
+
+    async def vitals(self) -> dict[str, Any]:
+        """``{"pid", "tasks", "threads", "tasks_by_coro"}``: this process's id, the asyncio tasks not
+        done on the actor's event loop (this call's own task included), the Python threads alive,
+        and the :data:`TOP_COROS` most common coroutine names of those tasks with their counts
+        (where to look when ``tasks`` grows)."""
+        tasks = [t for t in asyncio.all_tasks() if not t.done()]
+        by_coro = Counter(task_name(t) for t in tasks)
+        return {
+            "pid": os.getpid(),
+            "tasks": len(tasks),
+            "threads": threading.active_count(),
+            "tasks_by_coro": dict(by_coro.most_common(TOP_COROS)),
+        }
