@@ -39,7 +39,7 @@ from typing import Any
 from drivers.chaos import PRIVATE_SERVICE_KINDS, PROXY_KINDS, ChaosMonkey, ChaosSpec, summarize
 from drivers.faultplan import REPLAYED_OPTIONS, FaultPlan, plan_path
 from drivers.replay import ReplayWorkload
-from drivers.resources import ResourceSampler, summary_lines
+from drivers.resources import ResourceSampler, send_phase_end_ms, summary_lines
 from drivers.run import run_workload, run_workload_async
 from drivers.storm import reconnect_storm
 from drivers.synthetic import SyntheticWorkload
@@ -478,7 +478,7 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
                 )
             )
         if sampler is not None:
-            result.update(sampler.finish())
+            result.update(sampler.finish(send_end_ms=send_phase_end_ms(result)))
         result["hubs"] = cfg.hubs
         result["ray_nodes"] = nodes
         result["config"] = cfg.knobs()

@@ -20,9 +20,11 @@ since the first sample) and ``restarts_at_s`` lists when one was first seen.
 **Memory slope** (:func:`memory_slope`): per role, the least-squares slope of RSS over time in MB
 (10^6 bytes) per minute, one slope shared by every process of the role with an intercept of its own
 for each incarnation (a restarted process starts lower: a single line through the drop would read as
-memory given back). Samples in the first ``warmup_s`` (60 s, at most a third of the sampled span)
-and in the ``restart_settle_s`` (30 s) after a restart of that actor are left out: a process fills
-its caches and imports first. It is a per-process figure (what one hub grows by), not the role's sum.
+memory given back). Samples in the first ``warmup_s`` (60 s, at most a third of the fitted span),
+in the ``restart_settle_s`` (30 s) after a restart of that actor, and after the send phase (the
+demo's final catch-up, every client syncing at once, is a step of its own, not a trend) are left
+out: a process fills its caches and imports first. It is a per-process figure (what one hub grows
+by), not the role's sum. The first, last and peak RSS cover every sample.
 
 **Leaks** (:func:`count_leaks`): the counts ``tasks``, ``fds`` and ``connections`` of each actor
 (:func:`leak_count`), taken once before the workload (the least of :data:`SNAPSHOTS` snapshots one
@@ -71,6 +73,7 @@ __all__ = [
     "pooled_slope",
     "resources_section",
     "role_totals",
+    "send_phase_end_ms",
     "summary_lines",
 ]
 
@@ -126,17 +129,21 @@ class SlopeFit:
 
 
 def _segments(
-    series: Mapping[str, Sequence[Any]], key: str, skip_before_s: float, restart_settle_s: float
+    series: Mapping[str, Sequence[Any]],
+    key: str,
+    skip_before_s: float,
+    restart_settle_s: float,
+    until_s: float | None = None,
 ) -> list[list[tuple[float, float]]]:
     """The ``(t_s, value)`` points of one actor's ``series`` per incarnation, without samples before
-    ``skip_before_s``, within ``restart_settle_s`` after a restart, or missing."""
+    ``skip_before_s``, after ``until_s``, within ``restart_settle_s`` after a restart, or missing."""
     values = series.get(key)
     if not values:  # a column never read (USS where the kernel does not tell)
         return []
     restarts = list(series.get("restarts_at_s") or [])
     by_incarnation: dict[int, list[tuple[float, float]]] = {}
     for t, inc, value in zip(series["t_s"], series["incarnation"], values, strict=True):
-        if value is None or inc is None or t < skip_before_s:
+        if value is None or inc is None or t < skip_before_s or (until_s is not None and t > until_s):
             continue
         if any(r <= t < r + restart_settle_s for r in restarts):
             continue
@@ -149,13 +156,14 @@ def memory_slope(
     warmup_s: float,
     restart_settle_s: float,
     key: str = "rss_bytes",
+    until_s: float | None = None,
 ) -> SlopeFit:
     """The memory slope (MB per minute, 10^6 bytes) shared by the series of ``actors`` (each a
     mapping with ``t_s``, ``incarnation``, ``restarts_at_s`` and ``key`` columns, as
     :class:`ResourceSampler` records them), each incarnation its own intercept; samples before
-    ``warmup_s`` and within ``restart_settle_s`` after a restart are left out (see the module
-    docstring)."""
-    segments = [seg for a in actors for seg in _segments(a, key, warmup_s, restart_settle_s) if len(seg) >= 2]
+    ``warmup_s``, after ``until_s`` (None: none) and within ``restart_settle_s`` after a restart
+    are left out (see the module docstring)."""
+    segments = [seg for a in actors for seg in _segments(a, key, warmup_s, restart_settle_s, until_s) if len(seg) >= 2]
     slope = pooled_slope(segments)
     return SlopeFit(
         None if slope is None else round(slope * 60.0 / _MB, 3), sum(len(s) for s in segments), len(segments)
@@ -243,18 +251,23 @@ def resources_section(
     start_ms: float,
     warmup_s: float = 60.0,
     restart_settle_s: float = 30.0,
+    fit_until_s: float | None = None,
 ) -> dict[str, Any]:
     """The report's ``resources`` section from the per-actor series ``actors`` (``{name: {"role",
     "t_s", "incarnation", "restarts_at_s", "rss_bytes", ...}}``): the series themselves, each
     actor's and each role's memory slope (MB/min) with the first, last and peak RSS (bytes; a role's
     are of the sum over its processes, :func:`role_totals`), and
     ``mem_slope_mb_per_min`` / ``mem_slope_role``: the steepest actor role (None when none could be
-    fitted). ``warmup_s`` is capped at a third of the sampled span."""
+    fitted). Slopes are fitted up to ``fit_until_s`` (s since sampling began; None: every sample):
+    the end of the send phase, as the demo passes it. ``warmup_s`` is capped at a third of the
+    fitted span."""
     span = max((max(a["t_s"], default=0.0) for a in actors.values()), default=0.0)
+    if fit_until_s is not None:
+        span = min(span, fit_until_s)
     warmup = min(warmup_s, span / 3.0)
     out_actors: dict[str, Any] = {}
     for name, series in actors.items():
-        fit = memory_slope([series], warmup, restart_settle_s)
+        fit = memory_slope([series], warmup, restart_settle_s, until_s=fit_until_s)
         rss = [v for v in series["rss_bytes"] if v is not None]
         out_actors[name] = {
             **series,
@@ -266,8 +279,8 @@ def resources_section(
     roles: dict[str, Any] = {}
     for role in dict.fromkeys(a["role"] for a in actors.values()):
         members = [a for a in actors.values() if a["role"] == role]
-        fit = memory_slope(members, warmup, restart_settle_s)
-        uss = memory_slope(members, warmup, restart_settle_s, key="uss_bytes")
+        fit = memory_slope(members, warmup, restart_settle_s, until_s=fit_until_s)
+        uss = memory_slope(members, warmup, restart_settle_s, key="uss_bytes", until_s=fit_until_s)
         totals = role_totals(members)
         roles[role] = {
             "processes": len(members),
@@ -287,6 +300,7 @@ def resources_section(
         "start_ms": round(start_ms, 1),
         "warmup_s": round(warmup, 1),
         "restart_settle_s": restart_settle_s,
+        "fit_until_s": None if fit_until_s is None else round(fit_until_s, 1),
         "mem_slope_mb_per_min": fitted[steepest] if steepest else None,
         "mem_slope_role": steepest,
         "roles": roles,
@@ -304,14 +318,25 @@ def role_totals(members: Sequence[Mapping[str, Any]], key: str = "rss_bytes") ->
     return sorted(sums.items())
 
 
+def send_phase_end_ms(report: Mapping[str, Any]) -> float | None:
+    """When the send phase of a run report ended (epoch ms: its common start ``t0_s`` plus
+    ``duration_s``, start to last ack), None when the report does not say."""
+    t0, duration = report.get("t0_s"), report.get("duration_s")
+    if t0 is None or duration is None:
+        return None
+    return (float(t0) + float(duration)) * 1000.0
+
+
 def summary_lines(report: Mapping[str, Any]) -> list[str]:
     """The lines the demo prints for the ``resources`` and ``leaks`` sections (none when absent)."""
     lines: list[str] = []
     res = report.get("resources")
     if isinstance(res, Mapping):
+        until = res.get("fit_until_s")
         lines.append(
-            f"  memory (RSS, sampled every {res['sample_every_s']:g} s; slope per process after "
-            f"{res['warmup_s']:g} s warm-up, {res['restart_settle_s']:g} s after restarts left out)"
+            f"  memory (RSS, sampled every {res['sample_every_s']:g} s; slope per process from "
+            f"{res['warmup_s']:g} s to {'the end' if until is None else f'{until:g} s (the send phase)'}, "
+            f"{res['restart_settle_s']:g} s after restarts left out)"
         )
         for role, row in res["roles"].items():
             slope = row["mem_slope_mb_per_min"]
@@ -514,9 +539,10 @@ class ResourceSampler:
         self._thread = threading.Thread(target=self._run, name="resource-sampler", daemon=True)
         self._thread.start()
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, send_end_ms: float | None = None) -> dict[str, Any]:
         """Wait ``settle_s`` (sampling goes on), take the "after" snapshot, stop; returns
-        ``{"resources": ..., "leaks": ...}`` (see :func:`resources_section`, :func:`count_leaks`)."""
+        ``{"resources": ..., "leaks": ...}`` (see :func:`resources_section`, :func:`count_leaks`).
+        ``send_end_ms`` (epoch ms, :func:`send_phase_end_ms`): memory slopes are fitted up to then."""
         after = self._settled_snapshot(self.settle_s)
         self.stop()
         leaks = count_leaks(self._before, after, self.allowance, self._roles)
@@ -524,7 +550,10 @@ class ResourceSampler:
         leaks["snapshots"] = SNAPSHOTS
         with self._lock:
             series = {name: s.as_dict() for name, s in self._series.items()}
-        resources = resources_section(series, self.every_s, self._start_ms, self.warmup_s, self.restart_settle_s)
+        until = None if send_end_ms is None else (send_end_ms - self._start_ms) / 1000.0
+        resources = resources_section(
+            series, self.every_s, self._start_ms, self.warmup_s, self.restart_settle_s, fit_until_s=until
+        )
         return {"resources": resources, "leaks": leaks}
 
     def stop(self) -> None:

@@ -310,6 +310,10 @@ def _mb(value: Any) -> str | None:
     return None if value is None else f"{float(value) / 1e6:.1f}"
 
 
+def _until(fit_until_s: Any) -> str:
+    return "the end" if fit_until_s is None else f"{fit_until_s} s (the end of the send phase)"
+
+
 def _resource_tables(report: Mapping[str, Any]) -> list[str]:
     """The ``resources`` (memory per role) and ``leaks`` (before -> after per role) tables, if any."""
     parts: list[str] = []
@@ -323,9 +327,10 @@ def _resource_tables(report: Mapping[str, Any]) -> list[str]:
         ]
         head = ("role", "processes", "RSS slope MB/min", "USS slope MB/min", "first MB", "last MB", "peak MB")
         parts.append(
-            f"<h2>Resources</h2><p>sampled every {res.get('sample_every_s')} s; slopes per process, after "
-            f"{res.get('warmup_s')} s of warm-up, leaving out {res.get('restart_settle_s')} s after each "
-            f"restart; first, last and peak of the role's sum</p>{_grid((*head, 'restarts'), rows)}"
+            f"<h2>Resources</h2><p>sampled every {res.get('sample_every_s')} s; slopes per process, from "
+            f"{res.get('warmup_s')} s to {_until(res.get('fit_until_s'))}, leaving out "
+            f"{res.get('restart_settle_s')} s after each restart; first, last and peak of the role's sum"
+            f"</p>{_grid((*head, 'restarts'), rows)}"
         )
     leaks = report.get("leaks")
     if isinstance(leaks, Mapping):

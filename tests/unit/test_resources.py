@@ -21,6 +21,7 @@ from drivers.resources import (
     pooled_slope,
     resources_section,
     role_totals,
+    send_phase_end_ms,
     summary_lines,
 )
 from drivers.verdict import Threshold, judge, metric_value
@@ -97,6 +98,19 @@ def test_resources_section_per_role_and_steepest() -> None:
     short = resources_section({"d-im-hub-0": actors["d-im-hub-0"]}, 10, 0.0, warmup_s=600)
     assert short["warmup_s"] == 100.0
     assert role_totals([actors["d-im-hub-0"], actors["d-im-hub-1"]])[0] == (0.0, 200 * MB)
+
+
+def test_slopes_stop_at_the_end_of_the_send_phase() -> None:
+    # flat while sending; the final catch-up (every client syncing) is a step, not a trend
+    points = [(t, 1, 130.0 + (8.0 if t > 600 else 0.0)) for t in range(0, 700, 10)]
+    actors = {"d-im-session-0": _series(points, "session")}
+    whole = resources_section(actors, every_s=10, start_ms=0.0)
+    sending = resources_section(actors, every_s=10, start_ms=0.0, fit_until_s=600.0)
+    assert whole["mem_slope_mb_per_min"] > 0.5
+    assert sending["mem_slope_mb_per_min"] == 0 and sending["fit_until_s"] == 600.0
+    assert sending["roles"]["session"]["last_rss_bytes"] == 138 * MB  # first/last/peak cover every sample
+    assert send_phase_end_ms({"t0_s": 1000.0, "duration_s": 600.5}) == 1_600_500.0
+    assert send_phase_end_ms({"t0_s": 1000.0}) is None
 
 
 def _row(fds: int, tasks: int | None, tcp: int, pooled: int = 0) -> dict[str, Any]:
