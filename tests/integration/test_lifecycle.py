@@ -230,7 +230,7 @@ async def test_restarted_router_serves_again_on_its_port(base_config: Config, lo
         await client.close()
     finally:
         await asyncio.to_thread(teardown, cfg)
-        purge_deployment(cfg, drop_mongo_db=True)
+        await asyncio.to_thread(purge_deployment, cfg, drop_mongo_db=True)
 
 
 async def test_overlapping_ready_calls_start_one_server(base_config: Config, local_ray: None) -> None:
@@ -280,4 +280,4 @@ async def test_overlapping_ready_calls_start_one_server(base_config: Config, loc
         assert dep.config.deployment == name
     finally:
         await asyncio.to_thread(teardown, cfg)
-        purge_deployment(cfg, drop_mongo_db=True)
+        await asyncio.to_thread(purge_deployment, cfg, drop_mongo_db=True)
