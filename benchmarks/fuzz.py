@@ -72,12 +72,10 @@ import contextlib
 import json
 import logging
 import multiprocessing as mp
-import os
 import random
 import re
 import secrets
 import signal
-import struct
 import sys
 import time
 from collections import Counter, deque
@@ -97,6 +95,7 @@ from im_actors import protocol  # noqa: E402
 from im_actors.auth import issue_token  # noqa: E402
 from im_actors.config import Config  # noqa: E402
 from im_actors.errors import CloseConnection, RequestError  # noqa: E402
+from tests.hubkit import masked_frame  # noqa: E402
 
 log = logging.getLogger("fuzz")
 
@@ -768,9 +767,9 @@ class FrameMaker:
         elif how == "oversized":
             out = raw + b" " * (self.max_frame_bytes + 1)
         elif how == "reserved_opcode":
-            return Fuzzed(_masked(rng.choice([0x3, 0x4, 0xB]), b"xx"), "raw", f"{t}:{how}", t)
+            return Fuzzed(masked_frame(rng.choice([0x3, 0x4, 0xB]), b"xx"), "raw", f"{t}:{how}", t)
         else:
-            return Fuzzed(_masked(0x2, b"x" * 8, 1 << 30), "raw", f"{t}:{how}", t)
+            return Fuzzed(masked_frame(0x2, b"x" * 8, 1 << 30), "raw", f"{t}:{how}", t)
         if sub == JS and how not in ("msgpack_ext",):
             return Fuzzed(out, "text", f"{t}:{how}", t)  # sent as text whatever its bytes are
         return Fuzzed(out, "binary" if sub == MP else "text", f"{t}:{how}", t)
@@ -872,20 +871,6 @@ def _clamp(value: Any) -> Any:
     if isinstance(value, list):
         return [_clamp(v) for v in value]
     return value
-
-
-def _masked(opcode: int, payload: bytes, claimed_len: int | None = None) -> bytes:
-    """A masked client WebSocket frame of ``opcode`` (FIN set) whose header claims ``claimed_len``."""
-    n = len(payload) if claimed_len is None else claimed_len
-    head = bytes([0x80 | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 1 << 16:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 # --- what the hub must do with a frame (from the protocol module) -------------------------------------

@@ -27,10 +27,8 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import secrets
 import socket
-import struct
 import sys
 import threading
 import time
@@ -48,6 +46,7 @@ from im_actors.auth import issue_token  # noqa: E402
 from im_actors.config import Config, load_config  # noqa: E402
 from im_actors.protocol import SUBPROTOCOL_MSGPACK as MP  # noqa: E402
 from im_actors.protocol import decode, encode  # noqa: E402
+from tests.hubkit import masked_frame  # noqa: E402
 
 GROUP = "g:busy"
 
@@ -109,12 +108,6 @@ class PeakSampler:
 # --- clients ----------------------------------------------------------------------------------------
 
 
-def _masked(opcode: int, payload: bytes, claimed_len: int) -> bytes:
-    head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", claimed_len)
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
 async def _authed(url: str, config: Config, user: str, **kwargs: Any) -> ClientConnection:
     ws = await connect(url, subprotocols=[Subprotocol(MP)], compression=None, max_size=None, **kwargs)
     await ws.send(encode({"t": "auth", "token": issue_token(config, user), "device": "d1", "proto": 1}, MP))
@@ -129,7 +122,7 @@ async def one_gib_header(url: str, config: Config, index: int) -> int:
         ws = await _authed(url, config, f"h{index}")
     else:
         ws = await connect(url, subprotocols=[Subprotocol(MP)], compression=None)
-    ws.transport.write(_masked(0x2, b"x" * 64, 1 << 30))
+    ws.transport.write(masked_frame(0x2, b"x" * 64, 1 << 30))
     try:
         async with asyncio.timeout(30):
             async for _ in ws:

@@ -584,14 +584,18 @@ class Hub:
             frame = await self._handle(conn, req)
         except RequestError as exc:
             if isinstance(exc, Internal):  # a bug in the actor that answered (its log has the details)
-                ids_ = {"user": conn.user, "device": conn.device, "request_id": req.id, "conv": req.fields.get("conv")}
-                log.error("request %s id=%s of %s answered internal by a peer", req.t, req.id, conn.user, extra=ids_)
+                log.error(
+                    "request %s id=%s of %s answered internal by a peer",
+                    req.t,
+                    req.id,
+                    conn.user,
+                    extra=_request_ids(conn, req),
+                )
             frame = exc.frame(req.id)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - answered as internal, logged with the request id
-            ids_ = {"user": conn.user, "device": conn.device, "request_id": req.id, "conv": req.fields.get("conv")}
-            log.exception("request %s id=%s of %s failed", req.t, req.id, conn.user, extra=ids_)
+            log.exception("request %s id=%s of %s failed", req.t, req.id, conn.user, extra=_request_ids(conn, req))
             frame = Internal("internal error").frame(req.id)
         if frame is not None:
             self._push(conn, frame)
@@ -722,6 +726,11 @@ def _address_key(conn: ServerConnection) -> str:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is None:
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr.ipv4_mapped or addr) if isinstance(addr, ipaddress.IPv6Address) else str(addr)
+
+
+def _request_ids(conn: Connection, req: protocol.Request) -> dict[str, Any]:
+    """The ids that follow one request through the logs (user, device, request id, conv)."""
+    return {"user": conn.user, "device": conn.device, "request_id": req.id, "conv": req.fields.get("conv")}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)

@@ -17,7 +17,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 
@@ -231,7 +231,7 @@ def answer_frame(request_id: int | None, answer: dict[str, Any]) -> dict[str, An
 # --- validation --------------------------------------------------------------------------------
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     """An integer of the protocol: a Python ``int`` that is not a ``bool``."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -240,7 +240,6 @@ def _req_id(frame: dict[str, Any]) -> int:
     rid = frame.get("id")
     if not _is_int(rid):
         raise BadRequest("id must be an integer")
-    assert isinstance(rid, int)
     return rid
 
 

@@ -4,13 +4,16 @@ The hub's own code runs unchanged (WebSocket server, auth, decoding, limits, que
 sits behind it is small: the session shard's connection table is the real :class:`SessionShard`
 core, and one fake conversation shard assigns seqs, keeps entries (for ``sync``), checks membership
 and hands every committed entry to :meth:`Hub.deliver` for every connection of every member. Used by
-the hub's hostile-client tests and by ``benchmarks/hostile.py``; no Ray, no storage.
+the hub's hostile-client tests and by ``benchmarks/hostile.py`` and ``benchmarks/fuzz.py`` (with
+:func:`masked_frame`, a raw WebSocket frame); no Ray, no storage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import struct
 import time
 from typing import Any
 
@@ -29,6 +32,21 @@ def hub_config(**overrides: Any) -> Config:
     base: dict[str, Any] = {"jwt_secret": secrets.token_hex(32), "deployment": f"k{secrets.token_hex(3)}"}
     base.update(overrides)
     return load_config(**base)
+
+
+def masked_frame(opcode: int, payload: bytes, claimed_len: int | None = None) -> bytes:
+    """A client-to-server WebSocket frame written by hand (RFC 6455 section 5.2), masked; its header
+    may claim ``claimed_len`` bytes whatever the payload holds."""
+    n = len(payload) if claimed_len is None else claimed_len
+    head = bytes([0x80 | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 1 << 16:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 class RunningPeer(FakePeer):

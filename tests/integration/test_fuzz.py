@@ -6,35 +6,19 @@ request left unanswered, no hub restart, and the chat loses, duplicates and reor
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import secrets
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiohttp
 import pytest
 
+from benchmarks import fuzz
 from im_actors.cluster import Deployment
 from im_actors.config import Config
 
 pytestmark = pytest.mark.integration
 
 FRAMES = 5000
-
-
-def _load() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fuzz.py"
-    spec = importlib.util.spec_from_file_location("fuzz_bench", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fuzz = _load()
 
 
 async def _live_hubs(router_url: str, timeout_s: float = 30.0) -> dict[str, str]:

@@ -6,14 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
-import msgpack
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
 
 from im_actors import ids
 from im_actors.client import Client
 from im_actors.errors import Forbidden
+from tests.rawconn import RawConn
 
 pytestmark = pytest.mark.integration
 
@@ -113,33 +111,6 @@ async def test_removed_member_with_a_second_device_gets_nothing_more(clients: An
     await _until(lambda: bob2_in.seqs(conv) == [1, 2, 3, 7, 8])
     page = await bob2.sync(conv, 3, 100)
     assert [m["seq"] for m in page.msgs] == [7, 8] and page.last == 8
-
-
-class RawConn:
-    """A bare WebSocket client: frames in, frames out, nothing hidden."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.next_id = 0
-
-    @classmethod
-    async def open(cls, router_url: str, user: str) -> RawConn:
-        async with aiohttp.ClientSession() as http:
-            token = (await (await http.post(f"{router_url}/v1/login", json={"user": user})).json())["token"]
-            hub = await (await http.get(f"{router_url}/v1/hub")).json()
-        ws = await connect(hub["url"], subprotocols=["im.v1.msgpack"])  # type: ignore[list-item]
-        await ws.send(msgpack.packb({"t": "auth", "token": token, "device": "raw", "proto": 1}))
-        assert msgpack.unpackb(await ws.recv())["t"] == "ready"
-        return cls(ws)
-
-    async def ask(self, frame: dict[str, Any]) -> dict[str, Any]:
-        self.next_id += 1
-        rid = self.next_id
-        await self.ws.send(msgpack.packb({**frame, "id": rid}))
-        while True:
-            answer = msgpack.unpackb(await asyncio.wait_for(self.ws.recv(), 20))
-            if answer.get("id") == rid:
-                return {k: v for k, v in answer.items() if k != "id"}
 
 
 async def test_non_member_answers_are_identical_for_existing_and_made_up_groups(

@@ -8,7 +8,6 @@ import contextlib
 import os
 import random
 import socket
-import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import urlparse
@@ -29,6 +28,7 @@ from im_actors.config import Config
 from im_actors.errors import Forbidden
 from im_actors.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, decode, encode
 from im_actors.services import purge_deployment
+from tests.hubkit import masked_frame
 
 pytestmark = pytest.mark.integration
 
@@ -36,19 +36,6 @@ MP, JS = SUBPROTOCOL_MSGPACK, SUBPROTOCOL_JSON
 #: Every close code a fuzzed connection may get (PROTOCOL.md section 7); 1000/1006 when the fuzzer itself
 #: stops or a frame it wrote was cut mid-way.
 FUZZ_CLOSE_CODES = {1000, 1002, 1006, 1007, 1009, 4400, 4401, 4429}
-
-
-def _masked(opcode: int, payload: bytes, claimed_len: int | None = None) -> bytes:
-    n = len(payload) if claimed_len is None else claimed_len
-    head = bytes([0x80 | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 1 << 16:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 _VALID = [
@@ -78,9 +65,9 @@ def _hostile_payload(rng: random.Random, sub: str) -> tuple[str, bytes | str]:
         data = encode(frame, sub)
         return "frame", data[: rng.randrange(1, len(data))]
     if kind == 3:  # a header claiming 1 GiB
-        return "raw", _masked(0x2, b"x" * 8, claimed_len=1 << 30)
+        return "raw", masked_frame(0x2, b"x" * 8, claimed_len=1 << 30)
     if kind == 4:  # invalid UTF-8 in a text frame
-        return "raw", _masked(0x1, b'{"t":"\xc3\x28"}')
+        return "raw", masked_frame(0x1, b'{"t":"\xc3\x28"}')
     if kind == 5:  # deep nesting
         return "frame", encode({"t": "send", "meta": _deep(rng.randrange(20, 200))}, sub)
     if kind == 6:  # wrong types in a well-formed frame (answered bad_request, connection kept)
@@ -88,7 +75,7 @@ def _hostile_payload(rng: random.Random, sub: str) -> tuple[str, bytes | str]:
         frame[key] = rng.choice([None, -1, 2**70 if sub == JS else 2**63, [], {"x": 1}, "", "z" * 300, True])
         return "frame", encode(frame, sub)
     if kind == 7:  # a reserved opcode
-        return "raw", _masked(rng.choice([0x3, 0x4, 0xB]), b"xx")
+        return "raw", masked_frame(rng.choice([0x3, 0x4, 0xB]), b"xx")
     return "frame", encode(frame, sub)
 
 

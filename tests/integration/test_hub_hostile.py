@@ -12,10 +12,8 @@ import contextlib
 import hashlib
 import hmac
 import json
-import os
 import socket
 import ssl
-import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -34,7 +32,7 @@ from im_actors.client import Client, ConnectFailed
 from im_actors.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, decode, encode
 from im_actors.router import HubTable, make_app
 from im_actors.tls import server_context
-from tests.hubkit import HubKit, hub_config
+from tests.hubkit import HubKit, hub_config, masked_frame
 
 pytestmark = pytest.mark.integration
 
@@ -90,21 +88,6 @@ async def ask(ws: ClientConnection, frame: dict[str, Any], sub: str = MP) -> dic
             answer = decode(await ws.recv(), sub)
             if answer.get("id") == frame.get("id") and answer["t"] not in ("msg", "receipt", "typing"):
                 return answer
-
-
-def masked_frame(opcode: int, payload: bytes, claimed_len: int | None = None) -> bytes:
-    """A client-to-server WebSocket frame written by hand (RFC 6455 section 5.2), masked; its header
-    may claim ``claimed_len`` bytes whatever the payload holds."""
-    n = len(payload) if claimed_len is None else claimed_len
-    head = bytes([0x80 | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 1 << 16:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 async def still_serves(kit: HubKit, user: str = "healthy") -> None:

@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlparse
 
 import aiohttp
 import pytest
@@ -36,6 +37,15 @@ from im_actors.errors import ConfigError
 from im_actors.services import free_port, purge_deployment
 
 pytestmark = pytest.mark.integration
+
+
+def _own_config(base: Config, tag: str, **knobs: Any) -> Config:
+    """A deployment of a test's own: its name (``tag`` and random hex), its MongoDB database, no push
+    workers and no store writer, and ``knobs``."""
+    name = f"{tag}{secrets.token_hex(3)}"
+    return base.model_copy(
+        update={"deployment": name, "mongo_db": f"im_{name}", "push_workers": 0, "store_writers": 0, **knobs}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +85,14 @@ async def _hub_names(router_url: str, n: int) -> set[str]:
 async def test_restart_hubs_one_at_a_time_under_load_loses_nothing(own: Deployment) -> None:
     cfg = own.config
     workload = SyntheticWorkload(users=18, rate=40, duration_s=12, group_size=4, direct_share=0.3, seed=7)
-    run = asyncio.create_task(run_workload_async(own.router_url, workload, progress=False))
-    await asyncio.sleep(2.0)  # clients connected and groups made
+    sending = asyncio.Event()  # groups made (group.create is not retried across a drain): restart then
+    run = asyncio.create_task(
+        run_workload_async(
+            own.router_url, workload, progress=False, on_phase=lambda p: sending.set() if p == "sending" else None
+        )
+    )
+    await asyncio.wait_for(sending.wait(), 60)
+    await asyncio.sleep(1.0)
     results = await asyncio.to_thread(restart_hubs, cfg, 1.0)
     report = await run
     _clean(report)
@@ -196,18 +212,8 @@ def test_cli_down_status_purge_name_the_deployment(base_config: Config, local_ra
 async def test_restarted_router_serves_again_on_its_port(base_config: Config, local_ray: None) -> None:
     """Ray restarts a killed router; nobody calls ``ready`` on a restart, so the router must start
     serving by itself, on its configured port, and learn the live hubs from its heartbeats."""
-    name = f"rr{secrets.token_hex(3)}"
-    cfg = base_config.model_copy(
-        update={
-            "deployment": name,
-            "hubs": 1,
-            "mongo_db": f"im_{name}",
-            "push_workers": 0,
-            "store_writers": 0,
-            "router_port": free_port(),
-            "heartbeat_s": 0.5,
-        }
-    )
+    cfg = _own_config(base_config, "rr", hubs=1, router_port=free_port(), heartbeat_s=0.5)
+    name = cfg.deployment
     try:
         dep = await asyncio.to_thread(deploy, cfg)
         router = ray.get_actor(ids.actor_name("router", 0, cfg.actor_prefix), namespace=ids.NAMESPACE)
@@ -238,16 +244,7 @@ async def test_overlapping_ready_calls_start_one_server(base_config: Config, loc
     WebSocket server must come of it, every caller getting its URL."""
     import psutil
 
-    name = f"rh{secrets.token_hex(3)}"
-    cfg = base_config.model_copy(
-        update={
-            "deployment": name,
-            "hubs": 1,
-            "mongo_db": f"im_{name}",
-            "push_workers": 0,
-            "store_writers": 0,
-        }
-    )
+    cfg = _own_config(base_config, "rh", hubs=1)
     try:
         dep = await asyncio.to_thread(deploy, cfg)  # kept: non-detached actors go with their last handle
         hub = ray.get_actor(ids.actor_name("hub", 0, cfg.actor_prefix), namespace=ids.NAMESPACE)
@@ -269,15 +266,15 @@ async def test_overlapping_ready_calls_start_one_server(base_config: Config, loc
         assert load is not None and load["incarnation"] != old and load["url"] == "", errs[-3:]
         urls = await asyncio.gather(*(hub.ready.remote() for _ in range(4)))
         assert len(set(urls)) == 1 and urls[0]
-        pid = await hub.__ray_call__.remote(lambda self: __import__("os").getpid())
+        pid = (await hub.vitals.remote())["pid"]
         ports = {
             c.laddr.port
             for c in psutil.Process(pid).net_connections("tcp")
             if c.status == psutil.CONN_LISTEN and c.laddr.ip in ("127.0.0.1", "0.0.0.0")
         }
         servers = [p for p in sorted(ports) if hub_ready(f"ws://127.0.0.1:{p}/v1/ws", timeout_s=1.0)]
-        assert servers == [int(urls[0].rsplit(":", 1)[1].split("/", 1)[0])]
-        assert dep.config.deployment == name
+        assert servers == [urlparse(urls[0]).port]
+        del dep  # held until here
     finally:
         await asyncio.to_thread(teardown, cfg)
         await asyncio.to_thread(purge_deployment, cfg, drop_mongo_db=True)

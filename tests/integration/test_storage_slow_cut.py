@@ -18,10 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import msgpack
 import pytest
-from websockets.asyncio.client import connect
 
 from drivers.chaos import ChaosMonkey, ChaosSpec
 from drivers.run import run_workload_async
@@ -33,6 +31,7 @@ from im_actors.cluster import Deployment, deploy, teardown
 from im_actors.config import Config
 from im_actors.refs import DEFAULT_CALL_TIMEOUT_S
 from im_actors.services import LocalServices, purge_deployment, start_secantus
+from tests.rawconn import RawConn
 
 pytestmark = pytest.mark.integration
 
@@ -116,16 +115,6 @@ class RawSender:
         self._reader.cancel()
 
 
-async def _raw_connection(router_url: str, user: str) -> Any:
-    async with aiohttp.ClientSession() as http:
-        token = (await (await http.post(f"{router_url}/v1/login", json={"user": user})).json())["token"]
-        hub = await (await http.get(f"{router_url}/v1/hub")).json()
-    ws = await connect(hub["url"], subprotocols=["im.v1.msgpack"])  # type: ignore[list-item]
-    await ws.send(msgpack.packb({"t": "auth", "token": token, "device": "raw", "proto": 1}))
-    assert msgpack.unpackb(await ws.recv())["t"] == "ready"
-    return ws
-
-
 @pytest.mark.parametrize(
     ("kind", "delay_ms"),
     [("mongodb-slow", 300.0), ("mongodb-slow", 1500.0), ("mongodb-cut", 0.0)],
@@ -149,7 +138,7 @@ async def test_slow_or_cut_storage_answers_every_send_in_bounded_time_and_no_ack
     alice = Client(dep.router_url, a)
     await alice.connect()
     await alice.send(conv, "before")  # the conversation is active before the fault
-    ws = await _raw_connection(dep.router_url, a)
+    ws = (await RawConn.open(dep.router_url, a)).ws
     try:
         raw = RawSender(ws, conv)
         workload = SyntheticWorkload(users=12, rate=30, duration_s=10, group_size=4, direct_share=0.3, seed=7)

@@ -3,26 +3,9 @@ costs, and turning costs into nodes."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
-
-def _load() -> ModuleType:
-    root = Path(__file__).resolve().parents[2]
-    sys.path.insert(0, str(root))
-    spec = importlib.util.spec_from_file_location("capacity_bench", root / "benchmarks" / "capacity.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cap = _load()
+from benchmarks import capacity as cap
 
 
 def test_split_costs_solves_the_two_points() -> None:

@@ -2,24 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import resource
-import sys
-from pathlib import Path
-from types import ModuleType
 
-
-def _load() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "connections.py"
-    spec = importlib.util.spec_from_file_location("connections_bench", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load()
+from benchmarks import connections as bench
 
 
 def test_split_counts() -> None:

@@ -3,29 +3,14 @@ of what the hub does with a frame, and the answer checks. No hub, no Ray."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import msgpack
 import pytest
 
+from benchmarks import fuzz
 from im_actors import protocol
 
-
-def _load() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fuzz.py"
-    spec = importlib.util.spec_from_file_location("fuzz_bench", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fuzz = _load()
 LIMITS = protocol.Limits()
 MAX_FRAME = 1 << 20
 

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from benchmarks import saturation as sat
 from drivers.synthetic import SyntheticWorkload
 from im_actors.store import CMID_INDEX, SEQ_INDEX
-
-
-def _load() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "saturation.py"
-    spec = importlib.util.spec_from_file_location("saturation_bench", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sat = _load()
 
 
 def _lat(p99: float, count: int = 10) -> dict[str, float]:
