@@ -14,6 +14,16 @@ refused (``forbidden``) when either side blocked the other, and, under ``dm_poli
 unless both sides are ``accepted``. After each change the pair's direct conversation is told to ask
 again (:meth:`im_actors.conversation.ConversationShard.contact_changed`) and both users' session
 shards forget their cached contact lists (presence goes to accepted contacts).
+
+The answer to "may these two exchange direct messages?" is asked once per first-seen direct
+conversation, which is what 1:1 chat between many people mostly is (issue 10: 200 users make
+19,900 pairs). The book answers it from each user's sides, read once per user and kept
+(:data:`USERS_KEPT` users, least recently used dropped first): 200 users cost 200 reads, not
+19,900. Keeping them is safe because every question and every change of the pair ``(a, b)`` runs
+on this book, the pair's host: a change of ``(a, x)`` on another host touches a side this book
+never answers with. A change here updates the kept sides once it is written (or, when the write
+failed, drops both users, to be read again); a read that was on its way while a change was made
+is not kept (a change counter), so a late read never restores a side the change replaced.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from im_actors import ids
@@ -37,6 +48,11 @@ STATES = ("pending_out", "pending_in", "accepted", "blocked")
 OPS = ("request", "accept", "remove", "block", "unblock")
 
 State = str | None
+
+#: Users whose sides a contact book keeps (:class:`ContactBook`, least recently used dropped first).
+USERS_KEPT = 100_000
+#: A user with more sides than this is not kept (their pairs are read one batch at a time instead).
+SIDES_KEPT_MAX = 1_000
 
 
 def transition(op: str, mine: State, theirs: State) -> tuple[State, State]:
@@ -88,6 +104,9 @@ class ContactBook:
         self.peers = peers
         self.store = store
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._sides: OrderedDict[str, dict[str, str]] = OrderedDict()  # user -> {other: state}, kept sides
+        self._changes = 0  # changes made by this book, see the module docstring
+        self.stats: dict[str, float] = {"side_reads": 0, "dm_answers": 0}
 
     async def _states(self, a: str, b: str) -> tuple[State, State]:
         return await self.store.contact_states(a, b)
@@ -112,12 +131,23 @@ class ContactBook:
             ]
             if not sides:
                 return
+            self._changes += 1
             try:
                 await self.store.set_contact_sides(sides, int(time.time() * 1000))
             except StorageUnavailable:
                 # Part of it may be written: the caches are told all the same.
+                for u in (user, other):
+                    self._sides.pop(u, None)
                 await self._changed(user, other)
                 raise
+            self._changes += 1
+            for a, b, new in sides:
+                kept = self._sides.get(a)
+                if kept is not None:
+                    if new is None:
+                        kept.pop(b, None)
+                    else:
+                        kept[b] = new
         await self._changed(user, other)
 
     async def _changed(self, a: str, b: str) -> None:
@@ -139,12 +169,42 @@ class ContactBook:
     async def dm_allowed(self, a: str, b: str) -> bool:
         """May ``a`` and ``b`` send each other direct messages? False when either blocked the
         other; under ``dm_policy = "contacts"`` only when both sides are ``accepted``."""
-        return self._allowed(*await self._states(a, b))
+        return (await self.dm_allowed_many([(a, b)]))[0]
 
     async def dm_allowed_many(self, pairs: Sequence[tuple[str, str]]) -> builtins.list[bool]:
-        """:meth:`dm_allowed` for each of ``pairs``, in order, with one storage read for them all
-        (a batch of first-seen direct conversations). Raises :class:`StorageUnavailable`."""
-        return [self._allowed(mine, theirs) for mine, theirs in await self.store.contact_states_many(pairs)]
+        """:meth:`dm_allowed` for each of ``pairs``, in order (a batch of first-seen direct
+        conversations), from the kept sides of their users: one storage read for the users not
+        kept yet, none when all are; the pairs of a user with too many sides to keep are read
+        pair by pair, in one read for the batch. Raises :class:`StorageUnavailable`."""
+        users = list(dict.fromkeys(u for pair in pairs for u in pair))
+        missing = [u for u in users if u not in self._sides]
+        if missing:
+            changes = self._changes
+            read = await self.store.contact_sides_many(missing)
+            self.stats["side_reads"] += 1
+            if changes == self._changes:  # no change made meanwhile: the read is current
+                for u in missing:
+                    sides = read.get(u, {})
+                    if len(sides) <= SIDES_KEPT_MAX:
+                        self._sides[u] = sides
+                while len(self._sides) > USERS_KEPT:
+                    self._sides.popitem(last=False)
+        answers: dict[int, bool] = {}
+        unkept: list[int] = []
+        for i, (a, b) in enumerate(pairs):
+            mine, theirs = self._sides.get(a), self._sides.get(b)
+            if mine is None or theirs is None:
+                unkept.append(i)
+                continue
+            self._sides.move_to_end(a)
+            self._sides.move_to_end(b)
+            answers[i] = self._allowed(mine.get(b), theirs.get(a))
+        if unkept:
+            states = await self.store.contact_states_many([pairs[i] for i in unkept])
+            for i, (mine_s, theirs_s) in zip(unkept, states, strict=True):
+                answers[i] = self._allowed(mine_s, theirs_s)
+        self.stats["dm_answers"] += len(pairs)
+        return [answers[i] for i in range(len(pairs))]
 
     def _allowed(self, mine: State, theirs: State) -> bool:
         if "blocked" in (mine, theirs):

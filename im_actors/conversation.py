@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import ray
@@ -93,6 +93,9 @@ class Sequencer:
 
     ``membership`` is exact as of ``last``: a change applies when its entry commits.
     ``dm_allowed`` caches the contacts host's answer for a direct conversation (None: ask).
+    ``verified``: ``last`` was read from MongoDB, or a commit numbered from it succeeded; False
+    while it is Redis's guess (a sender's activation, see :meth:`ConversationShard._activate_many`),
+    and then readers check it against MongoDB first (:meth:`ConversationShard._verified`).
     """
 
     conv: str
@@ -103,7 +106,7 @@ class Sequencer:
     cmids: OrderedDict[tuple[str, str], tuple[int, int, bytes]] = field(default_factory=OrderedDict)
     pending: list[PendingSend] = field(default_factory=list)
     inflight: bool = False
-    indexed: bool = False  # direct conversation recorded in user_convs by this activation (before its commit)
+    verified: bool = True
 
     @property
     def members(self) -> frozenset[str]:
@@ -278,16 +281,20 @@ class ConversationShard:
             return await self.sequencer(conv)
         return await asyncio.shield(waiting)
 
-    async def _activate_many(self, convs: list[str], index_direct: bool = False) -> dict[str, BaseException]:
+    async def _activate_many(self, convs: list[str], for_send: bool = False) -> dict[str, BaseException]:
         """Activate every conversation of ``convs`` that is neither active nor activating, together.
 
-        One batch of first-seen conversations costs one Redis ``MGET`` and one MongoDB aggregate
-        for their last seqs (:meth:`Store.last_seqs`), run at the same time as the group shards'
-        membership answers and, with ``index_direct`` (a send is about to commit), one unordered
-        ``user_convs`` insert for the new direct conversations (their listing must precede their
-        first commit, see :meth:`_index_direct`). Returns the conversations whose activation failed,
-        with the error (:class:`Unavailable` when MongoDB or a group shard did not answer); waiters
-        of those get the same error.
+        Their last seqs: for a reader, the larger of Redis's and MongoDB's (:meth:`Store.last_seqs`);
+        for a sender (``for_send``), Redis's alone, one ``MGET`` for the batch
+        (:meth:`Store.recent_last_seqs`), the sequencer left unverified: the first commit
+        numbered from it is the check, since the unique ``(conv, seq)`` index refuses a seq that is
+        taken and the shard renumbers from MongoDB's last (:meth:`_settle`), before anything is
+        acked. A new conversation (most first-seen ones) so costs no MongoDB read before its first
+        commit. When Redis does not answer, MongoDB is read as for a reader. Run at the same time
+        as the group shards' membership answers. A direct conversation needs no listing of its own
+        first: its first entry carries it (:mod:`im_actors.store`). Returns the conversations whose
+        activation failed, with the error (:class:`Unavailable` when MongoDB or a group shard did
+        not answer); waiters of those get the same error.
         """
         todo = [
             c
@@ -301,29 +308,24 @@ class ConversationShard:
         self._activating.update(futs)
         failed: dict[str, BaseException] = {}
         try:
-            directs = [c for c in todo if ids.conv_kind(c) == "direct"]
-            index = {c: sorted(ids.direct_members(c)) for c in directs} if index_direct else {}
-            lasts_res, index_res, *loads = await asyncio.gather(
-                self.store.last_seqs(todo),
-                self.store.add_user_convs_many(index),
+            lasts_res, *loads = await asyncio.gather(
+                self._last_seqs(todo, for_send),
                 *(self._load_membership(c) for c in todo),
                 return_exceptions=True,
             )
             for conv, fut, load in zip(todo, futs.values(), loads, strict=True):
-                error = next(
-                    (r for r in (lasts_res, load) if isinstance(r, BaseException)),
-                    index_res if conv in index and isinstance(index_res, BaseException) else None,
-                )
+                error = next((r for r in (lasts_res, load) if isinstance(r, BaseException)), None)
                 if error is not None:
                     failed[conv] = error
                     fut.set_exception(error)
                     fut.exception()  # retrieved: waiters get it through shield
                     continue
-                assert isinstance(lasts_res, dict) and isinstance(load, tuple)
-                membership, exists = load
+                lasts, verified = cast(tuple[dict[str, int], bool], lasts_res)  # not an exception: checked above
+                membership, exists = cast(tuple[Membership, bool], load)
                 # 0 for a made-up id; read all the same, as _load_membership explains
-                seqr = Sequencer(conv=conv, last=lasts_res.get(conv, 0), membership=membership, exists=exists)
-                seqr.indexed = conv in index
+                seqr = Sequencer(
+                    conv=conv, last=lasts.get(conv, 0), membership=membership, exists=exists, verified=verified
+                )
                 if exists:
                     self.sequencers[conv] = seqr
                 else:  # a made-up group id: only its id is kept, in a bounded set
@@ -344,6 +346,26 @@ class ConversationShard:
         self.stats["activations"] += len(todo) - len(failed)
         self._evict_idle(keep=frozenset(todo))
         return failed
+
+    async def _last_seqs(self, convs: list[str], for_send: bool) -> tuple[dict[str, int], bool]:
+        """``({conv: last seq}, verified)``: Redis's guess for a sender when Redis answers, else
+        the larger of Redis's and MongoDB's (see :meth:`_activate_many`)."""
+        if for_send:
+            guess = await self.store.recent_last_seqs(convs)
+            if guess is not None:
+                return guess, False
+        return await self.store.last_seqs(convs), True
+
+    async def _verified(self, seqr: Sequencer) -> Sequencer:
+        """``seqr`` with ``last`` checked against MongoDB (a reader of a sender's fresh activation:
+        sync, history and ``last`` must not stop short of an acked entry Redis forgot). ``last``
+        only moves up; a commit in flight numbered from the guess then meets the unique index and
+        is renumbered. Raises :class:`Unavailable` when MongoDB does not answer."""
+        if not seqr.verified:
+            stored = await self.store.last_seq(seqr.conv)
+            seqr.last = max(seqr.last, stored)
+            seqr.verified = True
+        return seqr
 
     def _evict_idle(self, keep: Collection[str] = ()) -> None:
         """Keep at most ``conv_active_max`` sequencers: past it, drop the least recently used idle
@@ -395,7 +417,7 @@ class ConversationShard:
         seqr = await self.sequencer(conv)
         if not seqr.membership.ever(user):
             raise Forbidden(NOT_A_MEMBER)
-        return seqr
+        return await self._verified(seqr)
 
     async def _check_dm(self, seqr: Sequencer, sender: str) -> None:
         """Refuse a direct message that a block or the direct-message policy forbids.
@@ -507,7 +529,7 @@ class ConversationShard:
         if not new and not ask:
             return {}
         activated, (answers, failed) = await asyncio.gather(
-            self._activate_many(new, index_direct=True), self._dm_answers(ask)
+            self._activate_many(new, for_send=True), self._dm_answers(ask)
         )
         for conv, allowed in answers.items():
             seqr = self.sequencers.get(conv)
@@ -664,7 +686,6 @@ class ConversationShard:
         convs = list(dict.fromkeys(e["conv"] for e in entries))
         started = time.perf_counter()
         try:
-            await self._index_direct(convs)
             result = await self._commit_with_retry(entries)
             self.stats["commit_ms_total"] += (time.perf_counter() - started) * 1000
         except Exception as exc:  # noqa: BLE001 - every send must be answered, whatever failed
@@ -698,24 +719,6 @@ class ConversationShard:
         if result is not None:
             self._settle(entries, sends, result)
 
-    async def _index_direct(self, convs: list[str]) -> None:
-        """Record new direct conversations in ``user_convs`` *before* their first commit, once per
-        activation (the insert is idempotent), in one storage call for the batch. Written after the
-        commit, a shard dying between the two (a node lost, seen in the node-removal test) left an
-        acked entry in a conversation that ``convs`` never listed to its recipient: one whose live
-        delivery was lost too could not catch up. Usually done at activation already
-        (:meth:`_activate_many`). Raises :class:`Unavailable` (the commit is then answered
-        unavailable)."""
-        todo = [
-            seqr
-            for seqr in (self.sequencers.get(c) for c in convs)
-            if seqr is not None and not seqr.indexed and ids.conv_kind(seqr.conv) == "direct"
-        ]
-        if todo:
-            await self.store.add_user_convs_many({s.conv: sorted(s.members) for s in todo})
-            for seqr in todo:
-                seqr.indexed = True
-
     async def _commit_with_retry(self, entries: list[dict[str, Any]]) -> CommitResult:
         """Commit on one writer; if that writer is gone, once more on the next (DESIGN.md section 4).
 
@@ -744,7 +747,8 @@ class ConversationShard:
         fanout: list[tuple[dict[str, Any], frozenset[str]]] = []
         for entry, p in zip(committed, sends, strict=False):
             seqr = self.sequencers[entry["conv"]]
-            seqr.last = entry["seq"]
+            seqr.last = max(seqr.last, entry["seq"])
+            seqr.verified = True  # seq taken nowhere: the guess it was numbered from was the last
             recipients = seqr.members
             if p.change:
                 seqr.membership.apply(entry["sender"], entry.get("meta") or {}, entry["seq"])
@@ -788,6 +792,7 @@ class ConversationShard:
                     extra={"conv": entry["conv"], "cmid": entry["cmid"], "user": entry["sender"]},
                 )
                 seqr.last = max(seqr.last, result.last_seq)
+                seqr.verified = True
                 rest.insert(0, (entry, p))
         # Sends after the conflict were not written: back to the head of their queue, same order.
         requeue: dict[str, list[PendingSend]] = {}
@@ -926,7 +931,7 @@ class ConversationShard:
         out: dict[str, int] = {}
         for conv in convs:
             try:
-                seqr = await self.sequencer(conv)
+                seqr = await self._verified(await self.sequencer(conv))
             except Unavailable:
                 continue
             if seqr.membership.ever(user):
@@ -939,7 +944,7 @@ class ConversationShard:
         Then every member's devices and the user's other devices get ``receipt`` (PROTOCOL.md 5);
         ``origin`` (hub, connection id) is the reading connection, which gets none.
         """
-        seqr = await self._member_sequencer(user, conv)
+        seqr = await self._verified(await self._member_sequencer(user, conv))
         seq = min(seq, seqr.last)
         await self.store.set_read(user, conv, seq)
         self._emit({"t": "receipt", "conv": conv, "user": user, "seq": seq}, seqr.members, origin)

@@ -29,6 +29,7 @@ class FakeStore:
         self.entries: dict[tuple[str, int], dict[str, Any]] = {}
         self.cmids: dict[tuple[str, str, str], int] = {}
         self.redis_last: dict[str, int] = {}
+        self.redis_down = False
         self.down = False
         self.commits: list[list[dict[str, Any]]] = []
         self.user_convs_rows: set[tuple[str, str]] = set()
@@ -52,6 +53,8 @@ class FakeStore:
                 return CommitResult(i, "seq", None, self._last(e["conv"]))
             self.entries[(e["conv"], e["seq"])] = dict(e)
             self.cmids[key] = e["seq"]
+            if e["seq"] == 1 and e["conv"].startswith("d:"):  # the first entry lists it (store.py)
+                self.user_convs_rows |= {(u, e["conv"]) for u in e["conv"].split(":")[1:]}
             self.redis_last[e["conv"]] = max(self.redis_last.get(e["conv"], 0), e["seq"])
         return CommitResult(len(entries))
 
@@ -65,6 +68,11 @@ class FakeStore:
 
     async def last_seqs(self, convs: list[str]) -> dict[str, int]:
         return {c: await self.last_seq(c) for c in convs}
+
+    async def recent_last_seqs(self, convs: list[str]) -> dict[str, int] | None:
+        if self.redis_down:
+            return None
+        return {c: self.redis_last.get(c, 0) for c in convs}
 
     async def read_range(self, conv: str, after: int, upto: int) -> list[dict[str, Any]]:
         return [self.entries[(conv, s)] for s in range(after + 1, upto + 1)]
@@ -114,6 +122,14 @@ class FakeStore:
                 self.contacts.docs.pop(f"{user}|{other}", None)
             else:
                 self.contacts.docs[f"{user}|{other}"] = {"user": user, "other": other, "state": state, "ms": ms}
+
+    async def contact_sides_many(self, users: list[str]) -> dict[str, dict[str, str]]:
+        self.contacts.check()
+        out: dict[str, dict[str, str]] = {}
+        for d in self.contacts.docs.values():
+            if d["user"] in users:
+                out.setdefault(d["user"], {})[d["other"]] = d["state"]
+        return out
 
     async def contacts_of(self, user: str) -> list[tuple[str, str]]:
         self.contacts.check()

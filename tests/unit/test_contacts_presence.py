@@ -74,14 +74,79 @@ def test_unknown_op() -> None:
     ],
 )
 async def test_dm_policy(policy: str, mine: str | None, theirs: str | None, allowed: bool) -> None:
-    book = ContactBook(load_config(dm_policy=policy), None, FakeStore())  # type: ignore[arg-type]
-
-    async def states(a: str, b: str) -> tuple[str | None, str | None]:
-        return (mine, theirs) if (a, b) == ("alice", "bob") else (theirs, mine)
-
-    book._states = states  # type: ignore[method-assign]
+    store = FakeStore()
+    for user, other, state in (("alice", "bob", mine), ("bob", "alice", theirs)):
+        if state is not None:
+            store.contacts.docs[f"{user}|{other}"] = {"user": user, "other": other, "state": state, "ms": 0}
+    book = ContactBook(load_config(dm_policy=policy), None, store)  # type: ignore[arg-type]
     assert await book.dm_allowed("alice", "bob") is allowed
     assert await book.dm_allowed("bob", "alice") is allowed
+
+
+class _Nobody:
+    """Peers of a contact book whose session and conversation shards take every notice."""
+
+    def session(self, user: str) -> Any:
+        return self
+
+    def conv(self, conv: str) -> Any:
+        return self
+
+    def notify(self, *args: Any) -> None:
+        pass
+
+    async def call(self, *args: Any) -> None:
+        pass
+
+
+async def test_first_seen_pairs_are_answered_from_each_users_sides_read_once() -> None:
+    """200 users make 19,900 pairs: the book reads each user's sides once, not each pair's."""
+    store = FakeStore()
+    reads: list[list[str]] = []
+    real = store.contact_sides_many
+
+    async def counted(users: list[str]) -> dict[str, dict[str, str]]:
+        reads.append(list(users))
+        return await real(users)
+
+    store.contact_sides_many = counted  # type: ignore[method-assign]
+    book = ContactBook(load_config(), _Nobody(), store)  # type: ignore[arg-type]
+    users = [f"u{i}" for i in range(6)]
+    first = [(users[0], u) for u in users[1:]]
+    assert await book.dm_allowed_many(first) == [True] * 5
+    assert reads == [users]
+    later = [(a, b) for i, a in enumerate(users) for b in users[i + 1 :]]  # 15 pairs, 10 never asked
+    assert await book.dm_allowed_many(later) == [True] * 15
+    assert len(reads) == 1
+
+
+async def test_a_change_is_seen_at_once_and_a_read_on_its_way_during_it_is_not_kept() -> None:
+    store = FakeStore()
+    book = ContactBook(load_config(), _Nobody(), store)  # type: ignore[arg-type]
+    assert await book.dm_allowed("alice", "bob")
+    await book.change("block", "alice", "bob")
+    assert not await book.dm_allowed("alice", "bob") and not await book.dm_allowed("bob", "alice")
+    await book.change("unblock", "alice", "bob")
+    assert await book.dm_allowed("bob", "alice")
+
+    # dave's sides are being read when he blocks carol: that read must not be kept
+    real = store.contact_sides_many
+    reading, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(users: list[str]) -> dict[str, dict[str, str]]:
+        found = await real(users)  # read before the block is written
+        reading.set()
+        await release.wait()
+        return found
+
+    store.contact_sides_many = slow  # type: ignore[method-assign]
+    asked = asyncio.ensure_future(book.dm_allowed("dave", "erin"))
+    await reading.wait()
+    store.contact_sides_many = real  # type: ignore[method-assign]
+    await book.change("block", "dave", "carol")
+    release.set()
+    assert await asked  # dave and erin: allowed, answered from the old read...
+    assert not await book.dm_allowed("carol", "dave")  # ...which was not kept: the block is seen
 
 
 def test_bad_dm_policy_names_the_key() -> None:

@@ -9,7 +9,6 @@ import pytest
 
 from im_actors.config import load_config
 from im_actors.conversation import ConversationShard, SendItem
-from im_actors.errors import Unavailable
 from im_actors.ids import direct_conv
 from tests.fakes import FakePeers, FakeStore
 
@@ -184,49 +183,68 @@ async def test_pages_are_cut_to_max_page_bytes_without_skipping() -> None:
     assert [m["seq"] for m in page["msgs"]] == [6] and not page["more"]  # one entry always goes
 
 
-async def test_a_direct_conversation_is_listed_for_both_users_before_its_first_commit() -> None:
+async def test_a_direct_conversation_is_listed_for_both_users_by_its_first_commit() -> None:
+    """The first entry carries the listing (store.py): a commit that fails leaves neither the
+    entry nor the listing (a shard dying between two writes once left an entry that `convs` never
+    showed its recipient, found by removing Ray nodes mid-traffic), and one that succeeds both."""
     store = FakeStore()
-    shard, peers = make_shard(store)
-    order: list[str] = []
-    commit, index = store.commit, store.add_user_convs
-
-    async def counted_commit(entries: list[dict[str, Any]]) -> Any:
-        order.append("commit")
-        return await commit(entries)
-
-    async def counted_index(conv: str, users: list[str]) -> None:
-        order.append("index")
-        await index(conv, users)
-
-    async def failing_index(conv: str, users: list[str]) -> None:
-        raise Unavailable("MongoDB unreachable: fake")
-
-    peers.store_peer.handlers["commit"] = counted_commit
-    store.add_user_convs = failing_index  # type: ignore[method-assign]
-    # Not listed, not committed: a shard dying after the commit would leave an entry that `convs`
-    # never shows its recipient (found by removing Ray nodes mid-traffic).
-    assert await shard.send_batch([item("c1")]) == [
-        {"err": "unavailable", "msg": "MongoDB unreachable: fake", "retry": True}
-    ]
-    assert store.entries == {} and order == []
-    store.add_user_convs = counted_index  # type: ignore[method-assign]
+    shard, _ = make_shard(store)
+    store.down = True
+    assert (await shard.send_batch([item("c1")]))[0]["err"] == "unavailable"
+    assert store.entries == {} and store.user_convs_rows == set()
+    store.down = False
     assert (await shard.send_batch([item("c1")]))[0]["seq"] == 1
-    assert order == ["index", "commit"]
     assert store.user_convs_rows == {("alice", CONV), ("bob", CONV)}
-    await shard.send_batch([item("c2")])
-    assert order == ["index", "commit", "commit"]  # once per activation
+    assert store.commits[-1][0]["seq"] == 1  # listed by that commit, no storage call of its own
+
+
+async def test_a_sender_activates_from_redis_and_a_stale_guess_is_renumbered_from_mongodb() -> None:
+    """A send activates its conversation from Redis's last alone; where Redis is behind MongoDB
+    (lost keys, an old snapshot) the commit meets the unique (conv, seq) index and is renumbered
+    from MongoDB's last before anything is acked: no seq reused, none skipped."""
+    store = FakeStore()
+    shard, _ = make_shard(store)
+    await shard.send_batch([item("c1"), item("c2"), item("c3")])
+    fresh, _ = make_shard(store)  # a restarted shard...
+    store.redis_last[CONV] = 1  # ...and a Redis that lost the newest commits
+    assert [a["seq"] for a in await fresh.send_batch([item("c4"), item("c5")])] == [4, 5]
+    assert sorted(s for c, s in store.entries if c == CONV) == [1, 2, 3, 4, 5]
+    store.redis_down = True  # without Redis, MongoDB is read first
+    other, _ = make_shard(store)
+    assert [a["seq"] for a in await other.send_batch([item("c6")])] == [6]
+
+
+async def test_a_reader_of_a_guessed_last_checks_it_against_mongodb() -> None:
+    """sync must not stop short of an acked entry because a sender's activation guessed ``last``
+    from a Redis that lost it: the reader checks it first."""
+    store = FakeStore()
+    shard, _ = make_shard(store)
+    await shard.send_batch([item("c1"), item("c2")])
+    fresh, _ = make_shard(store)
+    store.redis_last[CONV] = 0
+    store.gate = asyncio.Event()  # the sender's first commit is held at storage
+    send = asyncio.ensure_future(fresh.send_batch([item("c3")]))
+    for _ in range(50):
+        if fresh.sequencers.get(CONV) is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert not fresh.sequencers[CONV].verified and fresh.sequencers[CONV].last == 0
+    page = await fresh.sync("bob", CONV, 0, 100)  # while the commit is still held
+    assert page["last"] == 2 and [m["seq"] for m in page["msgs"]] == [1, 2]
+    store.gate.set()
+    assert [a["seq"] for a in await send] == [3]
 
 
 async def test_first_seen_conversations_of_a_batch_activate_together() -> None:
     store = FakeStore()
     calls: list[list[str]] = []
-    real = store.last_seqs
+    real = store.recent_last_seqs
 
-    async def last_seqs(convs: list[str]) -> dict[str, int]:
+    async def last_seqs(convs: list[str]) -> dict[str, int] | None:
         calls.append(list(convs))
         return await real(convs)
 
-    store.last_seqs = last_seqs  # type: ignore[method-assign]
+    store.recent_last_seqs = last_seqs  # type: ignore[method-assign]
     shard, peers = make_shard(store)
     convs = [f"d:alice:u{i:02d}" for i in range(20)]
     acks = await shard.send_batch([item("c1", conv=c) for c in convs])
@@ -269,13 +287,13 @@ async def test_batches_in_flight_together_keep_their_arrival_order() -> None:
     """A hub has several send batches in flight (hub_inflight); a later batch must not overtake an
     earlier one that waits for its conversation's activation."""
     store = FakeStore()
-    real = store.last_seqs
+    real = store.recent_last_seqs
 
-    async def slow_last_seqs(convs: list[str]) -> dict[str, int]:
+    async def slow_last_seqs(convs: list[str]) -> dict[str, int] | None:
         await asyncio.sleep(0.02)  # activation waits on storage
         return await real(convs)
 
-    store.last_seqs = slow_last_seqs  # type: ignore[method-assign]
+    store.recent_last_seqs = slow_last_seqs  # type: ignore[method-assign]
     shard, _ = make_shard(store, hub_inflight=4)
     first = asyncio.ensure_future(shard.send_batch([item("a1")]))
     await asyncio.sleep(0)  # the first batch is preparing (activating the conversation)
