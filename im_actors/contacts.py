@@ -40,7 +40,7 @@ from im_actors.errors import BadRequest, Forbidden, StorageUnavailable, Unavaila
 from im_actors.refs import Peers
 from im_actors.store import Store
 
-__all__ = ["ContactBook", "transition", "accepted_contacts", "STATES", "OPS"]
+__all__ = ["ContactBook", "SideCache", "transition", "accepted_contacts", "STATES", "OPS"]
 
 #: States of one side of a pair; None (no document) means no relation.
 STATES = ("pending_out", "pending_in", "accepted", "blocked")
@@ -96,6 +96,85 @@ async def accepted_contacts(store: Store, user: str) -> list[str]:
     return await store.accepted_contacts(user)
 
 
+class SideCache:
+    """Each user's contact sides, read once from storage and kept, to answer "may these two
+    exchange direct messages?" (the module docstring says why keeping them is safe).
+
+    Held by the contact book (its own changes) and by each conversation shard (its direct
+    conversations' checks, with no call to the contacts host). :attr:`version` moves on every
+    change; a read that was on its way across one is not kept, and a caller keeping an answer
+    (a sequencer's ``dm_allowed``) compares the version from before it asked.
+    """
+
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self._sides: OrderedDict[str, dict[str, str]] = OrderedDict()  # user -> {other: state}
+        self.version = 0
+        self.stats: dict[str, float] = {"side_reads": 0, "dm_answers": 0}
+
+    def forget(self, *users: str) -> None:
+        """The sides of ``users`` may have changed (unknown how): read them again when asked."""
+        self.version += 1
+        for u in users:
+            self._sides.pop(u, None)
+
+    def wrote(self, sides: Sequence[tuple[str, str, State]]) -> None:
+        """Sides ``[(user, other, state or None)]`` were written: keep them as written."""
+        self.version += 1
+        for a, b, new in sides:
+            kept = self._sides.get(a)
+            if kept is not None:
+                if new is None:
+                    kept.pop(b, None)
+                else:
+                    kept[b] = new
+
+    async def allowed_many(self, pairs: Sequence[tuple[str, str]]) -> builtins.list[bool]:
+        """May each of ``pairs`` exchange direct messages (in order)? False when either blocked the
+        other; under ``dm_policy = "contacts"`` only when both sides are ``accepted``. One storage
+        read for the users not kept yet, none when all are; the pairs of a user with too many
+        sides to keep (:data:`SIDES_KEPT_MAX`) are read pair by pair, in one read for the batch.
+        Raises :class:`StorageUnavailable`."""
+        users = builtins.list(dict.fromkeys(u for pair in pairs for u in pair))
+        missing = [u for u in users if u not in self._sides]
+        if missing:
+            version = self.version
+            read = await self.store.contact_sides_many(missing)
+            self.stats["side_reads"] += 1
+            if version == self.version:  # no change meanwhile: the read is current
+                for u in missing:
+                    sides = read.get(u, {})
+                    if len(sides) <= SIDES_KEPT_MAX:
+                        self._sides[u] = sides
+                while len(self._sides) > USERS_KEPT:
+                    self._sides.popitem(last=False)
+        answers: dict[int, bool] = {}
+        unkept: builtins.list[int] = []
+        for i, (a, b) in enumerate(pairs):
+            mine, theirs = self._sides.get(a), self._sides.get(b)
+            if mine is None or theirs is None:
+                unkept.append(i)
+                continue
+            self._sides.move_to_end(a)
+            self._sides.move_to_end(b)
+            answers[i] = self.allowed(mine.get(b), theirs.get(a))
+        if unkept:
+            states = await self.store.contact_states_many([pairs[i] for i in unkept])
+            for i, (mine_s, theirs_s) in zip(unkept, states, strict=True):
+                answers[i] = self.allowed(mine_s, theirs_s)
+        self.stats["dm_answers"] += len(pairs)
+        return [answers[i] for i in range(len(pairs))]
+
+    def allowed(self, mine: State, theirs: State) -> bool:
+        """The rule itself, on the pair's two sides."""
+        if "blocked" in (mine, theirs):
+            return False
+        if self.config.dm_policy == "contacts":
+            return mine == theirs == "accepted"
+        return True
+
+
 class ContactBook:
     """Plain core of the contact book hosted by one group shard."""
 
@@ -104,9 +183,7 @@ class ContactBook:
         self.peers = peers
         self.store = store
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._sides: OrderedDict[str, dict[str, str]] = OrderedDict()  # user -> {other: state}, kept sides
-        self._changes = 0  # changes made by this book, see the module docstring
-        self.stats: dict[str, float] = {"side_reads": 0, "dm_answers": 0}
+        self.sides = SideCache(config, store)
 
     async def _states(self, a: str, b: str) -> tuple[State, State]:
         return await self.store.contact_states(a, b)
@@ -131,28 +208,21 @@ class ContactBook:
             ]
             if not sides:
                 return
-            self._changes += 1
+            self.sides.forget()  # a read on its way from now on is not kept
             try:
                 await self.store.set_contact_sides(sides, int(time.time() * 1000))
             except StorageUnavailable:
                 # Part of it may be written: the caches are told all the same.
-                for u in (user, other):
-                    self._sides.pop(u, None)
+                self.sides.forget(user, other)
                 await self._changed(user, other)
                 raise
-            self._changes += 1
-            for a, b, new in sides:
-                kept = self._sides.get(a)
-                if kept is not None:
-                    if new is None:
-                        kept.pop(b, None)
-                    else:
-                        kept[b] = new
+            self.sides.wrote(sides)
         await self._changed(user, other)
 
     async def _changed(self, a: str, b: str) -> None:
         """Tell the pair's direct conversation before answering, so a send after the answer sees
-        the change; a shard that does not answer is restarting and will ask afresh anyway."""
+        the change (its shard forgets both users' kept sides); a shard that does not answer is
+        restarting and will read afresh anyway."""
         conv = ids.direct_conv(a, b)
         for u in (a, b):
             self.peers.session(u).notify("contacts_changed", u)
@@ -167,48 +237,9 @@ class ContactBook:
         return sorted(({"user": other, "state": state} for other, state in sides), key=lambda c: c["user"])
 
     async def dm_allowed(self, a: str, b: str) -> bool:
-        """May ``a`` and ``b`` send each other direct messages? False when either blocked the
-        other; under ``dm_policy = "contacts"`` only when both sides are ``accepted``."""
-        return (await self.dm_allowed_many([(a, b)]))[0]
+        """See :meth:`SideCache.allowed_many`."""
+        return (await self.sides.allowed_many([(a, b)]))[0]
 
     async def dm_allowed_many(self, pairs: Sequence[tuple[str, str]]) -> builtins.list[bool]:
-        """:meth:`dm_allowed` for each of ``pairs``, in order (a batch of first-seen direct
-        conversations), from the kept sides of their users: one storage read for the users not
-        kept yet, none when all are; the pairs of a user with too many sides to keep are read
-        pair by pair, in one read for the batch. Raises :class:`StorageUnavailable`."""
-        users = list(dict.fromkeys(u for pair in pairs for u in pair))
-        missing = [u for u in users if u not in self._sides]
-        if missing:
-            changes = self._changes
-            read = await self.store.contact_sides_many(missing)
-            self.stats["side_reads"] += 1
-            if changes == self._changes:  # no change made meanwhile: the read is current
-                for u in missing:
-                    sides = read.get(u, {})
-                    if len(sides) <= SIDES_KEPT_MAX:
-                        self._sides[u] = sides
-                while len(self._sides) > USERS_KEPT:
-                    self._sides.popitem(last=False)
-        answers: dict[int, bool] = {}
-        unkept: list[int] = []
-        for i, (a, b) in enumerate(pairs):
-            mine, theirs = self._sides.get(a), self._sides.get(b)
-            if mine is None or theirs is None:
-                unkept.append(i)
-                continue
-            self._sides.move_to_end(a)
-            self._sides.move_to_end(b)
-            answers[i] = self._allowed(mine.get(b), theirs.get(a))
-        if unkept:
-            states = await self.store.contact_states_many([pairs[i] for i in unkept])
-            for i, (mine_s, theirs_s) in zip(unkept, states, strict=True):
-                answers[i] = self._allowed(mine_s, theirs_s)
-        self.stats["dm_answers"] += len(pairs)
-        return [answers[i] for i in range(len(pairs))]
-
-    def _allowed(self, mine: State, theirs: State) -> bool:
-        if "blocked" in (mine, theirs):
-            return False
-        if self.config.dm_policy == "contacts":
-            return mine == theirs == "accepted"
-        return True
+        """See :meth:`SideCache.allowed_many`."""
+        return await self.sides.allowed_many(pairs)

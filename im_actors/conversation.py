@@ -33,6 +33,7 @@ import ray
 from im_actors import ids
 from im_actors.batching import Batcher
 from im_actors.config import Config
+from im_actors.contacts import SideCache
 from im_actors.errors import Conflict, Forbidden, RequestError, StorageUnavailable, Unavailable
 from im_actors.membership import Membership
 from im_actors.protocol import body_size
@@ -199,6 +200,7 @@ class ConversationShard:
         self.config = config
         self.peers = peers
         self.store = store
+        self.sides = SideCache(config, store)  # contact sides for direct-message checks
         # least recently used first (see _evict_idle); dict order is kept by move_to_end on every use
         self.sequencers: OrderedDict[str, Sequencer] = OrderedDict()
         self._splits: dict[str, tuple[frozenset[str], dict[int, list[str]]]] = {}  # conv -> members by shard
@@ -422,40 +424,39 @@ class ConversationShard:
     async def _check_dm(self, seqr: Sequencer, sender: str) -> None:
         """Refuse a direct message that a block or the direct-message policy forbids.
 
-        The contacts host answers once per activation; it tells this shard when the pair's contact
-        state changes (:meth:`contact_changed`)."""
+        Answered once per activation from the pair's kept contact sides (:class:`SideCache`, read
+        from storage once per user); the contacts host tells this shard when the pair's contact
+        state changes (:meth:`contact_changed`), before it answers the change."""
         if ids.conv_kind(seqr.conv) != "direct":
             return
         if seqr.dm_allowed is None:
-            a, b = ids.direct_members(seqr.conv)
-            seqr.dm_allowed = bool(await self.peers.contact_host(a, b).call("dm_allowed", a, b))
-        if not seqr.dm_allowed:
+            version = self.sides.version
+            (allowed,) = await self.sides.allowed_many([ids.direct_members(seqr.conv)])
+            if self.sides.version == version:  # else a change came meanwhile: ask again next time
+                seqr.dm_allowed = allowed
+            if not allowed:
+                raise Forbidden(DM_REFUSED)
+        elif not seqr.dm_allowed:
             raise Forbidden(DM_REFUSED)
 
-    async def _dm_answers(self, convs: list[str]) -> tuple[dict[str, bool], dict[str, BaseException]]:
-        """Ask the contacts hosts whether each direct conversation of ``convs`` may carry messages,
-        one call per host (:meth:`ContactBook.dm_allowed_many`): ``({conv: allowed}, {conv: error})``
-        (the error of a host that did not answer)."""
-        by_host: dict[Any, list[str]] = {}
-        for conv in dict.fromkeys(convs):
-            by_host.setdefault(self.peers.contact_host(*ids.direct_members(conv)), []).append(conv)
-        hosts = list(by_host)
-        replies = await asyncio.gather(
-            *(host.call("dm_allowed_many", [ids.direct_members(c) for c in by_host[host]]) for host in hosts),
-            return_exceptions=True,
-        )
-        answers: dict[str, bool] = {}
-        failed: dict[str, BaseException] = {}
-        for host, reply in zip(hosts, replies, strict=True):
-            for i, conv in enumerate(by_host[host]):
-                if isinstance(reply, BaseException):
-                    failed[conv] = reply
-                else:
-                    answers[conv] = bool(reply[i])
-        return answers, failed
+    async def _dm_answers(self, convs: list[str]) -> tuple[dict[str, bool], dict[str, BaseException], int]:
+        """Whether each direct conversation of ``convs`` may carry messages, from the kept contact
+        sides (one storage read for the users not kept yet): ``({conv: allowed}, {conv: error},
+        version)``, ``version`` the sides' version before asking (see :meth:`_prepare`)."""
+        convs = list(dict.fromkeys(convs))
+        version = self.sides.version
+        if not convs:
+            return {}, {}, version
+        try:
+            allowed = await self.sides.allowed_many([ids.direct_members(c) for c in convs])
+        except StorageUnavailable as exc:
+            return {}, dict.fromkeys(convs, exc), version
+        return dict(zip(convs, allowed, strict=True)), {}, version
 
     def contact_changed(self, conv: str) -> None:
-        """The contact state of a direct conversation's pair changed: ask again at the next send."""
+        """The contact state of a direct conversation's pair changed: forget both users' kept sides
+        and ask again at the next send."""
+        self.sides.forget(*ids.direct_members(conv))
         seqr = self.sequencers.get(conv)
         if seqr is not None:
             seqr.dm_allowed = None
@@ -528,12 +529,14 @@ class ConversationShard:
                 ask.append(it.conv)
         if not new and not ask:
             return {}
-        activated, (answers, failed) = await asyncio.gather(
+        activated, (answers, failed, version) = await asyncio.gather(
             self._activate_many(new, for_send=True), self._dm_answers(ask)
         )
         for conv, allowed in answers.items():
             seqr = self.sequencers.get(conv)
-            if seqr is not None and seqr.dm_allowed is None:  # not asked again since (contact_changed)
+            if seqr is None:
+                continue
+            if self.sides.version == version:  # else a contact change came meanwhile: _enqueue asks again
                 seqr.dm_allowed = allowed
         return {**failed, **activated}
 

@@ -189,13 +189,9 @@ class FakePeers:
             }
         )
         self.groups = [self.group_peer]
-        self.blocked: set[tuple[str, str]] = set()  # (a, b) sorted pairs whose direct messages are refused
-        self.contacts_peer = FakePeer(
-            {
-                "dm_allowed": lambda a, b: (min(a, b), max(a, b)) not in self.blocked,
-                "dm_allowed_many": lambda pairs: [(min(a, b), max(a, b)) not in self.blocked for a, b in pairs],
-            }
-        )
+        # the contacts host: conversation shards never call it for direct-message checks (they read
+        # the contact sides themselves, contacts.SideCache); a call shows up in its ``calls``
+        self.contacts_peer = FakePeer({})
         self.conv_peer: FakePeer | None = None
         self.fanned: list[tuple[int, list[tuple[dict[str, Any], list[str]]]]] = []
         self.sessions = [

@@ -12,9 +12,10 @@ import asyncio
 import json
 from typing import Any
 
-import aiohttp
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
+
+from tests.rawconn import open_ready
 
 pytestmark = pytest.mark.integration
 
@@ -27,13 +28,7 @@ class JsonConn:
 
     @classmethod
     async def open(cls, router_url: str, user: str) -> JsonConn:
-        async with aiohttp.ClientSession() as http:
-            token = (await (await http.post(f"{router_url}/v1/login", json={"user": user})).json())["token"]
-            hub = await (await http.get(f"{router_url}/v1/hub")).json()
-        ws = await connect(hub["url"], subprotocols=["im.v1.json"])  # type: ignore[list-item]
-        await ws.send(json.dumps({"t": "auth", "token": token, "device": "raw", "proto": 1}))
-        assert json.loads(await ws.recv())["t"] == "ready"
-        return cls(ws)
+        return cls(await open_ready(router_url, user, "im.v1.json"))
 
     async def ask(self, text: str, rid: int) -> dict[str, Any]:
         await self.ws.send(text)

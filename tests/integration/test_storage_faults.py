@@ -112,6 +112,12 @@ async def test_flushall_between_two_sends_continues_the_seq(stack: PrivateStack)
         assert third.seq == second.seq + 1
         page = await alice.sync(conv, 0, 10)  # Redis lost them: served from MongoDB
         assert [m["body"] for m in page.msgs] == ["one", "two", "three"]
+        bob = Client(dep.router_url, b)
+        await bob.connect()
+        try:  # listed for the recipient by the first entry itself (store.py), last from MongoDB
+            assert [(c["conv"], c["last"]) for c in await bob.convs()] == [(conv, 3)]
+        finally:
+            await bob.close()
     finally:
         await alice.close()
 

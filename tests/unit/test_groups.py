@@ -263,7 +263,7 @@ def test_membership_spans_and_ranges() -> None:
     assert (back.members, back.spans, back.roles, back.seq) == ({"a", "b"}, m.spans, {"a": "owner"}, 9)
 
 
-async def test_blocked_direct_messages_are_refused_until_the_contact_host_says_otherwise() -> None:
+async def test_blocked_direct_messages_are_refused_until_the_contacts_host_says_otherwise() -> None:
     store = FakeStore()
     peers = FakePeers(store, {})
     shard = ConversationShard(load_config(fanout_batch_ms=0, fanout_via="session"), peers, store)  # type: ignore[arg-type]
@@ -271,7 +271,8 @@ async def test_blocked_direct_messages_are_refused_until_the_contact_host_says_o
     conv = "d:alice:bob"
     ok = await shard.send_batch([SendItem("alice", conv, "c1", "hi")])
     assert ok[0]["seq"] == 1
-    peers.blocked.add(("alice", "bob"))
+    side = {"user": "alice", "other": "bob", "state": "blocked", "ms": 0}
+    store.contacts.docs["alice|bob"] = side  # what the contacts host writes, then tells the shard
     shard.contact_changed(conv)
     refused = {"err": "forbidden", "msg": "not allowed to message this user", "retry": False}
     assert await shard.send_batch([SendItem("bob", conv, "c2", "hi")]) == [refused]
@@ -279,7 +280,7 @@ async def test_blocked_direct_messages_are_refused_until_the_contact_host_says_o
     with pytest.raises(Forbidden, match="not allowed to message this user"):
         await shard.typing("bob", conv)
     assert [m["seq"] for m in (await shard.sync("bob", conv, 0, 10))["msgs"]] == [1]  # history stays readable
-    peers.blocked.clear()
+    del store.contacts.docs["alice|bob"]
     shard.contact_changed(conv)
     assert (await shard.send_batch([SendItem("bob", conv, "c2", "hi")]))[0]["seq"] == 2
 
