@@ -285,3 +285,19 @@ def test_a_killed_process_not_reaped_yet_is_not_sampled() -> None:
         assert mine is not None and mine["rss_bytes"] > 0 and mine["fds"] > 0
     finally:
         child.wait()
+
+
+async def test_heap_growth_names_the_line_that_keeps_allocating() -> None:
+    import tracemalloc
+
+    vitals = Vitals()
+    kept: list[bytes] = []
+    try:
+        assert await vitals.heap_growth() is None  # starts tracing
+        for _ in range(2000):
+            kept.append(bytes(512))  # the growth, on this line
+        top = await vitals.heap_growth(limit=3)
+        assert top is not None and __file__ in top[0] and "+" in top[0]
+    finally:
+        tracemalloc.stop()
+
