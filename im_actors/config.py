@@ -121,6 +121,13 @@ class Config(BaseSettings):
     )
     store_batch_max: int = Field(512, ge=1, description="entries per store commit")
     store_inflight: int = Field(4, ge=1, description="store commits in flight per conversation shard")
+    conv_recent_cmids: int = Field(
+        4096,
+        ge=1,
+        description="committed cmids a sequencer keeps to answer a resend (dup) without storage; older resends are "
+        "settled by MongoDB's unique (conv, sender, cmid) index. About 460 bytes each (measured): a busy "
+        "conversation holds up to this many, an idle one what it committed",
+    )
     conv_active_max: int = Field(
         100_000,
         ge=0,

@@ -71,4 +71,3 @@ class Vitals:
             f"({st.count_diff:+d} blocks)"
             for st in stats[:limit]
         ]
-

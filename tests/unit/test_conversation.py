@@ -333,3 +333,18 @@ async def test_no_bound_keeps_every_sequencer() -> None:
     for i in range(30):
         await shard.send_batch([item(f"c{i}", conv=direct_conv("alice", f"v{i:02d}"))])
     assert len(shard.sequencers) == 30 and shard.stats["evictions"] == 0
+
+
+async def test_recent_cmids_are_bounded_per_conversation_and_an_older_resend_is_settled_by_storage() -> None:
+    """conv_recent_cmids bounds what a sequencer keeps (a conversation shard's memory grows by
+    about 460 bytes per committed entry until then); a resend older than that is answered from
+    MongoDB's unique (conv, sender, cmid) index with its first seq, never committed twice."""
+    store = FakeStore()
+    shard, _ = make_shard(store, conv_recent_cmids=2)
+    first = await shard.send_batch([item("c1")])
+    await shard.send_batch([item("c2")])
+    await shard.send_batch([item("c3")])
+    assert list(shard.sequencers[CONV].cmids) == [("alice", "c2"), ("alice", "c3")]
+    again = await shard.send_batch([item("c1")])
+    assert again == [{**first[0], "dup": True}]
+    assert sorted(s for c, s in store.entries if c == CONV) == [1, 2, 3]

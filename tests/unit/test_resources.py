@@ -300,4 +300,3 @@ async def test_heap_growth_names_the_line_that_keeps_allocating() -> None:
         assert top is not None and __file__ in top[0] and "+" in top[0]
     finally:
         tracemalloc.stop()
-
