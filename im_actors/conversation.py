@@ -796,7 +796,9 @@ class ConversationShard:
                 else:
                     p.future.set_exception(Conflict("cmid already committed with a different body"))
             else:
-                log.warning(
+                # Expected once per conversation after Redis lost its keys (a sender's activation
+                # numbers from Redis's last, see _activate_many); anything else is worth a look.
+                (log.info if not seqr.verified else log.warning)(
                     "%s: seq %d taken in storage; moving last to %d",
                     entry["conv"],
                     entry["seq"],
