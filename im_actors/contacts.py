@@ -15,15 +15,17 @@ unless both sides are ``accepted``. After each change the pair's direct conversa
 again (:meth:`im_actors.conversation.ConversationShard.contact_changed`) and both users' session
 shards forget their cached contact lists (presence goes to accepted contacts).
 
-The answer to "may these two exchange direct messages?" is asked once per first-seen direct
+The question "may these two exchange direct messages?" is asked once per first-seen direct
 conversation, which is what 1:1 chat between many people mostly is (issue 10: 200 users make
-19,900 pairs). The book answers it from each user's sides, read once per user and kept
-(:data:`USERS_KEPT` users, least recently used dropped first): 200 users cost 200 reads, not
-19,900. Keeping them is safe because every question and every change of the pair ``(a, b)`` runs
-on this book, the pair's host: a change of ``(a, x)`` on another host touches a side this book
-never answers with. A change here updates the kept sides once it is written (or, when the write
-failed, drops both users, to be read again); a read that was on its way while a change was made
-is not kept (a change counter), so a late read never restores a side the change replaced.
+19,900 pairs), by the conversation shard hosting it, which answers it itself from a
+:class:`SideCache`: each user's sides, read once per user and kept (:data:`USERS_KEPT` users, least
+recently used dropped first), so 200 users cost 200 reads, not 19,900, and no call reaches the
+contact book. Keeping them is safe because the pair ``(a, b)`` is asked about only by the shard of
+its conversation, and the book tells that shard of every change of the pair once it is written
+(:meth:`ContactBook._changed`, before answering): a change of ``(a, x)`` goes to another
+conversation's shard and touches a side this one never answers with. The shard then forgets both
+users; a read that was on its way across that notice is not kept (a change counter), so a late
+read never restores a side the change replaced.
 """
 
 from __future__ import annotations
@@ -100,10 +102,9 @@ class SideCache:
     """Each user's contact sides, read once from storage and kept, to answer "may these two
     exchange direct messages?" (the module docstring says why keeping them is safe).
 
-    Held by the contact book (its own changes) and by each conversation shard (its direct
-    conversations' checks, with no call to the contacts host). :attr:`version` moves on every
-    change; a read that was on its way across one is not kept, and a caller keeping an answer
-    (a sequencer's ``dm_allowed``) compares the version from before it asked.
+    Held by each conversation shard for its direct conversations' checks. :attr:`version` moves
+    on every :meth:`forget`; a read that was on its way across one is not kept, and a caller
+    keeping an answer (a sequencer's ``dm_allowed``) compares the version from before it asked.
     """
 
     def __init__(self, config: Config, store: Store) -> None:
@@ -118,17 +119,6 @@ class SideCache:
         self.version += 1
         for u in users:
             self._sides.pop(u, None)
-
-    def wrote(self, sides: Sequence[tuple[str, str, State]]) -> None:
-        """Sides ``[(user, other, state or None)]`` were written: keep them as written."""
-        self.version += 1
-        for a, b, new in sides:
-            kept = self._sides.get(a)
-            if kept is not None:
-                if new is None:
-                    kept.pop(b, None)
-                else:
-                    kept[b] = new
 
     async def allowed_many(self, pairs: Sequence[tuple[str, str]]) -> builtins.list[bool]:
         """May each of ``pairs`` exchange direct messages (in order)? False when either blocked the
@@ -183,7 +173,6 @@ class ContactBook:
         self.peers = peers
         self.store = store
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self.sides = SideCache(config, store)
 
     async def _states(self, a: str, b: str) -> tuple[State, State]:
         return await self.store.contact_states(a, b)
@@ -208,15 +197,12 @@ class ContactBook:
             ]
             if not sides:
                 return
-            self.sides.forget()  # a read on its way from now on is not kept
             try:
                 await self.store.set_contact_sides(sides, int(time.time() * 1000))
             except StorageUnavailable:
                 # Part of it may be written: the caches are told all the same.
-                self.sides.forget(user, other)
                 await self._changed(user, other)
                 raise
-            self.sides.wrote(sides)
         await self._changed(user, other)
 
     async def _changed(self, a: str, b: str) -> None:
@@ -235,11 +221,3 @@ class ContactBook:
         """``[{"user", "state"}]`` of ``user``'s side, sorted by user (``contact.list``)."""
         sides = await self.store.contacts_of(user)
         return sorted(({"user": other, "state": state} for other, state in sides), key=lambda c: c["user"])
-
-    async def dm_allowed(self, a: str, b: str) -> bool:
-        """See :meth:`SideCache.allowed_many`."""
-        return (await self.sides.allowed_many([(a, b)]))[0]
-
-    async def dm_allowed_many(self, pairs: Sequence[tuple[str, str]]) -> builtins.list[bool]:
-        """See :meth:`SideCache.allowed_many`."""
-        return await self.sides.allowed_many(pairs)

@@ -94,7 +94,7 @@ class Sequencer:
     """State of one conversation. Touched only by its shard, one step at a time.
 
     ``membership`` is exact as of ``last``: a change applies when its entry commits.
-    ``dm_allowed`` caches the contacts host's answer for a direct conversation (None: ask).
+    ``dm_allowed`` caches the direct-message check of a direct conversation (None: ask).
     ``verified``: ``last`` was read from MongoDB, or a commit numbered from it succeeded; False
     while it is Redis's guess (a sender's activation, see :meth:`ConversationShard._activate_many`),
     and then readers check it against MongoDB first (:meth:`ConversationShard._verified`).

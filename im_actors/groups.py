@@ -318,11 +318,3 @@ class GroupShardActor(Vitals):
     async def contact_list(self, user: str) -> list[dict[str, str]]:
         """See :meth:`ContactBook.list`."""
         return await self._contacts.list(user)
-
-    async def dm_allowed(self, a: str, b: str) -> bool:
-        """See :meth:`ContactBook.dm_allowed`."""
-        return await self._contacts.dm_allowed(a, b)
-
-    async def dm_allowed_many(self, pairs: list[tuple[str, str]]) -> list[bool]:
-        """See :meth:`ContactBook.dm_allowed_many`."""
-        return await self._contacts.dm_allowed_many(pairs)

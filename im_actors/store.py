@@ -630,8 +630,8 @@ class Store:
         Redis lost their keys), one aggregate of the largest seq over ``{conv: {$in: ...}}``.
 
         Not one ``$or`` of narrow clauses: SecantusDB 0.7 answers that with a collection scan
-        (795 ms for five conversations among 20,000 entries, against 1.5 ms for ``$in`` and 1.9 ms
-        for one sorted ``find_one``; /tmp measurement of 2026-12-02, in the issue-10 note).
+        (718 ms for five conversations among 20,000 entries, against 1.8 ms for this method on new
+        ones: ``benchmarks/storage_ops.py``).
 
         Raises :class:`StorageUnavailable` when MongoDB does not answer (Redis alone is never trusted).
         """

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from im_actors.config import load_config
-from im_actors.contacts import ContactBook, transition
+from im_actors.contacts import ContactBook, SideCache, transition
 from im_actors.errors import BadRequest, Forbidden
+from im_actors.ids import direct_members
 from im_actors.session import SessionShard
 from tests.fakes import FakeStore
 
@@ -78,13 +79,16 @@ async def test_dm_policy(policy: str, mine: str | None, theirs: str | None, allo
     for user, other, state in (("alice", "bob", mine), ("bob", "alice", theirs)):
         if state is not None:
             store.contacts.docs[f"{user}|{other}"] = {"user": user, "other": other, "state": state, "ms": 0}
-    book = ContactBook(load_config(dm_policy=policy), None, store)  # type: ignore[arg-type]
-    assert await book.dm_allowed("alice", "bob") is allowed
-    assert await book.dm_allowed("bob", "alice") is allowed
+    sides = SideCache(load_config(dm_policy=policy), store)  # type: ignore[arg-type]
+    assert await sides.allowed_many([("alice", "bob"), ("bob", "alice")]) == [allowed, allowed]
 
 
-class _Nobody:
-    """Peers of a contact book whose session and conversation shards take every notice."""
+class _Shards:
+    """Peers of a contact book: session shards take every notice, and the conversation shard's
+    ``contact_changed`` does what ConversationShard.contact_changed does to its SideCache."""
+
+    def __init__(self, sides: SideCache) -> None:
+        self.sides = sides
 
     def session(self, user: str) -> Any:
         return self
@@ -95,12 +99,13 @@ class _Nobody:
     def notify(self, *args: Any) -> None:
         pass
 
-    async def call(self, *args: Any) -> None:
-        pass
+    async def call(self, method: str, conv: str) -> None:
+        assert method == "contact_changed"
+        self.sides.forget(*direct_members(conv))
 
 
 async def test_first_seen_pairs_are_answered_from_each_users_sides_read_once() -> None:
-    """200 users make 19,900 pairs: the book reads each user's sides once, not each pair's."""
+    """200 users make 19,900 pairs: each user's sides are read once, not each pair's."""
     store = FakeStore()
     reads: list[list[str]] = []
     real = store.contact_sides_many
@@ -110,24 +115,25 @@ async def test_first_seen_pairs_are_answered_from_each_users_sides_read_once() -
         return await real(users)
 
     store.contact_sides_many = counted  # type: ignore[method-assign]
-    book = ContactBook(load_config(), _Nobody(), store)  # type: ignore[arg-type]
+    sides = SideCache(load_config(), store)  # type: ignore[arg-type]
     users = [f"u{i}" for i in range(6)]
     first = [(users[0], u) for u in users[1:]]
-    assert await book.dm_allowed_many(first) == [True] * 5
+    assert await sides.allowed_many(first) == [True] * 5
     assert reads == [users]
     later = [(a, b) for i, a in enumerate(users) for b in users[i + 1 :]]  # 15 pairs, 10 never asked
-    assert await book.dm_allowed_many(later) == [True] * 15
+    assert await sides.allowed_many(later) == [True] * 15
     assert len(reads) == 1
 
 
 async def test_a_change_is_seen_at_once_and_a_read_on_its_way_during_it_is_not_kept() -> None:
     store = FakeStore()
-    book = ContactBook(load_config(), _Nobody(), store)  # type: ignore[arg-type]
-    assert await book.dm_allowed("alice", "bob")
+    sides = SideCache(load_config(), store)  # type: ignore[arg-type]  # the conversation shard's
+    book = ContactBook(load_config(), _Shards(sides), store)  # type: ignore[arg-type]
+    assert await sides.allowed_many([("alice", "bob")]) == [True]
     await book.change("block", "alice", "bob")
-    assert not await book.dm_allowed("alice", "bob") and not await book.dm_allowed("bob", "alice")
+    assert await sides.allowed_many([("alice", "bob"), ("bob", "alice")]) == [False, False]
     await book.change("unblock", "alice", "bob")
-    assert await book.dm_allowed("bob", "alice")
+    assert await sides.allowed_many([("bob", "alice")]) == [True]
 
     # dave's sides are being read when he blocks carol: that read must not be kept
     real = store.contact_sides_many
@@ -140,13 +146,13 @@ async def test_a_change_is_seen_at_once_and_a_read_on_its_way_during_it_is_not_k
         return found
 
     store.contact_sides_many = slow  # type: ignore[method-assign]
-    asked = asyncio.ensure_future(book.dm_allowed("dave", "erin"))
+    asked = asyncio.ensure_future(sides.allowed_many([("dave", "erin")]))
     await reading.wait()
     store.contact_sides_many = real  # type: ignore[method-assign]
     await book.change("block", "dave", "carol")
     release.set()
-    assert await asked  # dave and erin: allowed, answered from the old read...
-    assert not await book.dm_allowed("carol", "dave")  # ...which was not kept: the block is seen
+    assert await asked == [True]  # dave and erin: allowed, answered from the old read...
+    assert await sides.allowed_many([("carol", "dave")]) == [False]  # ...which was not kept
 
 
 def test_bad_dm_policy_names_the_key() -> None:
