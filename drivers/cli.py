@@ -103,6 +103,13 @@ def demo(
     leak_settle: Annotated[
         float, typer.Option(help="wait this long after the clients closed before counting what was left open (s)")
     ] = 5.0,
+    heap_trace: Annotated[
+        bool,
+        typer.Option(
+            help="trace every actor's Python allocations (tracemalloc, about a third slower) and report the "
+            "source lines whose live memory grew most during the run (needs --sample-every)"
+        ),
+    ] = False,
 ) -> None:
     """Run a local cluster, carry real chat traffic through it, verify every delivery, write a report."""
     opts = DemoOptions(
@@ -134,6 +141,7 @@ def demo(
         replay=replay,
         sample_every_s=sample_every,
         leak_settle_s=leak_settle,
+        heap_trace=heap_trace,
     )
     try:
         code = run_demo(opts, echo=typer.echo)

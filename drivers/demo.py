@@ -117,6 +117,8 @@ class DemoOptions:
     #: after this settle time (s) once the clients closed.
     sample_every_s: float = 10.0
     leak_settle_s: float = 5.0
+    #: Trace every actor's Python allocations and report the lines that grew (needs sample_every_s > 0).
+    heap_trace: bool = False
 
 
 def find_corpus() -> Path | None:
@@ -396,6 +398,8 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
     progress = sys.stdout.isatty() if opts.progress is None else opts.progress
     if opts.storm and opts.chaos:
         raise DemoError("--storm and --chaos: one fault plan at a time")
+    if opts.heap_trace and opts.sample_every_s <= 0:
+        raise DemoError("--heap-trace needs --sample-every > 0 (the trace is taken with the resource samples)")
     if opts.storm and cfg.hubs < 1:
         raise DemoError("--storm needs a hub to kill")
     spec = chaos_spec(opts.chaos, cfg, own_mongo_db, echo) if opts.chaos else None
@@ -439,7 +443,9 @@ def run_demo(opts: DemoOptions, echo: Echo = _echo) -> int:
         dep = deploy(cfg)
         echo(f"router {dep.router_url}; hubs {', '.join(dep.hub_urls.values())}")
         if opts.sample_every_s > 0:
-            sampler = ResourceSampler(cfg, services, every_s=opts.sample_every_s, settle_s=opts.leak_settle_s)
+            sampler = ResourceSampler(
+                cfg, services, every_s=opts.sample_every_s, settle_s=opts.leak_settle_s, heap_trace=opts.heap_trace
+            )
             sampler.start()
         if opts.storm:
             result = asyncio.run(

@@ -11,7 +11,8 @@ is not this run's):
   sockets not listening: client connections, Ray's own, the storage clients') and ``close_wait``
   (sockets whose peer closed and this process did not: the classic connection leak);
 - from inside, with :meth:`im_actors.vitals.Vitals.vitals`: ``tasks`` (asyncio tasks on the actor's
-  event loop) and ``threads``; on hubs also ``ws`` (client WebSocket connections, ``load``).
+  event loop), ``threads`` and ``py_blocks`` (the memory blocks the interpreter holds: Python's own
+  objects and buffers); on hubs also ``ws`` (client WebSocket connections, ``load``).
 
 An actor that Ray restarted (chaos killed it, its node was removed) has a new pid: the series stays
 per actor name, each sample carries the incarnation (how many times the name got a new process
@@ -24,7 +25,15 @@ memory given back). Samples in the first ``warmup_s`` (60 s, at most a third of 
 in the ``restart_settle_s`` (30 s) after a restart of that actor, and after the send phase (the
 demo's final catch-up, every client syncing at once, is a step of its own, not a trend) are left
 out: a process fills its caches and imports first. It is a per-process figure (what one hub grows
-by), not the role's sum. The first, last and peak RSS cover every sample.
+by), not the role's sum. The first, last and peak RSS cover every sample. Beside it, the same fit of
+``py_blocks`` (blocks per minute): RSS that climbs while the interpreter's blocks stay flat is not
+Python objects piling up (a high-water mark of the allocator after a burst, native memory).
+
+**Heap trace** (``heap_trace``, the demo's ``--heap-trace``): tracemalloc starts in every actor
+after the "before" snapshot (:meth:`im_actors.vitals.Vitals.heap_growth`; allocations cost about a
+third more meanwhile) and the "after" snapshot asks each actor which source lines' live allocations
+grew most since: ``resources.heap_growth`` ``{actor: [line, ...]}`` (None for an actor restarted
+meanwhile: its tracing began at the "after" call). Samples then carry ``heap_bytes``.
 
 **Leaks** (:func:`count_leaks`): the counts ``tasks``, ``fds`` and ``connections`` of each actor
 (:func:`leak_count`), taken once before the workload (the least of :data:`SNAPSHOTS` snapshots one
@@ -93,11 +102,25 @@ ACTOR_ROLES = ids.ROLES
 SERVERS = ("mongodb", "redis", "rabbitmq")
 _SERVICE_ATTR = {"mongodb": "mongo", "redis": "redis", "rabbitmq": "rabbitmq"}
 #: Keys of one sample (columns of an actor's series).
-COLUMNS = ("rss_bytes", "uss_bytes", "fds", "tcp", "pooled", "close_wait", "tasks", "threads", "ws")
+COLUMNS = (
+    "rss_bytes",
+    "uss_bytes",
+    "fds",
+    "tcp",
+    "pooled",
+    "close_wait",
+    "tasks",
+    "threads",
+    "ws",
+    "py_blocks",
+    "heap_bytes",
+)
 #: What each leak count reads from a sample: file descriptors and TCP sockets other than the pooled
 #: ones to the storage servers (see the module docstring).
 _LEAK_SOURCE = {"fds": ("fds", "pooled"), "tasks": ("tasks", None), "connections": ("tcp", "pooled")}
 _MB = 1e6
+#: Lines of each actor's heap growth the demo prints (the report keeps what the actor answered).
+HEAP_LINES_PRINTED = 5
 
 
 # --- figures (plain functions) -----------------------------------------------------------------
@@ -157,16 +180,17 @@ def memory_slope(
     restart_settle_s: float,
     key: str = "rss_bytes",
     until_s: float | None = None,
+    unit: float = _MB,
 ) -> SlopeFit:
-    """The memory slope (MB per minute, 10^6 bytes) shared by the series of ``actors`` (each a
-    mapping with ``t_s``, ``incarnation``, ``restarts_at_s`` and ``key`` columns, as
-    :class:`ResourceSampler` records them), each incarnation its own intercept; samples before
-    ``warmup_s``, after ``until_s`` (None: none) and within ``restart_settle_s`` after a restart
-    are left out (see the module docstring)."""
+    """The memory slope (MB per minute, 10^6 bytes; ``key`` units per minute / ``unit`` for another
+    column) shared by the series of ``actors`` (each a mapping with ``t_s``, ``incarnation``,
+    ``restarts_at_s`` and ``key`` columns, as :class:`ResourceSampler` records them), each
+    incarnation its own intercept; samples before ``warmup_s``, after ``until_s`` (None: none) and
+    within ``restart_settle_s`` after a restart are left out (see the module docstring)."""
     segments = [seg for a in actors for seg in _segments(a, key, warmup_s, restart_settle_s, until_s) if len(seg) >= 2]
     slope = pooled_slope(segments)
     return SlopeFit(
-        None if slope is None else round(slope * 60.0 / _MB, 3), sum(len(s) for s in segments), len(segments)
+        None if slope is None else round(slope * 60.0 / unit, 3), sum(len(s) for s in segments), len(segments)
     )
 
 
@@ -281,11 +305,14 @@ def resources_section(
         members = [a for a in actors.values() if a["role"] == role]
         fit = memory_slope(members, warmup, restart_settle_s, until_s=fit_until_s)
         uss = memory_slope(members, warmup, restart_settle_s, key="uss_bytes", until_s=fit_until_s)
+        blocks = memory_slope(members, warmup, restart_settle_s, key="py_blocks", until_s=fit_until_s, unit=1.0)
         totals = role_totals(members)
         roles[role] = {
             "processes": len(members),
             "mem_slope_mb_per_min": fit.mb_per_min,
             "uss_slope_mb_per_min": uss.mb_per_min,
+            "py_blocks_per_min": blocks.mb_per_min,
+            "last_py_blocks": _last(members, "py_blocks"),
             "fitted_samples": fit.samples,
             "first_rss_bytes": totals[0][1] if totals else None,
             "last_rss_bytes": totals[-1][1] if totals else None,
@@ -306,6 +333,16 @@ def resources_section(
         "roles": roles,
         "actors": out_actors,
     }
+
+
+def _last(members: Sequence[Mapping[str, Any]], key: str) -> int | None:
+    """The sum over ``members`` of each one's last ``key`` read (None: never read)."""
+    lasts = []
+    for m in members:
+        read = [x for x in m.get(key) or [] if x is not None]
+        if read:
+            lasts.append(int(read[-1]))
+    return sum(lasts) if lasts else None
 
 
 def role_totals(members: Sequence[Mapping[str, Any]], key: str = "rss_bytes") -> list[tuple[float, int]]:
@@ -340,11 +377,18 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
         )
         for role, row in res["roles"].items():
             slope = row["mem_slope_mb_per_min"]
+            blocks = row.get("py_blocks_per_min")
             lines.append(
                 f"    {role:9} x{row['processes']}  slope {'-' if slope is None else f'{slope:+.3f}'} MB/min  "
                 f"first {_mb(row['first_rss_bytes'])}  last {_mb(row['last_rss_bytes'])}  "
                 f"peak {_mb(row['peak_rss_bytes'])} MB  restarts {row['restarts']}"
+                + ("" if blocks is None else f"  python blocks {blocks:+,.0f}/min of {row['last_py_blocks']:,}")
             )
+        for name, top in (res.get("heap_growth") or {}).items():
+            lines.append(
+                f"    heap growth of {name}" + (": restarted, not traced" if top is None else ", largest first:")
+            )
+            lines += [f"      {line}" for line in (top or [])[:HEAP_LINES_PRINTED]]
     leaks = report.get("leaks")
     if isinstance(leaks, Mapping):
         allowance = "  ".join(f"{k} {v}" for k, v in leaks["allowance"].items())
@@ -504,6 +548,8 @@ class ResourceSampler:
         warmup_s: float = 60.0,
         restart_settle_s: float = 30.0,
         allowance: Mapping[str, int] = ALLOWANCE,
+        heap_trace: bool = False,
+        heap_lines: int = 15,
     ) -> None:
         if every_s <= 0:
             raise ValueError("every_s must be > 0")
@@ -516,6 +562,8 @@ class ResourceSampler:
         self.warmup_s = warmup_s
         self.restart_settle_s = restart_settle_s
         self.allowance = dict(allowance)
+        self.heap_trace = heap_trace
+        self.heap_lines = heap_lines
         self._series: dict[str, _Series] = {}
         self._handles: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -536,6 +584,8 @@ class ResourceSampler:
         self._t0 = time.monotonic()
         self._start_ms = time.time() * 1000.0
         self._before = self._settled_snapshot(self.before_settle_s)
+        if self.heap_trace:
+            self.heap_growth()  # starts tracing in every actor
         self._thread = threading.Thread(target=self._run, name="resource-sampler", daemon=True)
         self._thread.start()
 
@@ -544,6 +594,7 @@ class ResourceSampler:
         ``{"resources": ..., "leaks": ...}`` (see :func:`resources_section`, :func:`count_leaks`).
         ``send_end_ms`` (epoch ms, :func:`send_phase_end_ms`): memory slopes are fitted up to then."""
         after = self._settled_snapshot(self.settle_s)
+        heap = self.heap_growth() if self.heap_trace else None
         self.stop()
         leaks = count_leaks(self._before, after, self.allowance, self._roles)
         leaks["settle_s"] = self.settle_s
@@ -554,6 +605,8 @@ class ResourceSampler:
         resources = resources_section(
             series, self.every_s, self._start_ms, self.warmup_s, self.restart_settle_s, fit_until_s=until
         )
+        if heap is not None:
+            resources["heap_growth"] = heap
         return {"resources": resources, "leaks": leaks}
 
     def stop(self) -> None:
@@ -608,6 +661,33 @@ class ResourceSampler:
                     out[name][key] = min(with_key, key=lambda r: sum(r[key].values()))[key]
         return out
 
+    def heap_growth(self) -> dict[str, list[str] | None]:
+        """Ask every alive actor :meth:`im_actors.vitals.Vitals.heap_growth` (``heap_lines`` lines):
+        ``{actor: lines, or None when this call started its tracing}``; an actor that does not
+        answer within ``answer_timeout_s`` is left out."""
+        import ray
+
+        from im_actors.cluster import actor_records
+
+        asks: dict[Any, str] = {}
+        for name, record in actor_records(self.config).items():
+            if record.get("state") != "ALIVE":
+                continue
+            try:
+                asks[self._handle(name).heap_growth.remote(self.heap_lines)] = name
+            except ValueError:  # gone (a teardown)
+                continue
+        out: dict[str, list[str] | None] = {}
+        if asks:
+            # Comparing two snapshots of a large heap takes seconds: more time than a sample's answer.
+            ready, _ = ray.wait(list(asks), num_returns=len(asks), timeout=self.answer_timeout_s + 60.0)
+            for ref in ready:
+                try:
+                    out[asks[ref]] = ray.get(ref, timeout=0)
+                except Exception:  # noqa: BLE001 - restarting or gone: no answer this time
+                    continue
+        return dict(sorted(out.items()))
+
     def _handle(self, name: str) -> Any:
         import ray
 
@@ -653,6 +733,8 @@ class ResourceSampler:
                         tasks=value["tasks"],
                         threads=value["threads"],
                         tasks_by_coro=value.get("tasks_by_coro"),
+                        py_blocks=value.get("py_blocks"),
+                        heap_bytes=value.get("heap_bytes"),
                     )
                 else:
                     got["ws"] = value.get("connections")

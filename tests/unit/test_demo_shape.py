@@ -78,6 +78,7 @@ def test_the_console_script_has_every_command() -> None:
         (DemoOptions(chaos="hub,volcano"), "--chaos: unknown fault kind"),
         (DemoOptions(hubs=0), "hubs"),
         (DemoOptions(storm=10, chaos="hub"), "one fault plan at a time"),
+        (DemoOptions(heap_trace=True, sample_every_s=0), "--heap-trace needs --sample-every"),
     ],
 )
 def test_demo_refuses_bad_input_before_starting_anything(opts: DemoOptions, message: str) -> None:

@@ -300,3 +300,69 @@ async def test_heap_growth_names_the_line_that_keeps_allocating() -> None:
         assert top is not None and __file__ in top[0] and "+" in top[0]
     finally:
         tracemalloc.stop()
+
+
+def test_python_blocks_are_fitted_beside_rss_and_printed() -> None:
+    # RSS climbs 3 MB/min while the interpreter's blocks stay flat: not Python objects piling up
+    s = _Series("hub")
+    for t in range(0, 301, 10):
+        s.add(float(t), {"pid": 1, "rss_bytes": int((100 + t / 60 * 3) * MB), "py_blocks": 500_000})
+    s2 = _Series("conv")
+    for t in range(0, 301, 10):
+        s2.add(float(t), {"pid": 2, "rss_bytes": int(130 * MB), "py_blocks": 400_000 + 100 * t})
+    out = resources_section({"d-im-hub-0": s.as_dict(), "d-im-conv-0": s2.as_dict()}, every_s=10, start_ms=0.0)
+    hub, conv = out["roles"]["hub"], out["roles"]["conv"]
+    assert hub["mem_slope_mb_per_min"] == pytest.approx(3.0, abs=1e-3) and hub["py_blocks_per_min"] == 0
+    assert conv["py_blocks_per_min"] == pytest.approx(6000.0) and conv["last_py_blocks"] == 430_000
+    lines = summary_lines({"resources": out})
+    assert any(line.strip().startswith("conv") and "python blocks +6,000/min of 430,000" in line for line in lines)
+    # a series without the column (an older report) prints as before
+    bare = resources_section({"d-im-hub-0": _series([(t, 1, 100.0) for t in range(0, 301, 10)])}, 10, 0.0)
+    assert bare["roles"]["hub"]["py_blocks_per_min"] is None
+    assert "python blocks" not in " ".join(summary_lines({"resources": bare}))
+
+
+class _TracingSampler(_CannedSampler):
+    """A canned sampler whose actors answer heap_growth like Vitals: None first, then lines."""
+
+    def __init__(self, snaps: Iterator[dict[str, dict[str, Any]]]) -> None:
+        super().__init__(snaps)
+        self.heap_trace = True
+        self.asked = 0
+
+    def heap_growth(self) -> dict[str, list[str] | None]:
+        self.asked += 1
+        if self.asked == 1:
+            return {"d-im-hub-0": None}
+        return {"d-im-hub-0": ["hub.py:10: +900.0 KiB (+12 blocks)"], "d-im-hub-1": None}
+
+
+def test_heap_trace_starts_after_before_and_reports_at_after() -> None:
+    rows = [{"d-im-hub-0": {"pid": 1, "rss_bytes": int(100 * MB), **_row(5, 5, 5)}}] * 6
+    sampler = _TracingSampler(iter(rows))
+    sampler.start()
+    assert sampler.asked == 1
+    out = sampler.finish()
+    assert sampler.asked == 2
+    assert out["resources"]["heap_growth"] == {"d-im-hub-0": ["hub.py:10: +900.0 KiB (+12 blocks)"], "d-im-hub-1": None}
+    text = "\n".join(summary_lines(out))
+    assert "heap growth of d-im-hub-0, largest first:\n      hub.py:10: +900.0 KiB" in text
+    assert "heap growth of d-im-hub-1: restarted, not traced" in text
+    # off by default: never asked
+    plain = _CannedSampler(iter(rows))
+    plain.start()
+    assert "heap_growth" not in plain.finish()["resources"]
+
+
+async def test_vitals_reports_python_blocks_and_traced_bytes_while_tracing() -> None:
+    import tracemalloc
+
+    vitals = Vitals()
+    out = await vitals.vitals()
+    assert out["py_blocks"] > 0 and out["heap_bytes"] is None
+    try:
+        assert await vitals.heap_growth() is None
+        traced = await vitals.vitals()
+        assert traced["heap_bytes"] is not None and traced["heap_bytes"] > 0
+    finally:
+        tracemalloc.stop()
