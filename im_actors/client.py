@@ -826,6 +826,12 @@ class Client:
         reconnect or become FAILED, as the close code says (PROTOCOL.md section 7)."""
         if conn.lost is None:
             conn.lost = ConnectionLost(code, reason)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            # The reader's coroutine closed by the garbage collector after its event loop ended (an
+            # interpreter shutting down): no loop to fail the requests on or to reconnect from.
+            return
         self._fail_pending(conn, conn.lost)
         if self._conn is not conn:  # an old connection, or close() already took it
             return

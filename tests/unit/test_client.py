@@ -382,3 +382,33 @@ async def test_a_request_lost_while_its_frame_is_written_leaves_no_unretrieved_f
     gc.collect()
     await asyncio.sleep(0)
     assert not [c for c in seen if "never retrieved" in str(c.get("message", ""))], seen
+
+
+def test_a_reader_closed_after_its_loop_ended_does_not_try_to_reconnect() -> None:
+    """At interpreter shutdown a reader task's coroutine can be closed by the garbage collector after
+    its event loop is gone; its ``finally`` used to start a reconnect there and raise ``RuntimeError:
+    no running event loop`` (seen at the end of demo runs)."""
+    from im_actors.client import _Connection
+
+    class Suspend:
+        def __await__(self) -> Any:
+            yield None  # suspends the coroutine driving it, no event loop needed
+
+    class SilentWs:
+        close_code = None
+        close_reason = None
+
+        def __aiter__(self) -> SilentWs:
+            return self
+
+        async def __anext__(self) -> bytes:
+            await Suspend()
+            raise StopAsyncIteration
+
+    client = Client("http://127.0.0.1:1", "alice")
+    conn = _Connection(SilentWs(), "hub-0", "im.v1.msgpack", {})  # type: ignore[arg-type]
+    client._state, client._conn = ConnState.OPEN, conn
+    reader = client._read_loop(conn)
+    reader.send(None)  # the reader waits for a frame
+    reader.close()  # what the garbage collector does later: GeneratorExit at that await, with no loop
+    assert conn.lost is not None and client.state is ConnState.OPEN

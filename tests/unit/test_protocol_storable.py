@@ -135,3 +135,22 @@ def test_the_frames_of_the_acceptance_run() -> None:
             assert exc.request_id is not None  # answered with its id, the connection stays open
         else:
             raise AssertionError(f"{text} was accepted")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    t=st.sampled_from(sorted(VALID)),
+    name=st.sampled_from(["$set", "$where", "$ne", "_id", "user", "device", "x.y", "$"]),
+    value=st.one_of(
+        st.text(max_size=8), st.integers(), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2)
+    ),
+)
+def test_an_unknown_field_never_reaches_an_actor(t: str, name: str, value: Any) -> None:
+    # The fuzz run's one `unavailable` finding was a push.unregister carrying a `$set` field, answered
+    # "MongoDB unreachable: push token write failed (AutoReconnect)". Validation keeps only the fields
+    # the protocol defines, so what the fuzzer added never reached storage: that answer was one transient
+    # storage error of a loaded machine, honestly retryable. This property keeps it so for every type.
+    frame = {**VALID[t], name: value} if name not in VALID[t] else dict(VALID[t])
+    fields = parse_request(decode(json.dumps(frame), SUBPROTOCOL_JSON)).fields
+    expected = parse_request(decode(json.dumps(VALID[t]), SUBPROTOCOL_JSON)).fields
+    assert fields == expected
