@@ -141,6 +141,12 @@ class Config(BaseSettings):
         "themselves (one Ray hop per delivery; session shards only plan offline pushes); session: through the "
         "recipients' session shards (one hop more)",
     )
+    answer_copies: bool = Field(
+        True,
+        description="direct conversations (fanout_via = conv, hub_inflight = 1): the copies of an entry for "
+        "connections on its sender's hub travel in the send's answer instead of a deliver call, one Ray call "
+        "less per message; false: every copy through a deliver call (see docs/design.md, step 5)",
+    )
     trace_sample: float = Field(
         0.0,
         ge=0.0,

@@ -37,7 +37,7 @@ from im_actors.contacts import SideCache
 from im_actors.errors import Conflict, Forbidden, RequestError, StorageUnavailable, Unavailable
 from im_actors.membership import Membership
 from im_actors.protocol import body_size
-from im_actors.refs import Peers, ask_hubs_to_reannounce
+from im_actors.refs import HubRef, Peers, StoreRef, ask_hubs_to_reannounce
 from im_actors.routes import Routes
 from im_actors.store import CommitResult, Store
 from im_actors.vitals import Vitals
@@ -87,6 +87,7 @@ class PendingSend:
     digest: bytes
     future: asyncio.Future[dict[str, Any]]
     change: bool = False
+    reply_hub: str | None = None  # the hub awaiting the answer, when it may carry that hub's copies
 
 
 @dataclass
@@ -192,7 +193,7 @@ async def _done(answer: Answer) -> Answer:
 async def _dup_of(first: asyncio.Future[Answer]) -> Answer:
     """The answer of a resend while the first send of its cmid is queued or committing."""
     res = await asyncio.shield(first)
-    return {**res, "dup": True}
+    return {k: v for k, v in res.items() if k != "copies"} | {"dup": True}  # the copies went with the first
 
 
 class ConversationShard:
@@ -226,6 +227,9 @@ class ConversationShard:
         self.routes = Routes()
         self._via_routes = config.fanout_via == "conv"
         self._push_on = config.push_workers > 0 and bool(config.rabbitmq_url)
+        # Copies in the answer keep one channel per hub in seq order only while a hub's answers come
+        # back one batch at a time (hub_inflight = 1): see send_batch.
+        self._answer_copies = config.answer_copies and self._via_routes and config.hub_inflight == 1
         self._targets: dict[str, tuple[frozenset[str], int, dict[str, list[int]]]] = {}  # conv -> cached targets
         self._to_hubs: Batcher[str] = Batcher(self._send_to_hub, config.fanout_batch_max, config.fanout_batch_ms)
         self._events_to_hubs: Batcher[str] = Batcher(
@@ -240,6 +244,7 @@ class ConversationShard:
             "activations": 0,
             "evictions": 0,
             "deliveries": 0,
+            "answer_copies": 0,
         }
 
     def start(self) -> None:
@@ -468,11 +473,23 @@ class ConversationShard:
 
     # --- sends -------------------------------------------------------------------------------
 
-    async def send_batch(self, items: list[SendItem]) -> list[Answer]:
+    async def send_batch(self, items: list[SendItem], hub: str | None = None) -> list[Answer]:
         """Sequence and commit a batch of sends; one answer per item, in order.
 
         An answer is an ack ``{"conv", "seq", "ts", "dup"}`` or an error ``{"err": code, "msg",
         "retry"}``: a batch mixes conversations, so one item's failure does not fail the others.
+
+        ``hub``: the calling hub's name. With ``answer_copies`` the ack of a new entry of a direct
+        conversation carries ``"copies": (entry, [connection id, ...])``, the entry's copies for
+        that hub's connections (the sender's own devices there, the peer's when it is on the same
+        hub), which the hub queues right after the ack, instead of a separate ``deliver`` call: the
+        round trip the ack needs anyway carries them (issue "the hot path": one round trip before
+        the ack, one one-way call per *other* hub). Order: a hub's answers from this shard come back
+        one batch at a time, in seq order per conversation, as its deliver calls do; only a
+        conversation with senders on two hubs at the same moment can see an entry through the one
+        channel before an earlier one through the other, a gap the client fills with ``sync``
+        (PROTOCOL.md section 5), nothing lost. Groups keep the single channel: their senders are on
+        every hub all the time. A resend's ``dup`` answer carries no copies (the first one's did).
         """
         for it in items:
             stamp(it.trace, "shard_in")
@@ -489,10 +506,10 @@ class ConversationShard:
                     continue
                 seqr = self.sequencers.get(item.conv)
                 if seqr is None or not self._may_send(item, seqr):
-                    waits.append(self._enqueue(item))  # the general path, which refuses or waits
+                    waits.append(self._enqueue(item, reply_hub=hub))  # the general path, which refuses or waits
                     continue
                 try:
-                    waits.append(self._enqueue_now(item, seqr))
+                    waits.append(self._enqueue_now(item, seqr, reply_hub=hub))
                 except RequestError as exc:
                     waits.append(_failed(exc))
         results = await asyncio.gather(*waits, return_exceptions=True)
@@ -545,20 +562,23 @@ class ConversationShard:
                 seqr.dm_allowed = allowed
         return {**failed, **activated}
 
-    async def _enqueue(self, item: SendItem, change: bool = False) -> dict[str, Any]:
+    async def _enqueue(self, item: SendItem, change: bool = False, reply_hub: str | None = None) -> dict[str, Any]:
         if change:
             self._absent.pop(item.conv, None)  # the group shard made it exist
             seqr = await self.sequencer(item.conv)
         else:
             seqr = await self._member_sequencer(item.sender, item.conv)
             await self._check_dm(seqr, item.sender)
-        return await self._enqueue_now(item, seqr, change)
+        return await self._enqueue_now(item, seqr, change, reply_hub)
 
-    def _enqueue_now(self, item: SendItem, seqr: Sequencer, change: bool = False) -> Awaitable[Answer]:
+    def _enqueue_now(
+        self, item: SendItem, seqr: Sequencer, change: bool = False, reply_hub: str | None = None
+    ) -> Awaitable[Answer]:
         """Queue ``item`` on its activated, authorized sequencer (synchronous: sends queued this way
         keep the order of the calls that made them); returns what to await for its answer. A
         resend of a committed cmid answers its seq (``dup``), of a queued one the first send's
-        answer; raises :class:`Conflict` when the cmid came with another body."""
+        answer; raises :class:`Conflict` when the cmid came with another body. ``reply_hub``: the
+        hub awaiting the answer (see :meth:`send_batch`)."""
         seqr = self.sequencers.setdefault(item.conv, seqr)  # a membership change makes the group exist
         self.sequencers.move_to_end(item.conv)
         digest = body_digest(item.kind, item.body, item.meta)
@@ -575,7 +595,9 @@ class ConversationShard:
                 raise Conflict("cmid already sent with a different body")
             return _dup_of(queued.future)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        seqr.pending.append(PendingSend(item, digest, fut, change))
+        if not (self._answer_copies and reply_hub is not None and ids.conv_kind(item.conv) == "direct"):
+            reply_hub = None
+        seqr.pending.append(PendingSend(item, digest, fut, change, reply_hub))
         if not seqr.inflight:
             self._ready[seqr.conv] = None
         self._wake.set()
@@ -737,11 +759,11 @@ class ConversationShard:
         if not self.peers.stores:
             return await self.store.commit(entries)
         try:
-            return await self.peers.next_store().call("commit", entries)
+            return await StoreRef(self.peers.next_store()).commit(entries)
         except StorageUnavailable:
             raise
         except Unavailable:
-            return await self.peers.next_store().call("commit", entries)
+            return await StoreRef(self.peers.next_store()).commit(entries)
 
     def _settle(self, entries: list[dict[str, Any]], sends: list[PendingSend], result: CommitResult) -> None:
         """Apply a commit's outcome (synchronous, like :meth:`_take_batch`: the sequencer's two
@@ -765,11 +787,15 @@ class ConversationShard:
             seqr.remember(
                 entry["sender"], entry["cmid"], entry["seq"], entry["ts"], p.digest, self.config.conv_recent_cmids
             )
-            p.future.set_result(ack_answer(entry["conv"], entry["seq"], entry["ts"], False))
             if p.item.trace is not None:  # a sampled send: its recipients get the stamps (never stored)
                 stamp(p.item.trace, "committed")
                 entry = {**entry, "trace": p.item.trace}
-            fanout.append((entry, recipients))
+            answer = ack_answer(entry["conv"], entry["seq"], entry["ts"], False)
+            # Fanned out before the ack leaves: the sender hub's copies (reply_hub) ride on it.
+            mine = self._fan_out(entry, recipients, p.reply_hub)
+            if mine:
+                answer["copies"] = (entry, mine)
+            p.future.set_result(answer)
         rest = list(zip(entries[result.committed :], sends[result.committed :], strict=False))
         if result.conflict is not None and rest:
             (entry, p), rest = rest[0], rest[1:]
@@ -824,8 +850,9 @@ class ConversationShard:
 
     # --- fan-out -----------------------------------------------------------------------------
 
-    def _fan_out(self, entry: dict[str, Any], members: frozenset[str]) -> None:
-        """Queue ``entry`` for ``members``.
+    def _fan_out(self, entry: dict[str, Any], members: frozenset[str], reply_hub: str | None = None) -> list[int]:
+        """Queue ``entry`` for ``members``; returns the connection ids on ``reply_hub`` (the hub
+        awaiting the send's answer, which carries them: see :meth:`send_batch`), not queued.
 
         With ``fanout_via = "conv"``: one item per hub holding a connection of a member (batched per
         hub, see :mod:`im_actors.routes`), plus, when push is configured, one item per session shard
@@ -844,11 +871,18 @@ class ConversationShard:
                 targets = self.routes.targets(members)
                 if conv in self.sequencers:
                     self._targets[conv] = (members, self.routes.version, targets)
+            mine: list[int] = []
             for hub, conn_ids in targets.items():
                 self.stats["deliveries"] += len(conn_ids)
-                self._to_hubs.add(hub, (entry, conn_ids))
+                if hub == reply_hub:
+                    mine = conn_ids
+                    self.stats["answer_copies"] += len(conn_ids)
+                else:
+                    self._to_hubs.add(hub, (entry, conn_ids))
             if not self._push_on:
-                return
+                return mine
+        else:
+            mine = []
         cached = self._splits.get(conv)
         if cached is not None and cached[0] is members:
             by_shard = cached[1]
@@ -858,6 +892,7 @@ class ConversationShard:
                 self._splits[conv] = (members, by_shard)
         for shard, users in by_shard.items():
             self._fanout.add(shard, (entry, users))
+        return mine
 
     async def _send_fanout(self, shard: int, items: list[tuple[dict[str, Any], list[str]]]) -> None:
         method = "plan_push" if self._via_routes else "fanout"
@@ -871,14 +906,14 @@ class ConversationShard:
         try:
             # Bounded well below a commit's timeout: a dead hub's restart must not hold the live copies
             # for its next incarnation's clients for long (they catch up with sync meanwhile).
-            await self.peers.hub(hub).call("deliver", items, timeout=DELIVER_TIMEOUT_S)
+            await HubRef(self.peers.hub(hub)).deliver(items, timeout=DELIVER_TIMEOUT_S)
         except Unavailable as exc:
             # The hub's clients reconnect elsewhere and catch up with sync.
             log.warning("delivery of %d entries to %s failed: %s", len(items), hub, exc)
 
     async def _send_events_to_hub(self, hub: str, items: list[tuple[dict[str, Any], list[int]]]) -> None:
         try:
-            await self.peers.hub(hub).call("deliver_events", items, timeout=DELIVER_TIMEOUT_S)
+            await HubRef(self.peers.hub(hub)).deliver_events(items, timeout=DELIVER_TIMEOUT_S)
         except Unavailable as exc:
             log.info("%d events to %s dropped: %s", len(items), hub, exc)
 
@@ -1055,10 +1090,10 @@ class ConversationShardActor(Vitals):
         """See :meth:`ConversationShard.hub_gone` (a hub that answers again re-announces, told by the router)."""
         return self._shard.hub_gone(hub)
 
-    async def send_batch(self, items: list[SendItem]) -> list[Answer]:
+    async def send_batch(self, items: list[SendItem], hub: str | None = None) -> list[Answer]:
         """See :meth:`ConversationShard.send_batch`."""
         self._shard.start()
-        return await self._shard.send_batch(items)
+        return await self._shard.send_batch(items, hub)
 
     async def append_system(self, conv: str, actor: str, text: str, meta: dict[str, Any], cmid: str) -> dict[str, Any]:
         """See :meth:`ConversationShard.append_system`."""

@@ -64,7 +64,7 @@ from im_actors.errors import (
     Unavailable,
 )
 from im_actors.limits import AddressRates, RefusalWindow, UserRates
-from im_actors.refs import Peers
+from im_actors.refs import ConvShardRef, Peers
 from im_actors.tls import server_context
 from im_actors.vitals import Vitals
 from im_actors.wire import SendItem, err_answer, stamp
@@ -366,7 +366,7 @@ class Hub:
             self.peers.session(user).notify("disconnect", user, device, self.name, conn.id)
             if self._via_routes:
                 for shard in self.peers.convs:
-                    shard.notify("unroute", user, device, self.name, conn.id)
+                    ConvShardRef(shard).unroute((user, device, self.name, conn.id))
 
     async def _route(self, conn: Connection) -> None:
         """Give every conversation shard the new connection's route before ``ready``, so every
@@ -377,9 +377,9 @@ class Hub:
         the connection ends, and a restarted shard asks every hub for its routes anyway. Meanwhile
         that shard's entries miss this connection's live copy, never the client: it catches up with
         ``sync`` (:mod:`im_actors.routes`)."""
-        args = (conn.user, conn.device, self.name, conn.id)
+        route = (conn.user, conn.device, self.name, conn.id)
         routed = await asyncio.gather(
-            *(shard.call("route", *args, timeout=ROUTE_TIMEOUT_S) for shard in self.peers.convs),
+            *(ConvShardRef(shard).route(route, timeout=ROUTE_TIMEOUT_S) for shard in self.peers.convs),
             return_exceptions=True,
         )
         for index, result in enumerate(routed):
@@ -394,7 +394,7 @@ class Hub:
         while not conn.closing:
             await asyncio.sleep(delay)
             try:
-                await self.peers.convs[index].call("route", conn.user, conn.device, self.name, conn.id)
+                await ConvShardRef(self.peers.convs[index]).route((conn.user, conn.device, self.name, conn.id))
                 return
             except Unavailable:
                 delay = min(2 * delay, 2.0)
@@ -568,7 +568,7 @@ class Hub:
     async def _send_batch(self, shard: int, batch: list[tuple[Connection, int, SendItem]]) -> None:
         started = time.perf_counter()
         try:
-            answers = await self.peers.convs[shard].call("send_batch", [item for _, _, item in batch])
+            answers = await ConvShardRef(self.peers.convs[shard]).send_batch([item for _, _, item in batch], self.name)
         except RequestError as exc:
             answers = [err_answer(exc)] * len(batch)
         elapsed_ms = (time.perf_counter() - started) * 1000
@@ -578,6 +578,9 @@ class Hub:
         for (conn, rid, _item), ans in zip(batch, answers, strict=False):
             self._push(conn, protocol.answer_frame(rid, ans))
             conn.answered()
+            copies = ans.get("copies")
+            if copies is not None:  # this hub's share of the entry's fan-out, after its ack
+                self.deliver([copies])
 
     async def _answer(self, conn: Connection, req: protocol.Request) -> None:
         try:
@@ -604,19 +607,19 @@ class Hub:
     async def _handle(self, conn: Connection, req: protocol.Request) -> dict[str, Any] | None:
         f, rid, user = req.fields, req.id, conn.user
         if req.t == "sync":
-            res = await self.peers.conv(f["conv"]).call("sync", user, f["conv"], f["after"], f["limit"])
+            res = await ConvShardRef(self.peers.conv(f["conv"])).sync(user, f["conv"], f["after"], f["limit"])
             return self._msgs(rid, f["conv"], res)
         if req.t == "history":
-            res = await self.peers.conv(f["conv"]).call("history", user, f["conv"], f["before"], f["limit"])
+            res = await ConvShardRef(self.peers.conv(f["conv"])).history(user, f["conv"], f["before"], f["limit"])
             return self._msgs(rid, f["conv"], res)
         if req.t == "convs":
             convs = await self.peers.session(user).call("convs", user)
             return {"t": "convs", "id": rid, "convs": convs}
         if req.t == "read":
-            await self.peers.conv(f["conv"]).call("read", user, f["conv"], f["seq"], (self.name, conn.id))
+            await ConvShardRef(self.peers.conv(f["conv"])).read(user, f["conv"], f["seq"], (self.name, conn.id))
             return {"t": "ok", "id": rid}
         if req.t == "typing":
-            await self.peers.conv(f["conv"]).call("typing", user, f["conv"], (self.name, conn.id))
+            await ConvShardRef(self.peers.conv(f["conv"])).typing(user, f["conv"], (self.name, conn.id))
             return None if rid is None else {"t": "ok", "id": rid}
         if req.t == "group.create":
             shard = self.peers.groups[ids.shard_of(f"{user}:{rid}:{_now_ms()}", len(self.peers.groups))]
@@ -796,7 +799,7 @@ class HubActor(Vitals):
         connections (``fanout_via = "conv"``, :mod:`im_actors.routes`); returns how many."""
         conns = [(c.user, c.device, self._hub.name, c.id) for c in self._hub.conns.values() if not c.closing]
         if conns:
-            await self._hub.peers.convs[conv_index].call("route_many", conns)
+            await ConvShardRef(self._hub.peers.convs[conv_index]).route_many(conns)
         return len(conns)
 
     def deliver_events(self, items: list[tuple[dict[str, Any], list[int]]]) -> int:

@@ -127,6 +127,7 @@ SERIES: tuple[Series, ...] = (
     _c("im_conv_activations", "conv", "sequencers activated from storage"),
     _g("im_conv_active", "conv", "sequencers active now", "active"),
     _c("im_conv_deliveries", "conv", "deliveries handed to hubs by this shard (fanout_via = conv)"),
+    _c("im_conv_answer_copies", "conv", "of those, copies carried in the sender hub's send answer (answer_copies)"),
     _g("im_conv_routes", "conv", "connections routed by this shard (fanout_via = conv)", "routes"),
     _h("im_conv_commit_ms", "conv", "commit of one batch: store call(s) until storage confirmed (ms)"),
     _h("im_conv_commit_batch", "conv", "entries committed per batch (entries)", BATCH_BOUNDS),

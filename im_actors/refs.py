@@ -22,6 +22,11 @@ its own log, with the method and its arguments, and raises :class:`Internal`.
 
 :class:`Peers` gives the peer of a user, a conversation, a group, a store writer or a hub from the
 configuration's shard counts. Tests replace it with a fake.
+
+The hot path's calls are typed: :class:`ConvShardRef` (hub to conversation shard), :class:`HubRef`
+(conversation shard to hub) and :class:`StoreRef` (conversation shard to store writer) wrap any peer
+(a :class:`Peer`, or a test's fake with the same ``call`` and ``notify``) and give each remote method
+its signature and answer type, so the actor's method and its callers cannot drift apart unseen.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import inspect
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
@@ -40,9 +45,16 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from im_actors import ids
 from im_actors.config import Config
 from im_actors.errors import CloseConnection, ImError, Internal, RequestError, Unavailable
+from im_actors.wire import Answer, SendItem
+
+if TYPE_CHECKING:
+    from im_actors.store import CommitResult
 
 __all__ = [
     "ask_hubs_to_reannounce",
+    "ConvShardRef",
+    "HubRef",
+    "StoreRef",
     "Peer",
     "Peers",
     "DEFAULT_CALL_TIMEOUT_S",
@@ -246,3 +258,91 @@ async def ask_hubs_to_reannounce(hubs: dict[str, Peer], announced: set[str], met
         announced.add(name)
         answered += 1
     return answered
+
+
+class Caller(Protocol):
+    """What a typed reference needs of a peer: :meth:`Peer.call` and :meth:`Peer.notify`."""
+
+    async def call(self, method: str, *args: Any, timeout: float = DEFAULT_CALL_TIMEOUT_S) -> Any: ...
+
+    def notify(self, method: str, *args: Any) -> None: ...
+
+
+#: A route: (user, device, hub name, connection id).
+Route = tuple[str, str, str, int]
+#: A fan-out batch for one hub: ``[(entry or event frame, [connection id, ...])]``.
+HubItems = list[tuple[dict[str, Any], list[int]]]
+
+
+class ConvShardRef:
+    """Typed calls to a conversation shard (:class:`im_actors.conversation.ConversationShardActor`);
+    each raises what :meth:`Peer.call` raises."""
+
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: Caller) -> None:
+        self.peer = peer
+
+    async def send_batch(self, items: list[SendItem], hub: str) -> list[Answer]:
+        """Sequence and commit ``items`` sent through ``hub``: one :data:`~im_actors.wire.Answer`
+        per item, in order (an ack may carry ``copies`` for ``hub``)."""
+        return cast("list[Answer]", await self.peer.call("send_batch", items, hub))
+
+    async def sync(self, user: str, conv: str, after: int, limit: int) -> dict[str, Any]:
+        """``{"msgs": [entry, ...], "last", "more"}``: ``user``'s entries of ``conv`` after ``after``."""
+        return cast("dict[str, Any]", await self.peer.call("sync", user, conv, after, limit))
+
+    async def history(self, user: str, conv: str, before: int, limit: int) -> dict[str, Any]:
+        """``{"msgs", "last", "more"}``: ``user``'s entries of ``conv`` before ``before`` (0: newest)."""
+        return cast("dict[str, Any]", await self.peer.call("history", user, conv, before, limit))
+
+    async def read(self, user: str, conv: str, seq: int, origin: tuple[str, int]) -> None:
+        """``user`` read ``conv`` up to ``seq`` from connection ``origin`` (hub, connection id)."""
+        await self.peer.call("read", user, conv, seq, origin)
+
+    async def typing(self, user: str, conv: str, origin: tuple[str, int]) -> None:
+        """``user`` is typing in ``conv`` on connection ``origin``."""
+        await self.peer.call("typing", user, conv, origin)
+
+    async def route(self, route: Route, timeout: float = DEFAULT_CALL_TIMEOUT_S) -> None:
+        """Entries for the route's user reach that connection from now on (``fanout_via = "conv"``)."""
+        await self.peer.call("route", *route, timeout=timeout)
+
+    def unroute(self, route: Route) -> None:
+        """That connection ended (one-way)."""
+        self.peer.notify("unroute", *route)
+
+    async def route_many(self, routes: list[Route]) -> int:
+        """A hub announces its connections again; returns how many the shard took."""
+        return cast(int, await self.peer.call("route_many", routes))
+
+
+class HubRef:
+    """Typed calls to a hub (:class:`im_actors.hub.HubActor`); each raises what :meth:`Peer.call` raises."""
+
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: Caller) -> None:
+        self.peer = peer
+
+    async def deliver(self, items: HubItems, timeout: float = DEFAULT_CALL_TIMEOUT_S) -> int:
+        """Queue committed entries on their connections; returns the frames queued."""
+        return cast(int, await self.peer.call("deliver", items, timeout=timeout))
+
+    async def deliver_events(self, items: HubItems, timeout: float = DEFAULT_CALL_TIMEOUT_S) -> int:
+        """Queue unstored events (``receipt``, ``typing``) on their connections; returns the frames queued."""
+        return cast(int, await self.peer.call("deliver_events", items, timeout=timeout))
+
+
+class StoreRef:
+    """Typed calls to a store writer (:class:`im_actors.store.StoreWriter`)."""
+
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: Caller) -> None:
+        self.peer = peer
+
+    async def commit(self, entries: list[dict[str, Any]]) -> CommitResult:
+        """Write ``entries`` (MongoDB, then Redis); how it ended. Raises what :meth:`Peer.call`
+        raises, :class:`~im_actors.errors.StorageUnavailable` among them."""
+        return cast("CommitResult", await self.peer.call("commit", entries))

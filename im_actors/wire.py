@@ -22,7 +22,9 @@ from im_actors.errors import RequestError
 __all__ = ["SendItem", "Answer", "ack_answer", "err_answer", "stamp"]
 
 #: A conversation shard's answer to one send: ``{"conv", "seq", "ts", "dup"}`` (an ack) or
-#: ``{"err": code, "msg", "retry", ...extra such as retry_after_ms}`` (an error).
+#: ``{"err": code, "msg", "retry", ...extra such as retry_after_ms}`` (an error). An ack of a new
+#: entry may carry ``"copies": (entry, [connection id, ...])``: the entry's copies for connections on
+#: the hub that asked, queued by it after the ack (config ``answer_copies``).
 Answer = dict[str, Any]
 
 

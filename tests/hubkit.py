@@ -112,7 +112,7 @@ class KitPeers:
             return list(ids.direct_members(conv))
         return self.groups.get(conv, [])
 
-    def _send_batch(self, items: list[SendItem]) -> list[dict[str, Any]]:
+    def _send_batch(self, items: list[SendItem], hub: str | None = None) -> list[dict[str, Any]]:
         answers: list[dict[str, Any]] = []
         deliveries: list[tuple[dict[str, Any], list[int]]] = []
         for item in items:
@@ -139,7 +139,10 @@ class KitPeers:
             self.cmids[(item.conv, item.sender, item.cmid)] = entry
             answers.append({"conv": item.conv, "seq": entry["seq"], "ts": entry["ts"], "dup": False})
             targets = [cid for user in members for _hub, cid in self.sessions_core.online(user).values()]
-            deliveries.append((entry, targets))
+            if hub is not None and ids.conv_kind(item.conv) == "direct":
+                answers[-1]["copies"] = (entry, targets)  # as a conversation shard with answer_copies
+            else:
+                deliveries.append((entry, targets))
         if self.hub is not None and deliveries:
             self.hub.deliver(deliveries)
         return answers

@@ -23,10 +23,10 @@ async def test_sends_over_the_queue_bound_are_refused_early_and_the_rest_commit(
     gate, entered = asyncio.Event(), asyncio.Event()
     real = kit.peers.conv_peer.handlers["send_batch"]
 
-    async def slow_shard(items: list[Any]) -> list[dict[str, Any]]:
+    async def slow_shard(items: list[Any], hub: str | None = None) -> list[dict[str, Any]]:
         entered.set()
         await gate.wait()  # the conversation shard is behind
-        return real(items)  # type: ignore[no-any-return]
+        return real(items, hub)  # type: ignore[no-any-return]
 
     kit.peers.conv_peer.handlers["send_batch"] = slow_shard
     await kit.start()

@@ -44,9 +44,9 @@ async def _settled(peers: FakePeers, hub: str, count: int) -> list[tuple[dict[st
     return peers.delivered.get(hub, [])
 
 
-def make_shard(**cfg: Any) -> tuple[ConversationShard, FakePeers]:
+def make_shard(groups: dict[str, list[str]] | None = None, **cfg: Any) -> tuple[ConversationShard, FakePeers]:
     store = FakeStore()
-    peers = FakePeers(store, {})
+    peers = FakePeers(store, groups or {})
     shard = ConversationShard(load_config(fanout_batch_ms=0, **cfg), peers, store)  # type: ignore[arg-type]
     shard.start()
     return shard, peers
@@ -95,3 +95,42 @@ async def test_a_receipt_reaches_every_routed_device_but_the_reading_one() -> No
     assert {h: [(f, sorted(ids)) for f, ids in items] for h, items in peers.hub_events.items()} == {
         "hub-a": [({"t": "receipt", "conv": CONV, "user": "bob", "seq": 1}, [1, 2])]
     }
+
+
+async def test_the_sender_hubs_copies_of_a_direct_entry_ride_on_its_ack() -> None:
+    shard, peers = make_shard()
+    shard.route("alice", "d1", "hub-a", 1)
+    shard.route("bob", "d1", "hub-b", 7)
+    shard.route("bob", "d2", "hub-a", 8)
+    [ack] = await shard.send_batch([SendItem("alice", CONV, "c1", "hi")], "hub-a")
+    entry, conn_ids = ack["copies"]
+    assert (ack["seq"], entry["seq"], entry["body"], sorted(conn_ids)) == (1, 1, "hi", [1, 8])
+    assert [(e["seq"], ids) for e, ids in await _settled(peers, "hub-b", 1)] == [(1, [7])]  # the other hub: a call
+    assert "hub-a" not in peers.delivered
+    assert shard.stats["answer_copies"] == 2 and shard.stats["deliveries"] == 3
+    # a resend while the first is committing answers dup, without the copies the first carried
+    first, again = await asyncio.gather(
+        shard.send_batch([SendItem("alice", CONV, "c2", "yo")], "hub-a"),
+        shard.send_batch([SendItem("alice", CONV, "c2", "yo")], "hub-a"),
+    )
+    assert first[0]["seq"] == again[0]["seq"] == 2 and "copies" in first[0]
+    assert again[0]["dup"] and "copies" not in again[0]
+    # a resend of a committed cmid: dup, no copies
+    [dup] = await shard.send_batch([SendItem("alice", CONV, "c1", "hi")], "hub-a")
+    assert dup["dup"] and "copies" not in dup
+
+
+async def test_copies_in_the_answer_only_for_direct_conversations_and_when_asked() -> None:
+    shard, peers = make_shard({"g1": ["alice", "bob"]})
+    shard.route("alice", "d1", "hub-a", 1)
+    shard.route("bob", "d1", "hub-a", 2)
+    [group_ack] = await shard.send_batch([SendItem("alice", "g:g1", "c1", "hi")], "hub-a")
+    assert group_ack["seq"] == 1 and "copies" not in group_ack  # groups: one channel per hub
+    [no_hub] = await shard.send_batch([SendItem("alice", CONV, "c2", "hi")])
+    assert "copies" not in no_hub
+    assert [e["conv"] for e, _ in await _settled(peers, "hub-a", 2)] == ["g:g1", CONV]
+    for cfg in ({"answer_copies": False}, {"hub_inflight": 2}, {"fanout_via": "session"}):
+        off, off_peers = make_shard(**cfg)
+        off.route("alice", "d1", "hub-a", 1)
+        [ack] = await off.send_batch([SendItem("alice", CONV, "c1", "hi")], "hub-a")
+        assert "copies" not in ack, cfg
