@@ -133,3 +133,61 @@ async def test_the_actor_side_decorator_logs_bugs_in_the_actor_and_raises_intern
         await shell.slow()
     assert await shell.fine(1) == 2
     assert asyncio.iscoroutinefunction(Shell.buggy) and not asyncio.iscoroutinefunction(Shell.sync_buggy)
+
+
+@pytest.mark.parametrize(
+    ("ref", "actor_path"),
+    [
+        ("ConvShardRef", "im_actors.conversation:ConversationShardActor"),
+        ("HubRef", "im_actors.hub:HubActor"),
+        ("StoreRef", "im_actors.store:StoreWriter"),
+    ],
+)
+def test_each_typed_reference_matches_its_actors_methods(ref: str, actor_path: str) -> None:
+    """A typed reference's method calls the actor's method of the same name with the same parameters
+    (a route travels as one tuple, a call's timeout is the caller's): renaming or reordering one
+    side alone fails here, not in a cluster."""
+    import importlib
+    import inspect
+
+    from im_actors import refs
+
+    module, _, name = actor_path.partition(":")
+    actor = getattr(importlib.import_module(module), name).__ray_metadata__.modified_class
+    typed = getattr(refs, ref)
+    methods = [m for m, fn in vars(typed).items() if inspect.isfunction(fn) and not m.startswith("_")]
+    assert methods
+    for method in methods:
+        mine = [p for p in inspect.signature(getattr(typed, method)).parameters if p not in ("self", "timeout")]
+        theirs = [
+            p for p in inspect.signature(getattr(actor, method)).parameters if p not in ("self", "_ray_trace_ctx")
+        ]
+        spelled = {("route",): ["user", "device", "hub", "conn_id"], ("routes",): ["conns"]}
+        assert spelled.get(tuple(mine), mine) == theirs, (ref, method, mine, theirs)
+
+
+async def test_a_typed_reference_passes_its_arguments_through_call() -> None:
+    from im_actors.refs import ConvShardRef
+    from im_actors.wire import SendItem
+
+    class Recording:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, tuple[Any, ...], float | None]] = []
+
+        async def call(self, method: str, *args: Any, timeout: float = 30.0) -> Any:
+            self.calls.append((method, args, timeout))
+            return [{"conv": "d:a:b", "seq": 1, "ts": 0, "dup": False}]
+
+        def notify(self, method: str, *args: Any) -> None:
+            self.calls.append((method, args, None))
+
+    peer = Recording()
+    item = SendItem("a", "d:a:b", "c1", "hi")
+    assert (await ConvShardRef(peer).send_batch([item], "hub-0"))[0]["seq"] == 1
+    await ConvShardRef(peer).route(("a", "d1", "hub-0", 7), timeout=2.0)
+    ConvShardRef(peer).unroute(("a", "d1", "hub-0", 7))
+    assert peer.calls == [
+        ("send_batch", ([item], "hub-0"), 30.0),
+        ("route", ("a", "d1", "hub-0", 7), 2.0),
+        ("unroute", ("a", "d1", "hub-0", 7), None),
+    ]
