@@ -190,10 +190,26 @@ async def _done(answer: Answer) -> Answer:
     return answer
 
 
-async def _dup_of(first: asyncio.Future[Answer]) -> Answer:
-    """The answer of a resend while the first send of its cmid is queued or committing."""
+async def _dup_of(first: asyncio.Future[Answer], keep_copies: bool = False) -> Answer:
+    """The answer of a resend while the first send of its cmid is queued or committing; without the
+    first answer's ``copies`` unless ``keep_copies`` (the resend came through the same hub)."""
     res = await asyncio.shield(first)
-    return {k: v for k, v in res.items() if k != "copies"} | {"dup": True}  # the copies went with the first
+    return {k: v for k, v in res.items() if keep_copies or k != "copies"} | {"dup": True}
+
+
+def _entry_of(item: SendItem, seq: int, ts: int) -> dict[str, Any]:
+    """The committed entry of ``item`` at ``seq`` (its body, kind and meta are the stored ones: a
+    resend with another body is a conflict, refused before this)."""
+    return {
+        "conv": item.conv,
+        "seq": seq,
+        "sender": item.sender,
+        "cmid": item.cmid,
+        "ts": ts,
+        "kind": item.kind,
+        "body": item.body,
+        "meta": item.meta,
+    }
 
 
 class ConversationShard:
@@ -489,7 +505,11 @@ class ConversationShard:
         conversation with senders on two hubs at the same moment can see an entry through the one
         channel before an earlier one through the other, a gap the client fills with ``sync``
         (PROTOCOL.md section 5), nothing lost. Groups keep the single channel: their senders are on
-        every hub all the time. A resend's ``dup`` answer carries no copies (the first one's did).
+        every hub all the time. A resend of a committed cmid is fanned out again, to every member's
+        connections, this hub's copies on its ``dup`` answer: the first answer, and the copies that
+        rode on it, may be what was lost (its hub gave up waiting for it), and clients drop a (conv,
+        seq) they hold. A resend while the first send is in flight gets the first one's copies only
+        through the same hub (connection ids are a hub's own).
         """
         for it in items:
             stamp(it.trace, "shard_in")
@@ -582,21 +602,32 @@ class ConversationShard:
         seqr = self.sequencers.setdefault(item.conv, seqr)  # a membership change makes the group exist
         self.sequencers.move_to_end(item.conv)
         digest = body_digest(item.kind, item.body, item.meta)
+        if not (self._answer_copies and reply_hub is not None and ids.conv_kind(item.conv) == "direct"):
+            reply_hub = None
         known = seqr.cmids.get((item.sender, item.cmid))
         if known is not None:
             seq, ts, old = known
             if old != digest:
                 raise Conflict("cmid already committed with a different body")
             self.stats["dups"] += 1
-            return _done(ack_answer(item.conv, seq, ts, True))
+            answer = ack_answer(item.conv, seq, ts, True)
+            if reply_hub is not None:
+                # The first answer, and the copies for its hub that rode on it, may be what was lost
+                # (its hub gave up waiting): fan the entry out again, to every member's connections
+                # (clients drop a (conv, seq) they hold), this hub's copies on this answer.
+                entry = _entry_of(item, seq, ts)
+                mine = self._fan_out(entry, seqr.members, reply_hub)
+                if mine:
+                    answer["copies"] = (entry, mine)
+            return _done(answer)
         queued = seqr.find_pending(item.sender, item.cmid) or self._find_inflight(item)
         if queued is not None:
             if queued.digest != digest:
                 raise Conflict("cmid already sent with a different body")
-            return _dup_of(queued.future)
+            # The first send's copies are for its hub's connections: only a resend through that hub
+            # may carry them too (when that hub gave up on the first answer, they would be lost).
+            return _dup_of(queued.future, keep_copies=reply_hub is not None and reply_hub == queued.reply_hub)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        if not (self._answer_copies and reply_hub is not None and ids.conv_kind(item.conv) == "direct"):
-            reply_hub = None
         seqr.pending.append(PendingSend(item, digest, fut, change, reply_hub))
         if not seqr.inflight:
             self._ready[seqr.conv] = None
@@ -650,18 +681,7 @@ class ConversationShard:
             for i, p in enumerate(take):
                 it = p.item
                 stamp(it.trace, "seq")
-                entries.append(
-                    {
-                        "conv": it.conv,
-                        "seq": seqr.last + 1 + i,
-                        "sender": it.sender,
-                        "cmid": it.cmid,
-                        "ts": now,
-                        "kind": it.kind,
-                        "body": it.body,
-                        "meta": it.meta,
-                    }
-                )
+                entries.append(_entry_of(it, seqr.last + 1 + i, now))
                 sends.append(p)
         return entries, sends
 

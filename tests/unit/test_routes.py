@@ -108,16 +108,22 @@ async def test_the_sender_hubs_copies_of_a_direct_entry_ride_on_its_ack() -> Non
     assert [(e["seq"], ids) for e, ids in await _settled(peers, "hub-b", 1)] == [(1, [7])]  # the other hub: a call
     assert "hub-a" not in peers.delivered
     assert shard.stats["answer_copies"] == 2 and shard.stats["deliveries"] == 3
-    # a resend while the first is committing answers dup, without the copies the first carried
-    first, again = await asyncio.gather(
+    # a resend while the first is committing answers dup; through the same hub with the first's
+    # copies (that hub may have given up on the first answer), through another hub without them
+    first, again, elsewhere = await asyncio.gather(
         shard.send_batch([SendItem("alice", CONV, "c2", "yo")], "hub-a"),
         shard.send_batch([SendItem("alice", CONV, "c2", "yo")], "hub-a"),
+        shard.send_batch([SendItem("alice", CONV, "c2", "yo")], "hub-b"),
     )
-    assert first[0]["seq"] == again[0]["seq"] == 2 and "copies" in first[0]
-    assert again[0]["dup"] and "copies" not in again[0]
-    # a resend of a committed cmid: dup, no copies
+    assert first[0]["seq"] == again[0]["seq"] == elsewhere[0]["seq"] == 2
+    assert again[0]["dup"] and again[0]["copies"] == first[0]["copies"]
+    assert elsewhere[0]["dup"] and "copies" not in elsewhere[0]
+    await _settled(peers, "hub-b", 2)
+    # a resend of a committed cmid is fanned out again: its first answer may be what was lost
     [dup] = await shard.send_batch([SendItem("alice", CONV, "c1", "hi")], "hub-a")
-    assert dup["dup"] and "copies" not in dup
+    entry, conn_ids = dup["copies"]
+    assert dup["dup"] and (entry["seq"], entry["body"], entry["sender"], sorted(conn_ids)) == (1, "hi", "alice", [1, 8])
+    assert [(e["seq"], ids) for e, ids in await _settled(peers, "hub-b", 3)] == [(1, [7]), (2, [7]), (1, [7])]
 
 
 async def test_copies_in_the_answer_only_for_direct_conversations_and_when_asked() -> None:
