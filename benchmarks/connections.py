@@ -289,6 +289,9 @@ class _NoContactsStore:
     def find(self, *args: Any, **kwargs: Any) -> _EmptyCursor:
         return _EmptyCursor()
 
+    async def accepted_contacts(self, user: str) -> list[str]:
+        return []
+
 
 def _breakdown_process(config: Config, conn: Any, frames: int) -> None:
     from tests.hubkit import HubKit

@@ -141,6 +141,11 @@ class Config(BaseSettings):
         "themselves (one Ray hop per delivery; session shards only plan offline pushes); session: through the "
         "recipients' session shards (one hop more)",
     )
+    hub_direct_write: bool = Field(
+        True,
+        description="a hub writes a frame to a connection at once when nothing of it waits (no task switch); "
+        "false: every frame through the connection's writer task (see im_actors.hub.write_now)",
+    )
     answer_copies: bool = Field(
         True,
         description="direct conversations (fanout_via = conv, hub_inflight = 1): the copies of an entry for "
