@@ -272,33 +272,12 @@ def rss(pid: int) -> int:
 # --- the breakdown: the hub's code under tracemalloc -------------------------------------------------
 
 
-class _EmptyCursor:
-    def __aiter__(self) -> _EmptyCursor:
-        return self
-
-    async def __anext__(self) -> Any:
-        raise StopAsyncIteration
-
-
-class _NoContactsStore:
-    """The breakdown's store for the session core: nobody has contacts (presence is announced to nobody)."""
-
-    def __init__(self) -> None:
-        self.db = {"contacts": self}
-
-    def find(self, *args: Any, **kwargs: Any) -> _EmptyCursor:
-        return _EmptyCursor()
-
-    async def accepted_contacts(self, user: str) -> list[str]:
-        return []
-
-
 def _breakdown_process(config: Config, conn: Any, frames: int) -> None:
-    from tests.hubkit import HubKit
+    from tests.hubkit import HubKit, NoContactsStore
 
     async def main() -> None:
         kit = HubKit(config)
-        kit.peers.sessions_core.store = _NoContactsStore()  # type: ignore[assignment]
+        kit.peers.sessions_core.store = NoContactsStore()  # type: ignore[assignment]
         url = await kit.start()
         tracemalloc.start(frames)
         await asyncio.sleep(0.5)

@@ -38,27 +38,6 @@ from im_actors.config import load_config  # noqa: E402
 VARIANTS = (True, False)
 
 
-class _EmptyCursor:
-    def __aiter__(self) -> _EmptyCursor:
-        return self
-
-    async def __anext__(self) -> Any:
-        raise StopAsyncIteration
-
-
-class _NoContactsStore:
-    """The session core's store here: nobody has contacts (presence is announced to nobody)."""
-
-    def __init__(self) -> None:
-        self.db = {"contacts": self}
-
-    def find(self, *args: Any, **kwargs: Any) -> _EmptyCursor:
-        return _EmptyCursor()
-
-    async def accepted_contacts(self, user: str) -> list[str]:
-        return []
-
-
 def _clients(url: str, tokens: list[str], ready: Any) -> None:
     """Child process: one authenticated connection per token, reading until the hub closes."""
 
@@ -83,13 +62,13 @@ def _clients(url: str, tokens: list[str], ready: Any) -> None:
 
 async def _one(direct: bool, connections: int, messages: int, gap_ms: float, body_bytes: int) -> float:
     """Microseconds of this process's CPU per frame written, for one variant on a fresh hub."""
-    from tests.hubkit import HubKit
+    from tests.hubkit import HubKit, NoContactsStore
 
     config = load_config(
         deployment="hubwrites", jwt_secret="x" * 32, hub_direct_write=direct, send_queue_frames=100_000
     )
     kit = HubKit(config)
-    kit.peers.sessions_core.store = _NoContactsStore()  # type: ignore[assignment]
+    kit.peers.sessions_core.store = NoContactsStore()  # type: ignore[assignment]
     url = await kit.start()
     ctx = mp.get_context("spawn")
     ready = ctx.Event()

@@ -34,6 +34,28 @@ def hub_config(**overrides: Any) -> Config:
     return load_config(**base)
 
 
+class _EmptyCursor:
+    def __aiter__(self) -> _EmptyCursor:
+        return self
+
+    async def __anext__(self) -> Any:
+        raise StopAsyncIteration
+
+
+class NoContactsStore:
+    """A store for the kit's session core in benchmarks that open many connections: nobody has
+    contacts, so presence is announced to nobody and nothing is read."""
+
+    def __init__(self) -> None:
+        self.db = {"contacts": self}
+
+    def find(self, *args: Any, **kwargs: Any) -> _EmptyCursor:
+        return _EmptyCursor()
+
+    async def accepted_contacts(self, user: str) -> list[str]:
+        return []
+
+
 def masked_frame(opcode: int, payload: bytes, claimed_len: int | None = None) -> bytes:
     """A client-to-server WebSocket frame written by hand (RFC 6455 section 5.2), masked; its header
     may claim ``claimed_len`` bytes whatever the payload holds."""
