@@ -162,7 +162,10 @@ def test_each_typed_reference_matches_its_actors_methods(ref: str, actor_path: s
         theirs = [
             p for p in inspect.signature(getattr(actor, method)).parameters if p not in ("self", "_ray_trace_ctx")
         ]
-        spelled = {("route",): ["user", "device", "hub", "conn_id"], ("routes",): ["conns"]}
+        spelled: dict[tuple[str, ...], list[str]] = {
+            ("route",): ["user", "device", "hub", "conn_id"],
+            ("routes",): ["conns"],
+        }
         assert spelled.get(tuple(mine), mine) == theirs, (ref, method, mine, theirs)
 
 
