@@ -747,9 +747,12 @@ def write_now(ws: ServerConnection, data: bytes | str) -> bool:
             ws.protocol.send_text(data.encode())
         else:
             ws.protocol.send_binary(data)
-        ws.send_data()
-    except Exception:  # noqa: BLE001 - the writer task's send meets the same error and ends the connection
+    except Exception:  # noqa: BLE001 - not framed: the writer task's send meets the same state and ends
         return False
+    try:
+        ws.send_data()
+    except Exception:  # noqa: BLE001 - framed, the transport failed: the connection's reader sees it end
+        log.debug("direct write to a failing transport", exc_info=True)
     return True
 
 
