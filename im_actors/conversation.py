@@ -881,6 +881,7 @@ class ConversationShard:
         membership change makes a new set), and the hub targets until the set or a route changes: a
         large group pays them once, not per message."""
         conv = entry["conv"]
+        mine: list[int] = []
         if self._via_routes:
             if "trace" in entry:
                 stamp(entry["trace"], "fanout")
@@ -891,7 +892,6 @@ class ConversationShard:
                 targets = self.routes.targets(members)
                 if conv in self.sequencers:
                     self._targets[conv] = (members, self.routes.version, targets)
-            mine: list[int] = []
             for hub, conn_ids in targets.items():
                 self.stats["deliveries"] += len(conn_ids)
                 if hub == reply_hub:
@@ -901,8 +901,6 @@ class ConversationShard:
                     self._to_hubs.add(hub, (entry, conn_ids))
             if not self._push_on:
                 return mine
-        else:
-            mine = []
         cached = self._splits.get(conv)
         if cached is not None and cached[0] is members:
             by_shard = cached[1]

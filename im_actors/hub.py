@@ -734,10 +734,10 @@ def write_now(ws: ServerConnection, data: bytes | str) -> bool:
     queues it for the connection's writer task, which awaits ``send`` and its flow control).
 
     Why (issue "the hot path", target 4): a group's fan-out writes one frame to each of hundreds of
-    connections; through a writer task each costs a task wake-up and ``send``'s context manager,
-    about 55 us of hub CPU here against 28 us written at once (``/tmp``-free microbenchmark quoted in
-    the README's performance section). The frame is framed by websockets' own Sans-I/O protocol
-    (``ws.protocol.send_binary`` / ``send_text``) and flushed with ``ws.send_data()``, what
+    connections; through a writer task each costs a task wake-up and ``send``'s context manager:
+    62.4 us of hub CPU per frame here against 30.6 us written at once (``benchmarks/hub_writes.py
+    --connections 200 --messages 300 --rounds 3``). The frame is framed by websockets' own Sans-I/O
+    protocol (``ws.protocol.send_binary`` / ``send_text``) and flushed with ``ws.send_data()``, what
     ``ws.send`` does inside its context; flow control is kept because nothing is written while the
     transport holds unsent bytes, so a slow reader's frames queue (bounded, 4508) as before."""
     try:
