@@ -255,7 +255,13 @@ class Store:
         self._redis: aioredis.Redis | None = None  # opened on first use (the push worker never needs it)
         self._prefix = config.key_prefix
         self._bulk = asyncio.Semaphore(1)
-        self.stats: dict[str, float] = {"commits": 0, "mongo_ms_total": 0.0, "redis_ms_total": 0.0, "bulk_waits": 0}
+        self.stats: dict[str, float] = {
+            "commits": 0,
+            "ambiguous_commits": 0,
+            "mongo_ms_total": 0.0,
+            "redis_ms_total": 0.0,
+            "bulk_waits": 0,
+        }
         self._cache_tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -324,6 +330,7 @@ class Store:
             result = await self._settle_conflict(entries, exc)
         except PyMongoError as exc:  # any other: ambiguous, settled by reading back
             log.warning("commit of %d entries ambiguous (%s); reading back", len(entries), type(exc).__name__)
+            self.stats["ambiguous_commits"] += 1
             result = await self._read_back(entries)
         self.stats["commits"] += 1
         self.stats["mongo_ms_total"] += (time.perf_counter() - started) * 1000
@@ -720,7 +727,8 @@ class StoreWriter(Vitals):
         return True
 
     def stats(self) -> dict[str, float]:
-        """Counters: commits, mongo_ms_total and redis_ms_total (time in each part of the commits, ms)."""
+        """Counters: commits, ambiguous_commits (a MongoDB error left the outcome unknown and it was read
+        back), bulk_waits, mongo_ms_total and redis_ms_total (time in each part of the commits, ms)."""
         return dict(self._store.stats)
 
     async def commit(self, entries: list[dict[str, Any]]) -> CommitResult:

@@ -244,6 +244,7 @@ async def test_an_ambiguous_commit_is_read_back_in_one_query_whatever_the_batch_
     store.messages = msgs = Messages([])  # type: ignore[assignment]
     result = await store.commit(entries)
     assert (result.committed, result.conflict) == (0, None) and len(msgs.queries) == 1
+    assert (store.stats["commits"], store.stats["ambiguous_commits"]) == (1, 1)
     # The seq after the committed prefix is held by another entry: a seq conflict with the stored last.
     other = {**entries[1], "cmid": "someone-else"}
     store.messages = msgs = Messages([dict(entries[0]), other, _entry("d:a:b", 3, "x3")])  # type: ignore[assignment]
