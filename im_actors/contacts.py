@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from im_actors import ids
 from im_actors.config import Config
 from im_actors.errors import BadRequest, Forbidden, StorageUnavailable, Unavailable
-from im_actors.refs import Peers
+from im_actors.refs import ConvShardRef, Peers, SessionShardRef
 from im_actors.store import Store
 
 __all__ = ["ContactBook", "SideCache", "transition", "accepted_contacts", "STATES", "OPS"]
@@ -211,9 +211,9 @@ class ContactBook:
         restarting and will read afresh anyway."""
         conv = ids.direct_conv(a, b)
         for u in (a, b):
-            self.peers.session(u).notify("contacts_changed", u)
+            SessionShardRef(self.peers.session(u)).contacts_changed(u)
         try:
-            await self.peers.conv(conv).call("contact_changed", conv)
+            await ConvShardRef(self.peers.conv(conv)).contact_changed(conv)
         except Unavailable:
             pass
 

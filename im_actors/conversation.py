@@ -37,7 +37,7 @@ from im_actors.contacts import SideCache
 from im_actors.errors import Conflict, Forbidden, RequestError, StorageUnavailable, Unavailable
 from im_actors.membership import Membership
 from im_actors.protocol import body_size
-from im_actors.refs import HubRef, Peers, StoreRef, ask_hubs_to_reannounce
+from im_actors.refs import GroupShardRef, HubRef, Peers, SessionShardRef, StoreRef, ask_hubs_to_reannounce
 from im_actors.routes import Routes
 from im_actors.store import CommitResult, Store
 from im_actors.vitals import Vitals
@@ -276,7 +276,7 @@ class ConversationShard:
         if ids.conv_kind(conv) == "direct":
             return Membership.direct(*ids.direct_members(conv)), True
         gid = ids.group_id_of(conv)
-        doc = await self.peers.group(gid).call("membership", gid)
+        doc = await GroupShardRef(self.peers.group(gid)).membership(gid)
         if doc is None:
             # The same storage reads as a group that exists (its stream after the checkpoint), so a
             # made-up id's first probe costs what a real group's first access costs: probing cannot
@@ -1035,7 +1035,7 @@ class ConversationShard:
 
     async def _send_events(self, shard: int, items: list[tuple[dict[str, Any], list[str], Any]]) -> None:
         try:
-            await self.peers.sessions[shard].call("events", items)
+            await SessionShardRef(self.peers.sessions[shard]).events(items)
         except Unavailable as exc:
             log.info("%d events to session shard %d dropped: %s", len(items), shard, exc)
 

@@ -65,7 +65,7 @@ from im_actors.errors import (
     Unavailable,
 )
 from im_actors.limits import AddressRates, RefusalWindow, UserRates
-from im_actors.refs import ConvShardRef, Peers
+from im_actors.refs import ConvShardRef, GroupShardRef, Peers, RouterRef, SessionShardRef
 from im_actors.tls import server_context
 from im_actors.vitals import Vitals
 from im_actors.wire import SendItem, err_answer, stamp
@@ -344,8 +344,8 @@ class Hub:
         expiry = loop.call_later(max(0.0, expires + self.config.jwt_leeway_s - time.time()), self._expire, conn)
         try:
             try:
-                await self.peers.session(user).call(
-                    "connect", user, device, self.name, conn.id, self.config.max_connections_per_user
+                await SessionShardRef(self.peers.session(user)).connect(
+                    user, device, self.name, conn.id, self.config.max_connections_per_user
                 )
             except Unavailable:
                 await ws.close(CLOSE_GOING_AWAY, "session unavailable, reconnect")
@@ -366,7 +366,7 @@ class Hub:
             writer.cancel()
             for task in list(conn.tasks):
                 task.cancel()
-            self.peers.session(user).notify("disconnect", user, device, self.name, conn.id)
+            SessionShardRef(self.peers.session(user)).disconnect(user, device, self.name, conn.id)
             if self._via_routes:
                 for shard in self.peers.convs:
                     ConvShardRef(shard).unroute((user, device, self.name, conn.id))
@@ -621,7 +621,7 @@ class Hub:
             res = await ConvShardRef(self.peers.conv(f["conv"])).history(user, f["conv"], f["before"], f["limit"])
             return self._msgs(rid, f["conv"], res)
         if req.t == "convs":
-            convs = await self.peers.session(user).call("convs", user)
+            convs = await SessionShardRef(self.peers.session(user)).convs(user)
             return {"t": "convs", "id": rid, "convs": convs}
         if req.t == "read":
             await ConvShardRef(self.peers.conv(f["conv"])).read(user, f["conv"], f["seq"], (self.name, conn.id))
@@ -631,44 +631,44 @@ class Hub:
             return None if rid is None else {"t": "ok", "id": rid}
         if req.t == "group.create":
             shard = self.peers.groups[ids.shard_of(f"{user}:{rid}:{_now_ms()}", len(self.peers.groups))]
-            res = await shard.call("create", user, f["name"], f["members"])
+            res = await GroupShardRef(shard).create(user, f["name"], f["members"])
             return {"t": "ok", "id": rid, "group": res["group"], "conv": res["conv"]}
         if req.t == "group.add":
-            await self.peers.group(f["group"]).call("add", user, f["group"], f["users"])
+            await GroupShardRef(self.peers.group(f["group"])).add(user, f["group"], f["users"])
             return {"t": "ok", "id": rid}
         if req.t == "group.info":
-            res = await self.peers.group(f["group"]).call("info", user, f["group"])
+            res = await GroupShardRef(self.peers.group(f["group"])).info(user, f["group"])
             return {"t": "group", "id": rid, **res}
         if req.t == "group.remove":
-            await self.peers.group(f["group"]).call("remove", user, f["group"], f["users"])
+            await GroupShardRef(self.peers.group(f["group"])).remove(user, f["group"], f["users"])
             return {"t": "ok", "id": rid}
         if req.t == "group.leave":
-            await self.peers.group(f["group"]).call("leave", user, f["group"])
+            await GroupShardRef(self.peers.group(f["group"])).leave(user, f["group"])
             return {"t": "ok", "id": rid}
         if req.t == "group.role":
-            await self.peers.group(f["group"]).call("role", user, f["group"], f["user"], f["role"])
+            await GroupShardRef(self.peers.group(f["group"])).role(user, f["group"], f["user"], f["role"])
             return {"t": "ok", "id": rid}
         if req.t == "group.rename":
-            await self.peers.group(f["group"]).call("rename", user, f["group"], f["name"])
+            await GroupShardRef(self.peers.group(f["group"])).rename(user, f["group"], f["name"])
             return {"t": "ok", "id": rid}
         if req.t.startswith("contact.") and req.t != "contact.list":
             op = req.t.removeprefix("contact.")
-            await self.peers.contact_host(user, f["user"]).call("contact", op, user, f["user"])
+            await GroupShardRef(self.peers.contact_host(user, f["user"])).contact(op, user, f["user"])
             return {"t": "ok", "id": rid}
         if req.t == "contact.list":
-            contacts = await self.peers.contact_host(user, user).call("contact_list", user)
+            contacts = await GroupShardRef(self.peers.contact_host(user, user)).contact_list(user)
             return {"t": "contacts", "id": rid, "contacts": contacts}
         if req.t == "presence.get":
             by_shard = ids.split_by_shard(f["users"], self.peers.session_index)
             answers = await asyncio.gather(
-                *(self.peers.sessions[i].call("presence", users) for i, users in by_shard.items())
+                *(SessionShardRef(self.peers.sessions[i]).presence(users) for i, users in by_shard.items())
             )
             return {"t": "presence", "id": rid, "users": {u: p for a in answers for u, p in a.items()}}
         if req.t == "push.register":
-            await self.peers.session(user).call("register_push", user, conn.device, f["provider"], f["token"])
+            await SessionShardRef(self.peers.session(user)).register_push(user, conn.device, f["provider"], f["token"])
             return {"t": "ok", "id": rid}
         if req.t == "push.unregister":
-            await self.peers.session(user).call("unregister_push", user, conn.device)
+            await SessionShardRef(self.peers.session(user)).unregister_push(user, conn.device)
             return {"t": "ok", "id": rid}
         raise BadRequest(f"{req.t} is not implemented by this server version yet")
 
@@ -809,7 +809,7 @@ class HubActor(Vitals):
                     self._config = self._config.model_copy(update={"advertise_host": ray.util.get_node_ip_address()})
                     self._hub.config = self._config
                 await self._hub.start(port)
-                self._hub.peers.router.notify("register", self._hub.name, self._hub.url)
+                RouterRef(self._hub.peers.router).register(self._hub.name, self._hub.url)
         return self._hub.url
 
     def load(self) -> dict[str, Any]:
@@ -832,7 +832,7 @@ class HubActor(Vitals):
             if not c.closing and self._hub.peers.session_index(c.user) == session_index
         ]
         if conns:
-            await self._hub.peers.sessions[session_index].call("connect_many", conns)
+            await SessionShardRef(self._hub.peers.sessions[session_index]).connect_many(conns)
         return len(conns)
 
     async def reannounce_routes(self, conv_index: int) -> int:

@@ -23,10 +23,11 @@ its own log, with the method and its arguments, and raises :class:`Internal`.
 :class:`Peers` gives the peer of a user, a conversation, a group, a store writer or a hub from the
 configuration's shard counts. Tests replace it with a fake.
 
-The hot path's calls are typed: :class:`ConvShardRef` (hub to conversation shard), :class:`HubRef`
-(conversation shard to hub) and :class:`StoreRef` (conversation shard to store writer) wrap any peer
-(a :class:`Peer`, or a test's fake with the same ``call`` and ``notify``) and give each remote method
-its signature and answer type, so the actor's method and its callers cannot drift apart unseen.
+Every call between roles is typed: :class:`ConvShardRef`, :class:`SessionShardRef`,
+:class:`GroupShardRef`, :class:`HubRef`, :class:`StoreRef` and :class:`RouterRef` wrap any peer (a
+:class:`Peer`, or a test's fake with the same ``call`` and ``notify``) and give each remote method its
+signature and answer type, so the actor's method and its callers cannot drift apart unseen
+(tests/unit/test_refs.py holds each reference to its actor's signatures).
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ if TYPE_CHECKING:
 __all__ = [
     "ask_hubs_to_reannounce",
     "ConvShardRef",
+    "GroupShardRef",
     "HubRef",
+    "RouterRef",
+    "SessionShardRef",
     "StoreRef",
     "Peer",
     "Peers",
@@ -316,6 +320,145 @@ class ConvShardRef:
         """A hub announces its connections again; returns how many the shard took."""
         return cast(int, await self.peer.call("route_many", routes))
 
+    async def last_seqs(self, user: str, convs: list[str]) -> dict[str, int]:
+        """``{conv: last seq}`` of those of ``convs`` hosted here that ``user`` may read."""
+        return cast("dict[str, int]", await self.peer.call("last_seqs", user, convs))
+
+    async def contact_changed(self, conv: str) -> None:
+        """The contact pair of direct ``conv`` changed: the shard forgets both users' kept sides."""
+        await self.peer.call("contact_changed", conv)
+
+    async def heartbeat(self, timeout: float = DEFAULT_CALL_TIMEOUT_S) -> bool:
+        """The router's supervision: a restarted shard has the hubs announce their routes again."""
+        return cast(bool, await self.peer.call("heartbeat", timeout=timeout))
+
+    def hub_gone(self, hub: str) -> None:
+        """Every route through ``hub`` ended (one-way)."""
+        self.peer.notify("hub_gone", hub)
+
+
+#: A push-free event for a session shard: (frame, users, origin connection (hub, id) or None).
+SessionEvent = tuple[dict[str, Any], list[str], "tuple[str, int] | None"]
+
+
+class SessionShardRef:
+    """Typed calls to a session shard (:class:`im_actors.session.SessionShardActor`); each raises
+    what :meth:`Peer.call` raises."""
+
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: Caller) -> None:
+        self.peer = peer
+
+    async def connect(
+        self,
+        user: str,
+        device: str,
+        hub: str,
+        conn_id: int,
+        max_connections: int,
+        timeout: float = DEFAULT_CALL_TIMEOUT_S,
+    ) -> None:
+        """(``user``, ``device``) is online on connection ``conn_id`` of ``hub``; raises
+        :class:`CloseConnection` past ``max_connections`` of the user (0: no limit)."""
+        await self.peer.call("connect", user, device, hub, conn_id, max_connections, timeout=timeout)
+
+    def disconnect(self, user: str, device: str, hub: str, conn_id: int) -> None:
+        """That connection ended (one-way)."""
+        self.peer.notify("disconnect", user, device, hub, conn_id)
+
+    async def connect_many(self, conns: list[Route]) -> None:
+        """A hub announces its connections of this shard's users again."""
+        await self.peer.call("connect_many", conns)
+
+    def hub_gone(self, hub: str) -> None:
+        """Every connection through ``hub`` ended (one-way)."""
+        self.peer.notify("hub_gone", hub)
+
+    async def heartbeat(self, timeout: float = DEFAULT_CALL_TIMEOUT_S) -> bool:
+        """The router's supervision: a restarted shard has the hubs announce their connections again."""
+        return cast(bool, await self.peer.call("heartbeat", timeout=timeout))
+
+    async def convs(self, user: str) -> list[dict[str, Any]]:
+        """Every conversation of ``user``: ``[{"conv", "last", "read"}]``, sorted by conv."""
+        return cast("list[dict[str, Any]]", await self.peer.call("convs", user))
+
+    async def presence(self, users: list[str]) -> dict[str, dict[str, Any]]:
+        """``{user: {"online", "last_seen"}}`` of ``users`` (all hosted here; ``last_seen`` in ms)."""
+        return cast("dict[str, dict[str, Any]]", await self.peer.call("presence", users))
+
+    async def events(self, items: list[SessionEvent]) -> None:
+        """Queue unstored events (presence, receipts, typing) for the online devices of their users."""
+        await self.peer.call("events", items)
+
+    def contacts_changed(self, user: str) -> None:
+        """``user``'s contacts changed: presence goes to the new set (one-way)."""
+        self.peer.notify("contacts_changed", user)
+
+    async def register_push(self, user: str, device: str, provider: str, token: str) -> None:
+        """Give ``token`` of ``provider`` to (``user``, ``device``); raises
+        :class:`~im_actors.errors.BadRequest` for a provider not enabled here."""
+        await self.peer.call("register_push", user, device, provider, token)
+
+    async def unregister_push(self, user: str, device: str) -> None:
+        """(``user``, ``device``) gets no more offline push."""
+        await self.peer.call("unregister_push", user, device)
+
+    def forget_token(self, token: str, user: str, device: str) -> None:
+        """``token`` now belongs to (``user``, ``device``): any other holder drops it (one-way)."""
+        self.peer.notify("forget_token", token, user, device)
+
+
+class GroupShardRef:
+    """Typed calls to a group shard (:class:`im_actors.groups.GroupShardActor`), which hosts groups
+    and contact pairs; each raises what :meth:`Peer.call` raises (a refused change is a
+    :class:`~im_actors.errors.RequestError` of PROTOCOL.md section 6)."""
+
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: Caller) -> None:
+        self.peer = peer
+
+    async def create(self, owner: str, name: str, members: list[str]) -> dict[str, Any]:
+        """A new group owned by ``owner``: ``{"group", "conv", ...}``."""
+        return cast("dict[str, Any]", await self.peer.call("create", owner, name, members))
+
+    async def add(self, actor: str, gid: str, users: list[str]) -> dict[str, Any]:
+        """``actor`` adds ``users`` to group ``gid``."""
+        return cast("dict[str, Any]", await self.peer.call("add", actor, gid, users))
+
+    async def remove(self, actor: str, gid: str, users: list[str]) -> dict[str, Any]:
+        """``actor`` removes ``users`` from group ``gid``."""
+        return cast("dict[str, Any]", await self.peer.call("remove", actor, gid, users))
+
+    async def leave(self, user: str, gid: str) -> dict[str, Any]:
+        """``user`` leaves group ``gid``."""
+        return cast("dict[str, Any]", await self.peer.call("leave", user, gid))
+
+    async def role(self, actor: str, gid: str, user: str, role: str) -> dict[str, Any]:
+        """``actor`` gives ``user`` the ``role`` in group ``gid``."""
+        return cast("dict[str, Any]", await self.peer.call("role", actor, gid, user, role))
+
+    async def rename(self, actor: str, gid: str, name: str) -> dict[str, Any]:
+        """``actor`` renames group ``gid``."""
+        return cast("dict[str, Any]", await self.peer.call("rename", actor, gid, name))
+
+    async def info(self, user: str, gid: str) -> dict[str, Any]:
+        """The group as member ``user`` sees it (the ``group`` frame's fields)."""
+        return cast("dict[str, Any]", await self.peer.call("info", user, gid))
+
+    async def membership(self, gid: str) -> dict[str, Any] | None:
+        """The group's document (its membership checkpoint), None for no such group."""
+        return cast("dict[str, Any] | None", await self.peer.call("membership", gid))
+
+    async def contact(self, op: str, user: str, other: str) -> None:
+        """``contact.<op>`` by ``user`` on ``other`` (:meth:`im_actors.contacts.ContactBook.change`)."""
+        await self.peer.call("contact", op, user, other)
+
+    async def contact_list(self, user: str) -> list[dict[str, str]]:
+        """``user``'s contacts: ``[{"user", "state"}]``."""
+        return cast("list[dict[str, str]]", await self.peer.call("contact_list", user))
+
 
 class HubRef:
     """Typed calls to a hub (:class:`im_actors.hub.HubActor`); each raises what :meth:`Peer.call` raises."""
@@ -333,6 +476,26 @@ class HubRef:
         """Queue unstored events (``receipt``, ``typing``) on their connections; returns the frames queued."""
         return cast(int, await self.peer.call("deliver_events", items, timeout=timeout))
 
+    async def load(self, timeout: float = DEFAULT_CALL_TIMEOUT_S) -> dict[str, Any]:
+        """The router's heartbeat: ``{"url", "connections", "draining", "incarnation"}`` (no url: restarted)."""
+        return cast("dict[str, Any]", await self.peer.call("load", timeout=timeout))
+
+    async def ready(self, timeout: float = DEFAULT_CALL_TIMEOUT_S) -> str:
+        """Start listening (once) and register with the router; the hub's URL."""
+        return cast(str, await self.peer.call("ready", timeout=timeout))
+
+    def reannounce(self, session_index: int) -> None:
+        """Announce this hub's connections to session shard ``session_index`` again (one-way)."""
+        self.peer.notify("reannounce", session_index)
+
+    def reannounce_routes(self, conv_index: int) -> None:
+        """Announce this hub's routes to conversation shard ``conv_index`` again (one-way)."""
+        self.peer.notify("reannounce_routes", conv_index)
+
+    def close_conn(self, conn_id: int, code: int, reason: str) -> None:
+        """Close connection ``conn_id`` with ``code`` and ``reason`` (one-way)."""
+        self.peer.notify("close_conn", conn_id, code, reason)
+
 
 class StoreRef:
     """Typed calls to a store writer (:class:`im_actors.store.StoreWriter`)."""
@@ -346,3 +509,16 @@ class StoreRef:
         """Write ``entries`` (MongoDB, then Redis); how it ended. Raises what :meth:`Peer.call`
         raises, :class:`~im_actors.errors.StorageUnavailable` among them."""
         return cast("CommitResult", await self.peer.call("commit", entries))
+
+
+class RouterRef:
+    """Typed calls to the router (:class:`im_actors.router.RouterActor`)."""
+
+    __slots__ = ("peer",)
+
+    def __init__(self, peer: Caller) -> None:
+        self.peer = peer
+
+    def register(self, name: str, url: str) -> None:
+        """Hub ``name`` serves at ``url`` (one-way)."""
+        self.peer.notify("register", name, url)

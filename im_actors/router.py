@@ -30,7 +30,7 @@ from im_actors import web as web_pages
 from im_actors.auth import issue_token
 from im_actors.config import Config
 from im_actors.errors import ConfigError, Unavailable
-from im_actors.refs import Peer, Peers
+from im_actors.refs import ConvShardRef, HubRef, Peers, SessionShardRef
 from im_actors.tls import server_context
 from im_actors.vitals import Vitals
 
@@ -271,22 +271,22 @@ class RouterActor(Vitals):
         interval = self._config.heartbeat_s
         holders = self._route_holders()
         while True:
-            for peer in holders:
+            for name, holder in holders:
                 try:
-                    await peer.call("heartbeat", timeout=10 * interval)
+                    await holder.heartbeat(timeout=10 * interval)
                 except Unavailable as exc:
-                    log.info("%s not ready: %s", peer.name, exc)
+                    log.info("%s not ready: %s", name, exc)
             await asyncio.sleep(interval)
 
-    def _route_holders(self) -> list[Peer]:
-        """The peers that hold hubs' connections: session shards, and conversation shards when
-        they route fan-out themselves."""
+    def _route_holders(self) -> list[tuple[str, SessionShardRef | ConvShardRef]]:
+        """The shards that hold hubs' connections, by actor name: session shards, and conversation
+        shards when they route fan-out themselves."""
         convs = self._peers.convs if self._config.fanout_via == "conv" else []
-        return [*self._peers.sessions, *convs]
+        return [(p.name, SessionShardRef(p)) for p in self._peers.sessions] + [(p.name, ConvShardRef(p)) for p in convs]
 
     async def _probe(self, name: str, timeout: float) -> None:
         try:
-            load = await self._peers.hub(name).call("load", timeout=timeout)
+            load = await HubRef(self._peers.hub(name)).load(timeout=timeout)
         except Unavailable:
             if name in self._table.hubs and self._table.hubs[name].alive:
                 log.warning("hub %s missed its heartbeat; no longer handed out", name)
@@ -297,7 +297,7 @@ class RouterActor(Vitals):
             # A restarted hub comes back empty: its old connections are gone, then start it again.
             self._hub_gone(name)
             try:
-                await self._peers.hub(name).call("ready", timeout=10 * timeout)
+                await HubRef(self._peers.hub(name)).ready(timeout=10 * timeout)
             except Unavailable as exc:
                 log.warning("hub %s did not restart: %s", name, exc)
             return
@@ -306,11 +306,12 @@ class RouterActor(Vitals):
             # Back after a missed heartbeat (slow, not dead): sessions forgot its connections when
             # it was declared gone, so it announces them again.
             log.warning("hub %s answers again", name)
+            hub = HubRef(self._peers.hub(name))
             for index in range(len(self._peers.sessions)):
-                self._peers.hub(name).notify("reannounce", index)
+                hub.reannounce(index)
             if self._config.fanout_via == "conv":
                 for index in range(len(self._peers.convs)):
-                    self._peers.hub(name).notify("reannounce_routes", index)
+                    hub.reannounce_routes(index)
         self._table.update(
             name,
             load["url"],
@@ -322,5 +323,5 @@ class RouterActor(Vitals):
     def _hub_gone(self, name: str) -> None:
         """Sessions (and route-holding conversation shards) stop routing to ``name``: its
         connections are gone (offline devices get pushes)."""
-        for peer in self._route_holders():
-            peer.notify("hub_gone", name)
+        for _, holder in self._route_holders():
+            holder.hub_gone(name)

@@ -28,7 +28,7 @@ from im_actors.config import Config
 from im_actors.contacts import accepted_contacts
 from im_actors.errors import CLOSE_RATE, CLOSE_REPLACED, BadRequest, CloseConnection, StorageUnavailable, Unavailable
 from im_actors.push.planner import JobSink, PushPlanner
-from im_actors.refs import Peers, answers_internal, ask_hubs_to_reannounce
+from im_actors.refs import ConvShardRef, HubRef, Peers, SessionShardRef, answers_internal, ask_hubs_to_reannounce
 from im_actors.store import Store
 from im_actors.vitals import Vitals
 from im_actors.wire import stamp
@@ -199,7 +199,7 @@ class SessionShard:
                 self.events([(frame, contacts, None)])
                 continue
             try:
-                await self.peers.sessions[index].call("events", [(frame, contacts, None)])
+                await SessionShardRef(self.peers.sessions[index]).events([(frame, contacts, None)])
             except Unavailable as exc:
                 log.info("presence of %s to session shard %d dropped: %s", user, index, exc, extra={"user": user})
 
@@ -234,7 +234,7 @@ class SessionShard:
         # makes no job for it (the push worker's ownership check in MongoDB stays the safety net).
         for peer in self.peers.sessions:
             try:
-                peer.notify("forget_token", token, user, device)
+                SessionShardRef(peer).forget_token(token, user, device)
             except Exception as exc:  # a shard of an older version (rolling upgrade): the check suffices
                 log.info("forget_token not sent to %s: %r", peer, exc)
 
@@ -329,13 +329,13 @@ class SessionShard:
 
     async def _send_events_to_hub(self, hub: str, items: list[tuple[dict[str, Any], list[int]]]) -> None:
         try:
-            await self.peers.hub(hub).call("deliver_events", items)
+            await HubRef(self.peers.hub(hub)).deliver_events(items)
         except Unavailable as exc:
             log.info("%d events to %s dropped: %s", len(items), hub, exc)
 
     async def _send_to_hub(self, hub: str, items: list[tuple[dict[str, Any], list[int]]]) -> None:
         try:
-            await self.peers.hub(hub).call("deliver", items)
+            await HubRef(self.peers.hub(hub)).deliver(items)
         except Unavailable as exc:
             # The hub's clients reconnect elsewhere and catch up with sync.
             log.warning("delivery of %d entries to %s failed: %s", len(items), hub, exc)
@@ -347,7 +347,7 @@ class SessionShard:
         conv_ids, reads = await self.store.user_convs(user)
         by_shard = ids.split_by_shard(conv_ids, self.peers.conv_index)
         answers = await asyncio.gather(
-            *(self.peers.convs[i].call("last_seqs", user, convs) for i, convs in by_shard.items())
+            *(ConvShardRef(self.peers.convs[i]).last_seqs(user, convs) for i, convs in by_shard.items())
         )
         lasts: dict[str, int] = {}
         for answer in answers:
@@ -407,7 +407,7 @@ class SessionShardActor(Vitals):
         every method that changes devices, so it runs on the event loop that announces presence.)"""
         old = self._core.connect(user, device, hub, conn_id, max_connections)
         if old is not None:
-            self._core.peers.hub(old[0]).notify("close_conn", old[1], CLOSE_REPLACED, "replaced by a newer connection")
+            HubRef(self._core.peers.hub(old[0])).close_conn(old[1], CLOSE_REPLACED, "replaced by a newer connection")
 
     async def disconnect(self, user: str, device: str, hub: str, conn_id: int) -> None:
         """See :meth:`SessionShard.disconnect`."""

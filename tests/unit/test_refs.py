@@ -141,6 +141,9 @@ async def test_the_actor_side_decorator_logs_bugs_in_the_actor_and_raises_intern
         ("ConvShardRef", "im_actors.conversation:ConversationShardActor"),
         ("HubRef", "im_actors.hub:HubActor"),
         ("StoreRef", "im_actors.store:StoreWriter"),
+        ("SessionShardRef", "im_actors.session:SessionShardActor"),
+        ("GroupShardRef", "im_actors.groups:GroupShardActor"),
+        ("RouterRef", "im_actors.router:RouterActor"),
     ],
 )
 def test_each_typed_reference_matches_its_actors_methods(ref: str, actor_path: str) -> None:
