@@ -151,23 +151,25 @@ def _no_constant(name: str) -> Any:
 
 
 def _check_shape(frame: dict[str, Any], limits: Limits) -> None:
-    """Walk a decoded frame (iteratively: a deep frame cannot exhaust the stack) and close with 4400
-    when a map or list has more than ``limits.max_items`` entries or nests deeper than
-    ``limits.max_depth``. Its cost is linear in the frame, whose size the WebSocket layer bounds."""
-    stack: list[tuple[object, int]] = [(frame, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children: Any = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
+    """Walk a decoded frame level by level (iteratively: a deep frame cannot exhaust the stack) and
+    close with 4400 when a map or list has more than ``limits.max_items`` entries or nests deeper
+    than ``limits.max_depth``. Its cost is linear in the frame, whose size the WebSocket layer
+    bounds; a flat frame (every value a scalar, as most are) costs one pass over its values."""
+    level: list[Any] = [frame]
+    depth = 1
+    while level:
         if depth > limits.max_depth:
             raise CloseConnection(CLOSE_PROTOCOL, f"frame nested deeper than {limits.max_depth}")
-        if len(children) > limits.max_items:
-            raise CloseConnection(CLOSE_PROTOCOL, f"a map or list in the frame has over {limits.max_items} entries")
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+        deeper: list[Any] = []
+        for value in level:
+            children = value.values() if isinstance(value, dict) else value
+            if len(children) > limits.max_items:
+                raise CloseConnection(CLOSE_PROTOCOL, f"a map or list in the frame has over {limits.max_items} entries")
+            for child in children:
+                if isinstance(child, (dict, list)):
+                    deeper.append(child)
+        level = deeper
+        depth += 1
 
 
 def _from_b64(value: dict[str, Any]) -> bytes:

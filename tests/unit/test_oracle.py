@@ -185,3 +185,24 @@ def test_first_ack_time_merges_as_the_earliest() -> None:
     b.add_ack("c1", 3, 100.0, 110.0)
     merged = merge([Partial.from_dict(a.partial().to_dict()), b.partial()])
     assert (merged.first_ack_ms, merged.last_ack_ms) == (110.0, 150.0)
+
+
+def test_pending_deliveries_reach_the_histograms_whoever_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Deliveries are noted cheaply and folded into the histograms when the numbers are read: the
+    # report, the timeline, a dict for another process and a merge all see every one of them.
+    rec = _recorder(ACKED, RECEIVED)
+    part = rec.partial()
+    assert len(part.pending) == 3 * part.receipts - 3 * 1  # b's duplicate is not a delivery
+    assert part.delivery_hist.get_total_count() == 0
+    assert Partial.from_dict(part.to_dict()).delivery_hist.get_total_count() == 11
+    assert len(part.pending) == 0
+    rec.add_receipt(A, "c1", 4, 2002.0, 2000.0)
+    assert part.timeline()["delivery_p99_ms"][-1] == pytest.approx(2.0, rel=0.01) and len(part.pending) == 0
+    rec.add_receipt(B, "c1", 4, 2003.0, 2000.0)
+    assert merge([part]).delivery_hist.get_total_count() == 13
+    # past PENDING_DELIVERIES_MAX a Partial folds them in at once
+    monkeypatch.setattr("drivers.oracle.PENDING_DELIVERIES_MAX", 2)
+    rec.add_receipt(C, "c1", 4, 2004.0, 2000.0)
+    assert len(part.pending) == 3
+    rec.add_receipt(C, "c1", 5, 2005.0, 2000.0)
+    assert len(part.pending) == 0 and part.delivery_hist.get_total_count() == 15

@@ -155,3 +155,20 @@ def test_limits_on_items_and_depth_close_4400(sub: str) -> None:
         with pytest.raises(CloseConnection) as info:
             protocol.decode(protocol.encode(bad, sub), sub, limits)
         assert info.value.close_code == 4400
+
+
+@pytest.mark.parametrize("sub", [MP, JS])
+def test_depth_is_counted_per_branch_and_every_container_is_bounded(sub: str) -> None:
+    # The walk goes level by level: a deep branch beside shallow ones is found, a big list under a
+    # small map is found, and a frame exactly at the depth limit passes.
+    limits = protocol.Limits(max_items=4, max_depth=3)
+    at_limit = {"t": "x", "a": {"b": [1, 2]}, "c": [{"d": 1}], "e": 1}
+    assert protocol.decode(protocol.encode(at_limit, sub), sub, limits) == at_limit
+    for bad in (
+        {"t": "x", "a": {"b": 1}, "c": [1, [2, {"d": 1}]]},  # depth 4 in the second branch
+        {"t": "x", "a": {"b": [1, 2, 3, 4, 5]}},  # 5 items two levels down
+        {"t": "x", "a": [{}, {}, {"k": {"z": 1}}]},  # depth 4 in the last item
+    ):
+        with pytest.raises(CloseConnection) as info:
+            protocol.decode(protocol.encode(bad, sub), sub, limits)
+        assert info.value.close_code == 4400, bad
