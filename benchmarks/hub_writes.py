@@ -6,7 +6,9 @@ encodes the ``msg`` frame once and writes it to each. This runs the hub's own co
 per-connection send queues; peers faked, the session core real) in this process, opens
 ``--connections`` clients on it from a child process (msgpack, authenticated, reading every frame),
 then hands the hub ``--messages`` entries addressed to every connection, one every ``--gap-ms``
-(an 80 msgs/s group is one every 12.5 ms), and measures this process's CPU time (``process_time``:
+(an 80 msgs/s group is one every 12.5 ms), ``--batch`` entries per ``deliver`` call (a conversation
+shard's fan-out batch under load: the hub then writes each connection's frames of one call in one
+write), and measures this process's CPU time (``process_time``:
 the hub's, the clients are elsewhere) until every frame is written, in microseconds per frame.
 
 Each round runs every variant of ``hub_direct_write`` (the hub writes a frame at once when nothing of
@@ -15,6 +17,7 @@ writer task and ``send``), alternating, each on a fresh hub; the medians over ``
 their ratio are printed. CPU time, not wall time: the machine may be shared.
 
     python benchmarks/hub_writes.py --connections 200 --messages 300 --rounds 3
+    python benchmarks/hub_writes.py --connections 200 --messages 300 --rounds 3 --batch 4
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def _clients(url: str, tokens: list[str], ready: Any) -> None:
     asyncio.run(main())
 
 
-async def _one(direct: bool, connections: int, messages: int, gap_ms: float, body_bytes: int) -> float:
+async def _one(direct: bool, connections: int, messages: int, gap_ms: float, body_bytes: int, batch: int = 1) -> float:
     """Microseconds of this process's CPU per frame written, for one variant on a fresh hub."""
     from tests.hubkit import HubKit, NoContactsStore
 
@@ -81,10 +84,17 @@ async def _one(direct: bool, connections: int, messages: int, gap_ms: float, bod
         await asyncio.sleep(0.3)
         body = "x" * body_bytes
         started = time.process_time()
-        for seq in range(1, messages + 1):
-            entry = {"conv": "g:bench", "seq": seq, "sender": "u0000", "cmid": f"c{seq}", "ts": 0, "kind": "text"}
-            kit.hub.deliver([({**entry, "body": body, "meta": None}, conn_ids)])
-            await asyncio.sleep(gap_ms / 1000.0)
+        for first in range(1, messages + 1, batch):
+            items = [
+                (
+                    {"conv": "g:bench", "seq": seq, "sender": "u0000", "cmid": f"c{seq}", "ts": 0, "kind": "text"}
+                    | {"body": body, "meta": None},
+                    conn_ids,
+                )
+                for seq in range(first, min(first + batch, messages + 1))
+            ]
+            kit.hub.deliver(items)
+            await asyncio.sleep(gap_ms * len(items) / 1000.0)
         while any(c.queue or c.writing for c in kit.hub.conns.values()):
             await asyncio.sleep(0.001)
         cpu_s = time.process_time() - started
@@ -106,16 +116,18 @@ def main() -> int:
     ap.add_argument("--gap-ms", type=float, default=12.5, help="time between entries (ms)")
     ap.add_argument("--body-bytes", type=int, default=64, help="message body (bytes)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds, each running every variant once")
+    ap.add_argument("--batch", type=int, default=1, help="entries per deliver call (the gap grows with it)")
     args = ap.parse_args()
     results: dict[bool, list[float]] = {v: [] for v in VARIANTS}
     print(
         f"# {args.connections} connections x {args.messages} entries every {args.gap_ms:g} ms, "
-        f"{args.body_bytes}-byte bodies, {args.rounds} rounds (hub CPU per frame written, us)",
+        f"{args.body_bytes}-byte bodies, {args.batch} per deliver call, {args.rounds} rounds "
+        "(hub CPU per frame written, us)",
         flush=True,
     )
     for r in range(args.rounds):
         for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
-            us = asyncio.run(_one(variant, args.connections, args.messages, args.gap_ms, args.body_bytes))
+            us = asyncio.run(_one(variant, args.connections, args.messages, args.gap_ms, args.body_bytes, args.batch))
             results[variant].append(us)
             print(f"round {r + 1}  hub_direct_write={str(variant).lower():5}  {us:6.1f} us/frame", flush=True)
     on, off = statistics.median(results[True]), statistics.median(results[False])

@@ -5,6 +5,7 @@ real hub (tests/hubkit.py, peers faked in-process, no Ray)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -49,5 +50,39 @@ async def test_a_frame_is_written_at_once_only_when_nothing_waits_and_order_hold
         seqs = [decode(await asyncio.wait_for(ws.recv(), 5), MP)["seq"] for _ in range(59)]
         assert seqs == list(range(1, 60))
         await ws.close()
+    finally:
+        await kit.stop()
+
+
+async def test_a_batch_of_entries_leaves_in_one_write_per_connection_in_order() -> None:
+    # A deliver of five entries to a MessagePack and a JSON connection: each connection's five
+    # frames are framed by websockets and handed to its transport in one write.
+    kit = HubKit(hub_config(hub_direct_write=True))
+    await kit.start()
+    try:
+        alice = await _ready(kit, "alice")
+        js = await connect(kit.url, subprotocols=[Subprotocol("im.v1.json")], compression=None)
+        await js.send(json.dumps({"t": "auth", "token": kit.token("carol"), "device": "d1", "proto": 1}))
+        assert json.loads(await asyncio.wait_for(js.recv(), 5))["t"] == "ready"
+        await asyncio.sleep(0.05)  # both ready frames are out: nothing of either connection waits
+        writes: dict[int, int] = {}
+        for cid, conn in kit.hub.conns.items():
+            transport, write = conn.ws.transport, conn.ws.transport.write
+
+            def counted(data: bytes, cid: int = cid, write: Any = write) -> None:
+                writes[cid] = writes.get(cid, 0) + 1
+                write(data)
+
+            transport.write = counted  # type: ignore[method-assign,assignment]
+        ids = list(kit.hub.conns)
+        before = kit.hub.stats["frames_out"]
+        assert kit.hub.deliver([(_entry(seq), ids) for seq in range(1, 6)]) == 10
+        assert kit.hub.stats["frames_out"] - before == 10  # all written inside deliver
+        assert writes == {cid: 1 for cid in ids}  # one write per connection for its five frames
+        assert [decode(await asyncio.wait_for(alice.recv(), 5), MP)["seq"] for _ in range(5)] == [1, 2, 3, 4, 5]
+        got = [await asyncio.wait_for(js.recv(), 5) for _ in range(5)]
+        assert [json.loads(g)["seq"] for g in got] == [1, 2, 3, 4, 5]  # text frames, in the same write
+        await alice.close()
+        await js.close()
     finally:
         await kit.stop()
