@@ -75,7 +75,6 @@ from im_actors.errors import (
     TOKEN_EXPIRED,
     CloseConnection,
     ImError,
-    RateLimited,
     Unauthorized,
     error_from_frame,
 )
@@ -311,6 +310,7 @@ class Client:
         self._delivery = Delivery(user, held)
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._dispatch_q: asyncio.Queue[tuple[MsgCallback, dict[str, Any]] | Awaitable[Any]] | None = None
+        self._coroutine_fns: dict[MsgCallback, bool] = {}
         self._undecodable = 0
 
         #: Name of the hub currently connected (None while disconnected).
@@ -680,8 +680,11 @@ class Client:
                 if not bool(answer.get("retry", err.retry)):
                     raise err
                 failure, delay = err, self._backoff(attempt)
-                if isinstance(err, RateLimited):
-                    delay = max(delay, float(err.extra.get("retry_after_ms", 0)) / 1000.0)
+                # rate_limited carries retry_after_ms (PROTOCOL.md section 6), and so does an
+                # overloaded hub's unavailable (docs/protocol.md): resending sooner only adds to the load
+                retry_after_ms = err.extra.get("retry_after_ms")
+                if isinstance(retry_after_ms, (int, float)) and not isinstance(retry_after_ms, bool):
+                    delay = max(delay, float(retry_after_ms) / 1000.0)
             if loop.time() + delay >= deadline:
                 raise failure  # no time left for another attempt: the last failure stands
             attempt += 1
@@ -973,7 +976,10 @@ class Client:
 
     def _call_back(self, fn: MsgCallback, frame: dict[str, Any]) -> None:
         """Run an application callback; coroutines are awaited one at a time, in order, by a dispatcher."""
-        if inspect.iscoroutinefunction(fn):
+        is_coro = self._coroutine_fns.get(fn)
+        if is_coro is None:  # asked once per callback: the inspect calls cost more than a plain callback
+            is_coro = self._coroutine_fns[fn] = inspect.iscoroutinefunction(fn)
+        if is_coro:
             self._dispatch_queue().put_nowait((fn, frame))
             return
         try:
@@ -982,7 +988,7 @@ class Client:
             self.callback_errors += 1
             log.exception("%s/%s: callback failed", self.user, self.device)
             return
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             self._dispatch_queue().put_nowait(result)
 
     def _dispatch_queue(self) -> asyncio.Queue[Any]:

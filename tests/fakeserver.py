@@ -116,6 +116,10 @@ class FakeServer:
         # --- faults ---
         #: Answer the next N sends ``unavailable`` (retry true), committing nothing.
         self.fail_sends = 0
+        #: The ``retry_after_ms`` those answers carry, as an overloaded hub's do (None: none).
+        self.fail_retry_after_ms: int | None = None
+        #: Loop time of every send received (beside ``send_log``).
+        self.send_times: list[float] = []
         #: Commit the next N sends and fan them out, then abort the sender's connection instead of acking.
         self.drop_after_commit = 0
         #: Skip the ``msg`` frames for which this returns True.
@@ -414,6 +418,7 @@ class FakeServer:
     async def _send(self, conn: _Conn, f: dict[str, Any]) -> dict[str, Any] | None:
         user, conv, cmid = conn.user, f["conv"], f["cmid"]
         self.send_log.append((user, conv, cmid))
+        self.send_times.append(asyncio.get_running_loop().time())
         self._check_member(user, conv)
         key = (conv, user, cmid)
         if key in self.cmids:
@@ -423,6 +428,8 @@ class FakeServer:
             return {"t": "ack", "conv": conv, "seq": entry["seq"], "ts": entry["ts"], "dup": True}
         if self.fail_sends > 0:
             self.fail_sends -= 1
+            if self.fail_retry_after_ms is not None:
+                raise Unavailable("fake: server overloaded", retry_after_ms=self.fail_retry_after_ms)
             raise Unavailable("fake: storage unavailable")
         entry = self._commit(conv, user, cmid, f["kind"], f["body"], f.get("meta"))
         if self.drop_after_commit > 0:

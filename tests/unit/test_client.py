@@ -137,6 +137,17 @@ async def test_resend_with_the_same_cmid_after_unavailable(fake: FakeServer, app
     await wait_until(lambda: bob.seqs(AB) == [1])
 
 
+async def test_an_overloaded_servers_retry_after_is_waited_before_the_resend(fake: FakeServer, apps: Any) -> None:
+    # An overloaded hub answers unavailable with retry_after_ms (docs/protocol.md): resending sooner
+    # than it asks only adds to the load, so the client waits at least that long, as for rate_limited.
+    alice = await apps("alice")
+    fake.fail_sends, fake.fail_retry_after_ms = 2, 300
+    ack = await alice.client.send(AB, "hello", cmid="c-1")
+    assert ack.seq == 1 and alice.client.resends == 2
+    gaps = [b - a for a, b in zip(fake.send_times, fake.send_times[1:], strict=False)]
+    assert len(gaps) == 2 and min(gaps) >= 0.3, gaps
+
+
 async def test_resend_with_the_same_cmid_after_a_dropped_connection(fake: FakeServer, apps: Any) -> None:
     alice, bob = await apps("alice"), await apps("bob")
     first_hub = alice.client.hub
