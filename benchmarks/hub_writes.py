@@ -87,8 +87,16 @@ async def _one(direct: bool, connections: int, messages: int, gap_ms: float, bod
         for first in range(1, messages + 1, batch):
             items = [
                 (
-                    {"conv": "g:bench", "seq": seq, "sender": "u0000", "cmid": f"c{seq}", "ts": 0, "kind": "text"}
-                    | {"body": body, "meta": None},
+                    {
+                        "conv": "g:bench",
+                        "seq": seq,
+                        "sender": "u0000",
+                        "cmid": f"c{seq}",
+                        "ts": 0,
+                        "kind": "text",
+                        "body": body,
+                        "meta": None,
+                    },
                     conn_ids,
                 )
                 for seq in range(first, min(first + batch, messages + 1))

@@ -520,15 +520,17 @@ class Hub:
             return
         self._queue(conn, data)
 
-    def _enqueue_many(self, conn: Connection, frames: list[bytes | str]) -> None:
-        """:meth:`_enqueue` of ``frames`` in order, in one write when the connection is idle."""
+    def _enqueue_many(self, conn: Connection, frames: list[bytes | str]) -> int:
+        """:meth:`_enqueue` of ``frames`` in order, in one write when the connection is idle; returns
+        how many were written or queued (the rest are dropped once a full queue closes it 4508)."""
         if self._writes_now(conn) and write_now(conn.ws, frames):
             self.stats["frames_out"] += len(frames)
-            return
-        for data in frames:
+            return len(frames)
+        for n, data in enumerate(frames):
             if conn.closing:
-                return
+                return n
             self._queue(conn, data)
+        return len(frames)
 
     def _queue(self, conn: Connection, data: bytes | str) -> None:
         """Queue ``data`` for the connection's writer task; past its bound, close it 4508."""
@@ -741,11 +743,11 @@ class Hub:
                     data = encoded[conn.subprotocol] = protocol.encode(frame, conn.subprotocol)
                 if per_conn is None:
                     self._enqueue(conn, data)
+                    queued += 1
                 else:
                     per_conn.setdefault(cid, []).append(data)
-                queued += 1
         for cid, frames in (per_conn or {}).items():
-            self._enqueue_many(self.conns[cid], frames)  # nothing was awaited: still connected
+            queued += self._enqueue_many(self.conns[cid], frames)  # nothing was awaited: still connected
         return queued
 
     async def close_conn(self, conn_id: int, code: int, reason: str) -> None:
