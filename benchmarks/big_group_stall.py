@@ -6,10 +6,14 @@ ping's ack latency (send to ack, at alice) and delivery latency (send to bob's `
 while nothing else happens (``idle``, ``--idle-s`` seconds), then while alice creates a group of
 ``--members`` members and for ``--after-s`` seconds after it was answered (``big group``). It
 prints, per phase, the pings and the p50 / max of both latencies (ms), and how long the
-``group.create`` took. Latencies on a loaded 2-core machine are noisy: compare the phases of one
-run, and runs of two trees on the same machine.
+``group.create`` took. ``--trace`` samples every ping (``trace_sample = 1``) and prints, for the
+slowest deliveries of the big-group phase, the time spent in each step of the path
+(:mod:`drivers.stages`: ``hub_in`` ... ``received``, ms), so a stall is pinned to its step.
+Latencies on a loaded 2-core machine are noisy: compare the phases of one run, and runs of two
+trees on the same machine.
 
     python benchmarks/big_group_stall.py --members 9999
+    python benchmarks/big_group_stall.py --members 9999 --trace
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from drivers.stages import STAGES  # noqa: E402
 from im_actors import ids  # noqa: E402
 from im_actors.client import Client  # noqa: E402
 from im_actors.cluster import deploy, init_local_ray, teardown  # noqa: E402
@@ -41,6 +46,21 @@ class Pings:
         self.ack_ms: list[float] = []
         self.delivery_ms: list[float] = []
         self.sent = 0
+        #: (delivery ms, {step: ms}) of each traced delivery (``--trace``)
+        self.steps: list[tuple[float, dict[str, float]]] = []
+
+
+def _steps(msg: dict[str, Any], sent_ms: float, received_ms: float) -> dict[str, float]:
+    """The time (ms) spent in each step of the path up to each stage of ``msg``'s ``trace``
+    (:data:`drivers.stages.STAGES`), from ``sent_ms`` to ``received_ms`` (both ms since the epoch)."""
+    times = {**(msg.get("trace") or {}), "received": received_ms}
+    out: dict[str, float] = {}
+    prev = sent_ms
+    for stage in STAGES:
+        if stage in times:
+            out[stage] = float(times[stage]) - prev
+            prev = float(times[stage])
+    return out
 
 
 async def _run(router_url: str, members: int, interval_s: float, idle_s: float, after_s: float) -> dict[str, Any]:
@@ -48,12 +68,15 @@ async def _run(router_url: str, members: int, interval_s: float, idle_s: float, 
     a, b = f"bg{run}-alice", f"bg{run}-bob"
     phases = {"idle": Pings(), "big group": Pings()}
     phase = phases["idle"]
-    sent_at: dict[str, tuple[Pings, float]] = {}
+    sent_at: dict[str, tuple[Pings, float, float]] = {}  # cmid -> (phase, perf_counter, epoch ms)
 
     def on_msg(msg: dict[str, Any]) -> None:
         got = sent_at.pop(str(msg.get("cmid")), None)
         if got is not None:
-            got[0].delivery_ms.append((time.perf_counter() - got[1]) * 1000)
+            delivery_ms = (time.perf_counter() - got[1]) * 1000
+            got[0].delivery_ms.append(delivery_ms)
+            if "trace" in msg:
+                got[0].steps.append((delivery_ms, _steps(msg, got[2], time.time() * 1000)))
 
     # a big group.create may take longer than the default 10 s request timeout on a loaded machine
     alice, bob = Client(router_url, a, request_timeout_s=120.0), Client(router_url, b, on_msg=on_msg)
@@ -66,7 +89,7 @@ async def _run(router_url: str, members: int, interval_s: float, idle_s: float, 
     async def ping(n: int, into: Pings) -> None:
         cmid = f"p{n}"
         started = time.perf_counter()
-        sent_at[cmid] = (into, started)
+        sent_at[cmid] = (into, started, time.time() * 1000)
         into.sent += 1
         await alice.send(conv, f"ping {n}", cmid=cmid)
         into.ack_ms.append((time.perf_counter() - started) * 1000)
@@ -108,6 +131,15 @@ def _row(name: str, p: Pings) -> str:
     return f"{name:<10} {p.sent:>6} {cols(p.ack_ms)} {cols(p.delivery_ms)}"
 
 
+def _slowest(p: Pings, n: int = 3) -> list[str]:
+    """Lines giving the steps (ms) of the ``n`` slowest traced deliveries of ``p``."""
+    rows = sorted(p.steps, key=lambda r: r[0], reverse=True)[:n]
+    head = f"{'delivery':>9} " + " ".join(f"{s:>10}" for s in STAGES)
+    return [head] + [
+        f"{d:>9.1f} " + " ".join(f"{steps.get(s, float('nan')):>10.1f}" for s in STAGES) for d, steps in rows
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run once and print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-s", type=float, default=5.0, help="pinging before the group is created (s)")
     ap.add_argument("--after-s", type=float, default=5.0, help="pinging after group.create was answered (s)")
     ap.add_argument("--no-push", action="store_true", help="no push workers (a fan-out then looks up no push tokens)")
+    ap.add_argument("--trace", action="store_true", help="trace every ping; print the steps of the slowest deliveries")
     args = ap.parse_args(argv)
     cfg = load_config(
         dev_login=True,
@@ -123,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         router_port=0,
         deployment=f"bg{secrets.token_hex(3)}",
         push_workers=0 if args.no_push else None,
+        trace_sample=1.0 if args.trace else None,
     )
     cfg, services = ensure_services(cfg)
     try:
@@ -144,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'phase':<10} {'pings':>6} {'ack p50':>8} {'ack max':>8} {'dlv p50':>8} {'dlv max':>8}")
     for name, p in out["phases"].items():
         print(_row(name, p))
+    if args.trace:
+        print("# slowest deliveries of the big-group phase: ms in each step (drivers/stages.py)")
+        print("\n".join(_slowest(out["phases"]["big group"])))
     print(f"undelivered pings: {out['undelivered']}")
     return 0 if out["undelivered"] == 0 else 1
 

@@ -281,11 +281,20 @@ class Store:
             await self.messages.create_index([("conv", 1), ("seq", 1)], unique=True, name=SEQ_INDEX)
             await self.messages.create_index([("conv", 1), ("sender", 1), ("cmid", 1)], unique=True, name=CMID_INDEX)
             await self.messages.create_index([("members", 1)], sparse=True, name=LISTING_INDEX)
-            await self._groups.create_index([("members", 1)])
+            await self._drop_group_members_index()
             await self._user_convs.create_index([("user", 1)])
             await self._devices.create_index([("user", 1), ("device", 1)])
             await self._cursors.create_index([("user", 1)])
             await self._contacts.create_index([("user", 1)])
+
+    async def _drop_group_members_index(self) -> None:
+        """Drop the multikey index on ``groups.members`` that deployments before issue 14's fix
+        built: nothing reads by it, and it made each checkpoint of a big group re-index every
+        member in one write (:meth:`Membership.to_doc`). Idempotent."""
+        for name, info in (await self._groups.index_information()).items():
+            if name != "_id_" and [k for k, _ in info.get("key", [])] == ["members"]:
+                await self._groups.drop_index(name)
+                log.info("dropped the unused index %s on groups.members", name)
 
     @contextlib.asynccontextmanager
     async def _bulk_work(self, n: int, small: int = BULK_MIN) -> AsyncIterator[None]:
@@ -478,7 +487,7 @@ class Store:
     # --- groups (documents are checkpoints of the group's system entries: groups.py) ----------
 
     async def group_doc(self, gid: str) -> dict[str, Any] | None:
-        """The stored document of group ``gid`` (``{_id, members, roles, seq, name, ...}``), or None."""
+        """The stored document of group ``gid`` (``{_id, name, owner, seq, spans, roles, ...}``), or None."""
         with storage_errors("group read"):
             return await self._groups.find_one({"_id": gid})
 
@@ -489,10 +498,12 @@ class Store:
 
     async def checkpoint_group(self, gid: str, fields: dict[str, Any]) -> None:
         """Set ``fields`` on the document of ``gid`` (a checkpoint at ``fields["seq"]``). One
-        document cannot be cut, so a big one (over :data:`BULK_MIN` members) is bulk work."""
-        async with self._bulk_work(len(fields.get("members") or ())):
+        document cannot be cut, so a big one (over :data:`BULK_MIN` membership spans) is bulk work.
+        The ``members`` array of documents written before issue 14's fix goes (``spans`` holds
+        them: :meth:`Membership.from_doc`)."""
+        async with self._bulk_work(len(fields.get("spans") or ())):
             with storage_errors("group write"):
-                await self._groups.update_one({"_id": gid}, {"$set": fields})
+                await self._groups.update_one({"_id": gid}, {"$set": fields, "$unset": {"members": ""}})
 
     # --- contacts (one document per side: {_id: "<user>|<other>", user, other, state, ms}) ----
 
