@@ -16,6 +16,10 @@ can be switched on and off while connections are open:
   its request. New connections are accepted and cut the same way at their first reply (the
   client's handshake), so reconnects fail until :meth:`TcpProxy.heal`. ``ratio`` < 1 cuts only
   that share of replies (drawn from the proxy's ``rng``).
+- **idle timeout** (:meth:`TcpProxy.drop_idle`, in the proxy's event loop): close every connection
+  that carried no byte either way for a while, as a server or load balancer with an idle timeout
+  does (SecantusDB drops a client idle for 300 s): the client finds its pooled connection closed at
+  its next use, while a connection in use (a driver's monitor) stays.
 
 The requests (client to server) are never delayed or cut: a cut reply means the request may well
 have been carried out, which is the ambiguity the commit path must settle (store.py: read back).
@@ -59,6 +63,8 @@ class ProxyStats:
     delayed: int = 0
     #: Connections cut mid-reply.
     cuts: int = 0
+    #: Connections closed by :meth:`TcpProxy.drop_idle`.
+    idle_drops: int = 0
     bytes_to_server: int = 0
     bytes_to_client: int = 0
 
@@ -68,6 +74,15 @@ class ProxyStats:
 
 
 _CUT = object()  # in a delivery queue: close the connection after the chunk before it
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One proxied connection: when a byte last passed (either way; loop time, s), and the event
+    that closes it."""
+
+    last: float
+    close: asyncio.Event
 
 
 class TcpProxy:
@@ -107,6 +122,7 @@ class TcpProxy:
         self._cut_ratio = 0.0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._conns: set[_Conn] = set()
         self._closing: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -164,6 +180,18 @@ class TcpProxy:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+
+    async def drop_idle(self, idle_s: float) -> int:
+        """Close (both sides, at once) every connection that carried no byte either way for at
+        least ``idle_s`` seconds, as a server's idle timeout does; returns how many. Call it in the
+        proxy's event loop."""
+        now = asyncio.get_running_loop().time()
+        idle = [c for c in self._conns if now - c.last >= idle_s]
+        for c in idle:
+            c.close.set()
+        self.stats.idle_drops += len(idle)
+        await asyncio.sleep(0)  # let the handlers close them
+        return len(idle)
 
     # --- on a thread of its own ---------------------------------------------------------------
 
@@ -223,20 +251,25 @@ class TcpProxy:
                 self.stats.refused += 1
                 return
             up_writer = up
+            conn = _Conn(asyncio.get_running_loop().time(), asyncio.Event())
+            self._conns.add(conn)
             held: asyncio.Queue[Any] = asyncio.Queue(self.max_held)
             pumps = [
-                asyncio.create_task(self._to_server(reader, up)),
-                asyncio.create_task(self._from_server(up_reader, held)),
+                asyncio.create_task(self._to_server(reader, up, conn)),
+                asyncio.create_task(self._from_server(up_reader, held, conn)),
             ]
             deliver = asyncio.create_task(self._to_client(held, writer))
             assert self._closing is not None
             closing = asyncio.create_task(self._closing.wait())
-            tasks = [*pumps, deliver, closing]
+            dropped = asyncio.create_task(conn.close.wait())
+            tasks = [*pumps, deliver, closing, dropped]
             try:
                 # The connection ends when the client leaves, when every held reply was handed
-                # over after the server left (or a cut), or when the proxy closes.
-                await asyncio.wait([pumps[0], deliver, closing], return_when=asyncio.FIRST_COMPLETED)
+                # over after the server left (or a cut), when it is dropped as idle, or when the
+                # proxy closes.
+                await asyncio.wait([pumps[0], deliver, closing, dropped], return_when=asyncio.FIRST_COMPLETED)
             finally:
+                self._conns.discard(conn)
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -248,17 +281,20 @@ class TcpProxy:
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _to_server(self, reader: asyncio.StreamReader, up: asyncio.StreamWriter) -> None:
+    async def _to_server(self, reader: asyncio.StreamReader, up: asyncio.StreamWriter, conn: _Conn) -> None:
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError):
             while data := await reader.read(self.chunk_bytes):
+                conn.last = loop.time()
                 self.stats.bytes_to_server += len(data)
                 up.write(data)
                 await up.drain()
 
-    async def _from_server(self, up: asyncio.StreamReader, held: asyncio.Queue[Any]) -> None:
+    async def _from_server(self, up: asyncio.StreamReader, held: asyncio.Queue[Any], conn: _Conn) -> None:
         loop = asyncio.get_running_loop()
         try:
             while data := await up.read(self.chunk_bytes):
+                conn.last = loop.time()
                 delay = self._delay_s
                 if delay > 0:
                     self.stats.delayed += 1

@@ -95,6 +95,13 @@ class Config(BaseSettings):
         description="bound of one MongoDB operation, retries, server selection and socket waits included (ms; "
         "pymongo's timeoutMS); a commit makes at most three in a row",
     )
+    mongo_max_idle_ms: int = Field(
+        60_000,
+        ge=100,
+        description="a pooled MongoDB connection idle this long is closed by the client (ms; pymongo's "
+        "maxIdleTimeMS): below the server's own idle timeout (SecantusDB: 300 s; proxies and load balancers "
+        "have theirs), else the next write on it fails (AutoReconnect) where it cannot be retried",
+    )
     redis_prefix: str = Field("im:", description="prefix of every Redis key (the deployment prefix is added in front)")
     recent_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="how long Redis keeps a recent entry (s)")
 

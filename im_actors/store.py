@@ -208,6 +208,12 @@ def mongo_client(config: Config) -> AsyncMongoClient[dict[str, Any]]:
     the operation raises a PyMongoError (``NetworkTimeout``, ``ServerSelectionTimeoutError``,
     ``ExecutionTimeout``), which :func:`storage_errors` and :meth:`Store.commit` turn into
     ``unavailable`` or a read-back.
+
+    ``maxIdleTimeMS`` (``mongo_max_idle_ms``) retires a pooled connection before the server's idle
+    timeout closes it under the client: SecantusDB drops a connection idle for 300 s, and the next
+    operation on it failed with ``AutoReconnect``, answered ``unavailable``, wherever pymongo cannot
+    retry (a ``delete_many``, any write with retryable writes off: 5 of the million-frame fuzz run's
+    answers, each a valid request).
     """
     w: int | str = "majority" if config.mongo_write_concern == "majority" else 1
     return AsyncMongoClient(
@@ -216,6 +222,7 @@ def mongo_client(config: Config) -> AsyncMongoClient[dict[str, Any]]:
         serverSelectionTimeoutMS=config.mongo_timeout_ms,
         socketTimeoutMS=config.mongo_timeout_ms,
         connectTimeoutMS=config.mongo_timeout_ms,
+        maxIdleTimeMS=config.mongo_max_idle_ms,
         w=w,
         tz_aware=False,
     )

@@ -1,4 +1,5 @@
-"""A group's document on the real MongoDB-wire server: its size must not turn into index work.
+"""The store on the real MongoDB-wire server: a group's size must not turn into index work, and a
+pooled connection the server dropped must not turn into an error answer.
 
 Issue 14, defect 2: creating a 9,999-member group stalled a direct pair's commits for 0.4-0.8 s.
 Timing each storage call showed the stall in one write, the group's checkpoint (a 9,999-member
@@ -10,8 +11,10 @@ deployment built. The latency itself is measured by ``benchmarks/big_group_stall
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 
+from drivers.tcpproxy import TcpProxy, mongo_upstream, proxied_mongo_url
 from im_actors.config import Config
 from im_actors.membership import Membership
 from im_actors.store import Store
@@ -53,3 +56,32 @@ async def test_a_group_checkpoint_writes_no_indexed_member_array(base_config: Co
     finally:
         await store._mongo.drop_database(cfg.mongo_db)
         await store.close()
+
+
+async def test_a_pooled_connection_the_server_dropped_while_idle_is_not_an_error(base_config: Config) -> None:
+    """The million-frame fuzz run's 5 ``unavailable`` answers: SecantusDB closes a connection idle
+    for 300 s, and the next operation on it that pymongo cannot retry (a ``delete_many``, or any
+    write with retryable writes off) failed with AutoReconnect. ``mongo_max_idle_ms`` retires the
+    pooled connection first. The server's idle timeout is played by the proxy, scaled down: the
+    driver's monitor talks every 0.5 s and stays, the pool's connection idle for 1.5 s goes."""
+    proxy = TcpProxy(mongo_upstream(base_config.mongo_url))
+    await proxy.start()
+    url = proxied_mongo_url(base_config.mongo_url, proxy.port)
+    cfg = base_config.model_copy(
+        update={
+            "mongo_db": f"im_idle_{secrets.token_hex(3)}",
+            "mongo_url": url + ("&" if "?" in url else "?") + "heartbeatFrequencyMS=500",
+            "mongo_max_idle_ms": 1000,
+        }
+    )
+    store = Store(cfg)
+    try:
+        await store.register_token("alice", "phone", "log", "tok-1")
+        await asyncio.sleep(1.5)
+        assert await proxy.drop_idle(1.2) >= 1  # the pool's connection, not the monitor's
+        await store.unregister_tokens("alice", "phone")  # delete_many: pymongo never retries it
+        assert (await store.push_tokens(["alice"]))["alice"] == {}
+    finally:
+        await store._mongo.drop_database(cfg.mongo_db)
+        await store.close()
+        await proxy.aclose()

@@ -173,3 +173,27 @@ def test_mongo_urls_are_pointed_at_the_proxy_with_a_direct_connection() -> None:
     for url in ("mongodb+srv://cluster.example/im", "mongodb://a:1,b:2/?replicaSet=rs"):
         with pytest.raises(ValueError):
             mongo_upstream(url)
+
+
+async def test_drop_idle_closes_only_the_connections_that_were_quiet_that_long() -> None:
+    async with ReplyServer() as server:
+        proxy = TcpProxy(server.address)
+        port = await proxy.start()
+        try:
+            quiet_r, quiet_w = await asyncio.open_connection("127.0.0.1", port)
+            busy_r, busy_w = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(6):  # the busy one talks every 0.05 s, the quiet one never
+                busy_w.write(b"q\n")
+                await busy_w.drain()
+                await busy_r.readexactly(REPLY_BYTES)
+                await asyncio.sleep(0.05)
+            assert await proxy.drop_idle(0.2) == 1
+            assert await asyncio.wait_for(quiet_r.read(1), 5) == b""  # closed under the client
+            busy_w.write(b"q\n")
+            await busy_w.drain()
+            assert len(await busy_r.readexactly(REPLY_BYTES)) == REPLY_BYTES  # still open
+            assert proxy.stats.idle_drops == 1 and proxy.stats.open == 1
+            quiet_w.close()
+            busy_w.close()
+        finally:
+            await proxy.aclose()
