@@ -59,7 +59,7 @@ import pymongo
 import ray
 import redis.asyncio as aioredis
 from pymongo import AsyncMongoClient
-from pymongo.errors import BulkWriteError, PyMongoError
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 from redis.exceptions import RedisError
 
 from im_actors import ids
@@ -103,6 +103,8 @@ READ_CHUNK = 100
 LAST_READS_AT_ONCE = 32
 #: Work on more ids than this is bulk work: it holds the store's bulk lock (one at a time).
 BULK_MIN = 64
+#: MongoDB's error code for dropping an index that is not there (``IndexNotFound``).
+INDEX_NOT_FOUND = 27
 
 
 @contextlib.contextmanager
@@ -297,10 +299,16 @@ class Store:
     async def _drop_group_members_index(self) -> None:
         """Drop the multikey index on ``groups.members`` that deployments before issue 14's fix
         built: nothing reads by it, and it made each checkpoint of a big group re-index every
-        member in one write (:meth:`Membership.to_doc`). Idempotent."""
+        member in one write (:meth:`Membership.to_doc`). Idempotent, also when several store
+        writers set up at once: the ones that find the index already dropped go on."""
         for name, info in (await self._groups.index_information()).items():
             if name != "_id_" and [k for k, _ in info.get("key", [])] == ["members"]:
-                await self._groups.drop_index(name)
+                try:
+                    await self._groups.drop_index(name)
+                except OperationFailure as exc:
+                    if exc.code != INDEX_NOT_FOUND:
+                        raise
+                    continue
                 log.info("dropped the unused index %s on groups.members", name)
 
     @contextlib.asynccontextmanager
