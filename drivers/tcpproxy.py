@@ -16,7 +16,7 @@ can be switched on and off while connections are open:
   its request. New connections are accepted and cut the same way at their first reply (the
   client's handshake), so reconnects fail until :meth:`TcpProxy.heal`. ``ratio`` < 1 cuts only
   that share of replies (drawn from the proxy's ``rng``).
-- **idle timeout** (:meth:`TcpProxy.drop_idle`, in the proxy's event loop): close every connection
+- **idle timeout** (:meth:`TcpProxy.drop_idle`, awaited in any event loop): close every connection
   that carried no byte either way for a while, as a server or load balancer with an idle timeout
   does (SecantusDB drops a client idle for 300 s): the client finds its pooled connection closed at
   its next use, while a connection in use (a driver's monitor) stays.
@@ -183,8 +183,15 @@ class TcpProxy:
 
     async def drop_idle(self, idle_s: float) -> int:
         """Close (both sides, at once) every connection that carried no byte either way for at
-        least ``idle_s`` seconds, as a server's idle timeout does; returns how many. Call it in the
-        proxy's event loop."""
+        least ``idle_s`` seconds, as a server's idle timeout does; returns how many once their
+        handlers were woken. Await it in any event loop: on a proxy of its own thread
+        (:meth:`start_thread`) the work runs in the proxy's loop."""
+        loop = self._loop
+        if loop is not None and loop is not asyncio.get_running_loop():
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._drop_idle(idle_s), loop))
+        return await self._drop_idle(idle_s)
+
+    async def _drop_idle(self, idle_s: float) -> int:
         now = asyncio.get_running_loop().time()
         idle = [c for c in self._conns if now - c.last >= idle_s]
         for c in idle:

@@ -100,7 +100,8 @@ class Config(BaseSettings):
         ge=100,
         description="a pooled MongoDB connection idle this long is closed by the client (ms; pymongo's "
         "maxIdleTimeMS): below the server's own idle timeout (SecantusDB: 300 s; proxies and load balancers "
-        "have theirs), else the next write on it fails (AutoReconnect) where it cannot be retried",
+        "have theirs), else the next write on it fails (AutoReconnect) where it cannot be retried; a "
+        "maxIdleTimeMS in mongo_url wins",
     )
     redis_prefix: str = Field("im:", description="prefix of every Redis key (the deployment prefix is added in front)")
     recent_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="how long Redis keeps a recent entry (s)")

@@ -53,6 +53,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import msgpack
 import pymongo
@@ -215,18 +216,21 @@ def mongo_client(config: Config) -> AsyncMongoClient[dict[str, Any]]:
     timeout closes it under the client: SecantusDB drops a connection idle for 300 s, and the next
     operation on it failed with ``AutoReconnect``, answered ``unavailable``, wherever pymongo cannot
     retry (a ``delete_many``, any write with retryable writes off: 5 of the million-frame fuzz run's
-    answers, each a valid request).
+    answers, each a valid request). A ``maxIdleTimeMS`` given in ``mongo_url`` is kept instead.
     """
     w: int | str = "majority" if config.mongo_write_concern == "majority" else 1
+    # A maxIdleTimeMS in the URL is the operator's (a keyword argument would override it).
+    query = {k.lower() for k, _ in parse_qsl(urlsplit(config.mongo_url).query)}
+    idle: dict[str, Any] = {} if "maxidletimems" in query else {"maxIdleTimeMS": config.mongo_max_idle_ms}
     return AsyncMongoClient(
         config.mongo_url,
         timeoutMS=config.mongo_timeout_ms,
         serverSelectionTimeoutMS=config.mongo_timeout_ms,
         socketTimeoutMS=config.mongo_timeout_ms,
         connectTimeoutMS=config.mongo_timeout_ms,
-        maxIdleTimeMS=config.mongo_max_idle_ms,
         w=w,
         tz_aware=False,
+        **idle,
     )
 
 

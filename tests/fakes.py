@@ -106,6 +106,7 @@ class FakeStore:
     async def checkpoint_group(self, gid: str, fields: dict[str, Any]) -> None:
         self.groups.check()
         self.groups.docs[gid].update(fields)
+        self.groups.docs[gid].pop("members", None)  # as Store.checkpoint_group's $unset
 
     async def contact_states(self, a: str, b: str) -> tuple[str | None, str | None]:
         self.contacts.check()

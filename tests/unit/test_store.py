@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from im_actors.config import load_config
 from im_actors.conversation import ConversationShard
 from im_actors.errors import StorageUnavailable, Unavailable
-from im_actors.store import BULK_CHUNK, READ_CHUNK, Store, storage_errors
+from im_actors.store import BULK_CHUNK, READ_CHUNK, Store, mongo_client, storage_errors
 from tests.fakes import FakePeers, FakeStore
 
 
@@ -251,3 +251,14 @@ async def test_an_ambiguous_commit_is_read_back_in_one_query_whatever_the_batch_
     result = await store._read_back(entries)
     assert (result.committed, result.conflict, result.last_seq) == (1, "seq", 3)
     assert len(msgs.queries) == 2  # the read-back, then the stored last seq
+
+
+async def test_pooled_connections_idle_past_mongo_max_idle_ms_are_retired_unless_the_url_says_otherwise() -> None:
+    def idle_s(**overrides: Any) -> float | None:
+        client = mongo_client(load_config(**overrides))
+        return client.options.pool_options.max_idle_time_seconds
+
+    assert idle_s(mongo_url="mongodb://127.0.0.1:9") == 60.0  # the default, below SecantusDB's 300 s
+    assert idle_s(mongo_url="mongodb://127.0.0.1:9", mongo_max_idle_ms=15_000) == 15.0
+    # an operator's URL option wins over the knob (a keyword argument would silently override it)
+    assert idle_s(mongo_url="mongodb://127.0.0.1:9/?maxIdleTimeMS=20000", mongo_max_idle_ms=15_000) == 20.0

@@ -197,3 +197,21 @@ async def test_drop_idle_closes_only_the_connections_that_were_quiet_that_long()
             busy_w.close()
         finally:
             await proxy.aclose()
+
+
+async def test_drop_idle_works_on_a_proxy_running_on_its_own_thread() -> None:
+    async with ReplyServer() as server:
+        proxy = TcpProxy(server.address)
+        port = await asyncio.to_thread(proxy.start_thread)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(50):  # the proxy's thread has accepted it
+                if proxy.stats.open == 1:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)
+            assert await proxy.drop_idle(0.1) == 1  # awaited here, done in the proxy's own loop
+            assert await asyncio.wait_for(reader.read(1), 5) == b""
+            writer.close()
+        finally:
+            await asyncio.to_thread(proxy.stop_thread)
