@@ -31,7 +31,7 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drivers.stages import STAGES  # noqa: E402
+from drivers.stages import STAGES, step_times  # noqa: E402
 from im_actors import ids  # noqa: E402
 from im_actors.client import Client  # noqa: E402
 from im_actors.cluster import deploy, init_local_ray, teardown  # noqa: E402
@@ -50,19 +50,6 @@ class Pings:
         self.steps: list[tuple[float, dict[str, float]]] = []
 
 
-def _steps(msg: dict[str, Any], sent_ms: float, received_ms: float) -> dict[str, float]:
-    """The time (ms) spent in each step of the path up to each stage of ``msg``'s ``trace``
-    (:data:`drivers.stages.STAGES`), from ``sent_ms`` to ``received_ms`` (both ms since the epoch)."""
-    times = {**(msg.get("trace") or {}), "received": received_ms}
-    out: dict[str, float] = {}
-    prev = sent_ms
-    for stage in STAGES:
-        if stage in times:
-            out[stage] = float(times[stage]) - prev
-            prev = float(times[stage])
-    return out
-
-
 async def _run(router_url: str, members: int, interval_s: float, idle_s: float, after_s: float) -> dict[str, Any]:
     run = secrets.token_hex(3)
     a, b = f"bg{run}-alice", f"bg{run}-bob"
@@ -76,7 +63,7 @@ async def _run(router_url: str, members: int, interval_s: float, idle_s: float, 
             delivery_ms = (time.perf_counter() - got[1]) * 1000
             got[0].delivery_ms.append(delivery_ms)
             if "trace" in msg:
-                got[0].steps.append((delivery_ms, _steps(msg, got[2], time.time() * 1000)))
+                got[0].steps.append((delivery_ms, step_times(msg["trace"], got[2], time.time() * 1000)))
 
     # a big group.create may take longer than the default 10 s request timeout on a loaded machine
     alice, bob = Client(router_url, a, request_timeout_s=120.0), Client(router_url, b, on_msg=on_msg)

@@ -34,10 +34,25 @@ from hdrh.histogram import HdrHistogram
 
 from drivers.oracle import MAX_LATENCY_US, latency_summary, new_histogram
 
-__all__ = ["STAGES", "StageRecorder"]
+__all__ = ["STAGES", "StageRecorder", "step_times"]
 
 #: The stages in path order; the step ending at each one is named after it.
 STAGES = ("hub_in", "shard_in", "seq", "committed", "fanout", "hub_queued", "received")
+
+
+def step_times(trace: Mapping[str, Any], sent_ms: float, received_ms: float) -> dict[str, float]:
+    """The time (ms) spent in each step of one traced delivery: ``{stage: ms}`` for each stage of
+    :data:`STAGES` that ``trace`` (stage -> ms since the epoch) holds, plus ``received``, the first
+    step counted from ``sent_ms`` (ms since the epoch). Pure."""
+    times = {**trace, "received": received_ms}
+    out: dict[str, float] = {}
+    prev = float(sent_ms)
+    for stage in STAGES:
+        at = times.get(stage)
+        if at is not None:
+            out[stage] = float(at) - prev
+            prev = float(at)
+    return out
 
 
 class StageRecorder:
@@ -55,18 +70,11 @@ class StageRecorder:
         if not isinstance(trace, Mapping) or not isinstance(meta, Mapping) or "t" not in meta:
             return
         self.traced += 1
-        times = {**trace, "received": received_ms}
-        prev = float(meta["t"])
-        for stage in STAGES:
-            at = times.get(stage)
-            if at is None:
-                continue
-            at = float(at)
+        for stage, ms in step_times(trace, float(meta["t"]), received_ms).items():
             hist = self.hists.get(stage)
             if hist is None:
                 hist = self.hists[stage] = new_histogram()
-            hist.record_value(min(max(int(round((at - prev) * 1000.0)), 0), MAX_LATENCY_US))
-            prev = at
+            hist.record_value(min(max(int(round(ms * 1000.0)), 0), MAX_LATENCY_US))
 
     def encode(self) -> dict[str, Any]:
         """A picklable, mergeable form: ``{"traced": int, "hists": {step: encoded histogram}}``."""

@@ -229,3 +229,10 @@ def test_cli_open_loop(capsys: pytest.CaptureFixture[str]) -> None:
     report = json.loads(capsys.readouterr().out)
     assert report["open_loop"] is True and report["acked"] == report["sent"] == 10 and report["lost"] == 0
     assert report["ack_latency_from_schedule_ms"]["count"] == 10
+
+
+def test_step_times_count_each_step_from_the_stage_before_it() -> None:
+    from drivers.stages import step_times
+
+    trace = {"hub_in": 101.0, "shard_in": 103.5, "committed": 110.0}  # no seq, fanout, hub_queued
+    assert step_times(trace, 100.0, 112.0) == {"hub_in": 1.0, "shard_in": 2.5, "committed": 6.5, "received": 2.0}
